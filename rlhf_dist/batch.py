@@ -1,0 +1,96 @@
+"""The batch that travels between the pools (pure torch: no ray, no transformers).
+
+Layout, as in OpenRLHF's ``Experience``: every sequence is ``[prompt | response]`` with the
+prompt left-padded to width ``P`` and the response right-padded to width ``R``, so response
+token ``t`` of every row sits at column ``P + t`` and is predicted by the logits at ``P + t - 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    sequences: Tensor  # (B, P + R) long
+    attention_mask: Tensor  # (B, P + R) long, 0 on padding
+    response_mask: Tensor  # (B, R) float, 1 on response tokens (EOS included)
+    behaviour_logprobs: Tensor  # (B, R) log-probs of the sampling policy (logits / temperature)
+    prompt_len: int  # P
+    prompts: list[str]
+    responses: list[str]
+    prompt_ids: list[int]  # index of each sample's prompt in the dataset
+    versions: Tensor  # (B,) long, policy version that sampled each row
+    truncated: Tensor  # (B,) bool, response hit the length limit without EOS
+    scores: Tensor | None = None  # (B,) reward of each response
+    ref_logprobs: Tensor | None = None  # (B, R) reference policy log-probs
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def response_len(self) -> int:
+        return self.sequences.shape[1] - self.prompt_len
+
+    def select(self, idx: list[int] | Tensor) -> RolloutBatch:
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        idx_l = idx_t.tolist()
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[idx_t]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx_l]
+            else:
+                out[f.name] = v
+        return RolloutBatch(**out)
+
+    def split(self, n: int) -> list[RolloutBatch]:
+        """``n`` contiguous shards of equal size (the caller guarantees divisibility)."""
+        size = len(self) // n
+        return [self.select(list(range(i * size, (i + 1) * size))) for i in range(n)]
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+        """Concatenate batches of different prompt/response widths (re-padding both sides)."""
+        P = max(b.prompt_len for b in batches)
+        R = max(b.response_len for b in batches)
+
+        def widen(b: RolloutBatch) -> dict:
+            lp, rp = P - b.prompt_len, R - b.response_len
+            seq = torch.nn.functional.pad(b.sequences, (lp, rp), value=pad_token_id)
+            am = torch.nn.functional.pad(b.attention_mask, (lp, rp), value=0)
+            d = {
+                "sequences": seq,
+                "attention_mask": am,
+                "response_mask": torch.nn.functional.pad(b.response_mask, (0, rp)),
+                "behaviour_logprobs": torch.nn.functional.pad(b.behaviour_logprobs, (0, rp)),
+            }
+            if b.ref_logprobs is not None:
+                d["ref_logprobs"] = torch.nn.functional.pad(b.ref_logprobs, (0, rp))
+            return d
+
+        widened = [widen(b) for b in batches]
+        out: dict = {"prompt_len": P, "extra": {}}
+        for f in dataclasses.fields(RolloutBatch):
+            if f.name in ("prompt_len", "extra"):
+                continue
+            vals = [w.get(f.name, getattr(b, f.name)) for w, b in zip(widened, batches)]
+            if any(v is None for v in vals):
+                out[f.name] = None
+            elif isinstance(vals[0], Tensor):
+                out[f.name] = torch.cat(vals)
+            else:
+                out[f.name] = [x for v in vals for x in v]
+        return RolloutBatch(**out)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, the same ones HF ``generate`` used while sampling."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,438 @@
+"""One typed config tree for a whole job.
+
+Loaded from a YAML file plus ``section.key=value`` overrides (values parsed as YAML, so
+``ppo.epochs=2`` is an int and ``run.name=foo`` a string). Unknown keys, wrong types and
+sizes that do not divide are refused with a :class:`ConfigError` that names the key.
+Validation never rewrites a value the user set; derived sizes live in :class:`Sizes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the dotted key at fault."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "ppo"
+    """Run name: the run directory is ``<dir>`` or ``runs/<name>-<timestamp>``."""
+    dir: str = ""
+    """Run directory; empty means ``runs/<name>-<timestamp>``."""
+    seed: int = 0
+    """Seed for data order, sampling and model init."""
+    steps: int = 10
+    """Number of PPO steps (one step = generate, score, update, sync)."""
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "builtin:tiny"
+    """Policy: a local HF model directory or hub id (``AutoModelForCausalLM``). ``builtin:tiny``
+    builds a tiny GPT-2 and its tokenizer locally (offline) into ``assets_dir``."""
+    tokenizer: str = ""
+    """Tokenizer path; empty means the policy's."""
+    critic: str = ""
+    """Value model init (``AutoModelForTokenClassification``, 1 label); empty means the policy."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of every model (bf16 is what GPUs want; fp32 is exact on CPU)."""
+    assets_dir: str = "runs/_assets"
+    """Where ``builtin:*`` models and tokenizers are built (reused when already there)."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:tiny"
+    """Prompt source: a JSONL file with one object per line, or ``builtin:tiny``."""
+    prompt_key: str = "prompt"
+    """Field of each JSONL object that holds the prompt text."""
+    shuffle: bool = True
+    """Reshuffle prompts every epoch (seeded by ``run.seed``)."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    """Number of generator actors."""
+    num_cpus: float = 0.5
+    """CPUs per generator actor."""
+    num_gpus: float = 0.0
+    """GPUs per generator actor."""
+    prompts_per_step: int = 8
+    """Prompts sampled per PPO step, dealt evenly to the generators."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt."""
+    max_prompt_tokens: int = 64
+    """Longest prompt accepted (tokens); longer prompts are refused up front."""
+    max_new_tokens: int = 16
+    """Response length limit (tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature; behaviour log-probs are those of ``logits / temperature``."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""
+    """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
+    function: str = "rlhf_dist.tasks.tiny:reward"
+    """Reward function ``module:function(prompts, responses) -> list[float]``; used when
+    ``model`` is empty."""
+    num_workers: int = 1
+    """Number of reward scorer actors."""
+    num_cpus: float = 0.25
+    """CPUs per reward scorer."""
+    num_gpus: float = 0.0
+    """GPUs per reward scorer."""
+
+
+@dataclass
+class ReferenceConfig:
+    num_workers: int = 1
+    """Number of reference scorer actors (frozen copy of the initial policy)."""
+    num_cpus: float = 0.25
+    """CPUs per reference scorer."""
+    num_gpus: float = 0.0
+    """GPUs per reference scorer."""
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 1
+    """Data-parallel DeepSpeed ranks (one Ray actor each)."""
+    num_cpus: float = 1.0
+    """CPUs per learner rank."""
+    num_gpus: float = 0.0
+    """GPUs per learner rank (0 = CPU with gloo; >0 = CUDA with NCCL)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage for policy and critic."""
+    lr: float = 1e-5
+    """Policy learning rate (AdamW)."""
+    critic_lr: float = 5e-5
+    """Critic learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (DeepSpeed ``gradient_clipping``); 0 = off."""
+
+
+@dataclass
+class PPOConfig:
+    epochs: int = 1
+    """Passes over each step's samples."""
+    minibatch_size: int = 8
+    """Samples per optimizer step, across all learner ranks."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one rank (gradient accumulation makes up the rest)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip range."""
+    value_clip_eps: float = 0.2
+    """Value clip range around the old values; 0 = off."""
+    vf_coef: float = 1.0
+    """Weight of the value loss (critic has its own optimizer; this scales its gradient)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the step's valid tokens (statistics across learner ranks)."""
+    kl_coef: float = 0.05
+    """Initial KL penalty coefficient (per-token reward -kl_coef * KL to the reference)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator in the reward (Schulman, "Approximating KL divergence")."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards ``kl_target`` (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (per sequence) for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (samples)."""
+
+
+@dataclass
+class SyncConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Weight-sync collective backend; auto = nccl when learner and generators have GPUs."""
+    bucket_mb: float = 64.0
+    """Size of the flat buffers the weights travel in."""
+    verify: bool = True
+    """Compare every generator's checksum with the learner's after each sync."""
+    timeout_s: float = 300.0
+    """Timeout of the weight-sync collectives."""
+
+
+@dataclass
+class RayConfig:
+    address: str = ""
+    """Ray cluster to join (``auto`` or host:port); empty starts a local one."""
+    num_cpus: int = 0
+    """CPUs of a local cluster (0 = Ray's default: the machine's cores)."""
+    object_store_mb: int = 1024
+    """Object store size of a local cluster."""
+    placement_timeout_s: float = 60.0
+    """How long to wait for a pool's resources before failing with a clear error."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes derived from the config, computed once and checked for exact division."""
+
+    samples_per_step: int
+    prompts_per_generator: int
+    minibatches_per_epoch: int
+    minibatch_per_rank: int
+    grad_accum_steps: int
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; only widens int → float, never rewrites."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint} (valid: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["ppo.epochs=2", "run.name=x"]`` → nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {item!r}: empty key component")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {e}") from None
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {p} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML) plus overrides, check types and sizes; raise :class:`ConfigError`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, data, "")
+    compute_sizes(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < 0 or (v == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{key}: must be {need}, got {v}")
+
+
+def _divides(key: str, value: int, by_key: str, by: int) -> int:
+    if by <= 0 or value % by:
+        raise ConfigError(f"{key}={value} must be divisible by {by_key}={by}")
+    return value // by
+
+
+def compute_sizes(cfg: Config) -> Sizes:
+    """Validate ranges and exact divisions; return the derived sizes."""
+    _positive(
+        cfg,
+        "run.steps",
+        "rollout.num_workers",
+        "rollout.prompts_per_step",
+        "rollout.samples_per_prompt",
+        "rollout.max_prompt_tokens",
+        "rollout.max_new_tokens",
+        "rollout.temperature",
+        "rollout.num_cpus",
+        "reward.num_workers",
+        "reference.num_workers",
+        "learner.world_size",
+        "learner.lr",
+        "ppo.epochs",
+        "ppo.minibatch_size",
+        "ppo.micro_batch_size",
+        "sync.bucket_mb",
+        "sync.timeout_s",
+    )
+    _positive(
+        cfg,
+        "rollout.top_k",
+        "rollout.num_gpus",
+        "reward.num_cpus",
+        "reward.num_gpus",
+        "reference.num_cpus",
+        "reference.num_gpus",
+        "learner.num_cpus",
+        "learner.num_gpus",
+        "learner.critic_lr",
+        "learner.weight_decay",
+        "learner.max_grad_norm",
+        "ppo.clip_eps",
+        "ppo.value_clip_eps",
+        "ppo.vf_coef",
+        "ppo.entropy_coef",
+        "ppo.kl_coef",
+        "run.seed",
+        allow_zero=True,
+    )
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    for key in ("ppo.gamma", "ppo.lam"):
+        v = getattr(cfg.ppo, key.split(".")[1])
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{key}: must be in [0, 1], got {v}")
+    if cfg.ppo.adaptive_kl:
+        _positive(cfg, "ppo.kl_target", "ppo.kl_horizon")
+    if not cfg.model.policy:
+        raise ConfigError("model.policy: must name a model directory, hub id or builtin:tiny")
+    if not cfg.reward.model and not cfg.reward.function:
+        raise ConfigError("reward.model / reward.function: one of them must be set")
+    if cfg.reward.function and ":" not in cfg.reward.function:
+        raise ConfigError(
+            f"reward.function: expected 'module:function', got {cfg.reward.function!r}"
+        )
+
+    samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    per_gen = _divides(
+        "rollout.prompts_per_step",
+        cfg.rollout.prompts_per_step,
+        "rollout.num_workers",
+        cfg.rollout.num_workers,
+    )
+    minibatches = _divides(
+        "samples per step (rollout.prompts_per_step * rollout.samples_per_prompt)",
+        samples,
+        "ppo.minibatch_size",
+        cfg.ppo.minibatch_size,
+    )
+    per_rank = _divides(
+        "ppo.minibatch_size", cfg.ppo.minibatch_size, "learner.world_size", cfg.learner.world_size
+    )
+    accum = _divides(
+        "ppo.minibatch_size / learner.world_size",
+        per_rank,
+        "ppo.micro_batch_size",
+        cfg.ppo.micro_batch_size,
+    )
+    return Sizes(
+        samples_per_step=samples,
+        prompts_per_generator=per_gen,
+        minibatches_per_epoch=minibatches,
+        minibatch_per_rank=per_rank,
+        grad_accum_steps=accum,
+    )

@@ -1,0 +1,315 @@
+"""The driver: the synchronous PPO loop of DESIGN.md, one step at a time.
+
+prompts ─▶ generators ─▶ rollouts ─┬▶ reward scorers ────┐
+                                   └▶ reference scorers ─┴▶ scored batch ─▶ learner ranks
+        ▲                                                                        │
+        └───────────── weight sync: learner rank 0 ─▶ every generator ◀──────────┘
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+import torch
+
+from rlhf_dist.algo import AdaptiveKLController, FixedKLController
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.config import Config, compute_sizes, dump_config
+from rlhf_dist.data import PromptCursor
+from rlhf_dist.pools import Pool, check_cluster_resources
+from rlhf_dist.preflight import Inputs
+from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
+
+
+class WeightSyncError(RuntimeError):
+    """A generator does not hold what the learner sent."""
+
+
+def derive_seed(*parts) -> int:
+    """A seed that depends only on ``parts`` (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+
+
+def _chunks(n: int, k: int) -> list[range]:
+    """``k`` contiguous, nearly equal ranges covering ``range(n)`` (empty ones dropped)."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+class MetricsWriter:
+    """``metrics.jsonl``: one JSON object per step, flushed as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = path.open("a")
+
+    def write(self, metrics: dict) -> None:
+        self.f.write(json.dumps(metrics) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Orchestrator:
+    def __init__(self, cfg: Config, inputs: Inputs, run_dir: str | Path):
+        self.cfg, self.inputs = cfg, inputs
+        self.sizes = compute_sizes(cfg)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.cursor = PromptCursor(len(inputs.prompts), cfg.run.seed, cfg.data.shuffle)
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+            if cfg.ppo.adaptive_kl
+            else FixedKLController(cfg.ppo.kl_coef)
+        )
+        self.step_idx = 0
+        self.version = 0
+        self.pools: list[Pool] = []
+        try:
+            self._start_pools()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------- set-up
+
+    def _start_pools(self) -> None:
+        cfg, inp = self.cfg, self.inputs
+        check_cluster_resources(cfg)
+        timeout = cfg.ray.placement_timeout_s
+        r = cfg.rollout
+        self.learners = self._pool(
+            "learner",
+            Learner,
+            cfg.learner,
+            lambda i: ((cfg, i, cfg.learner.world_size), {}),
+            timeout,
+        )
+        self.generators = self._pool(
+            "rollout",
+            Generator,
+            r,
+            lambda i: (
+                (inp.policy, inp.tokenizer, cfg.model.dtype),
+                dict(
+                    max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    top_k=r.top_k,
+                    num_gpus=r.num_gpus,
+                ),
+            ),
+            timeout,
+        )
+        self.rewards = self._pool(
+            "reward",
+            RewardScorer,
+            cfg.reward,
+            lambda i: (
+                (),
+                dict(
+                    model_path=cfg.reward.model,
+                    function="" if cfg.reward.model else cfg.reward.function,
+                    dtype=cfg.model.dtype,
+                    num_gpus=cfg.reward.num_gpus,
+                ),
+            ),
+            timeout,
+        )
+        self.references = self._pool(
+            "reference",
+            ReferenceScorer,
+            cfg.reference,
+            lambda i: (
+                (inp.policy, cfg.model.dtype),
+                dict(temperature=r.temperature, num_gpus=cfg.reference.num_gpus),
+            ),
+            timeout,
+        )
+        master_addr = self.learners.node_ip(0)
+        master_port = ray.get(self.learners.actors[0].free_port.remote())
+        ray.get(
+            [
+                a.setup.remote(inp.policy, inp.critic, master_addr, master_port)
+                for a in self.learners.actors
+            ]
+        )
+        self.manifest = ray.put(ray.get(self.learners.actors[0].sync_manifest.remote()))
+        self._form_sync_group()
+        # Version 0: generators loaded the same files, but the sync proves they hold them.
+        self.sync_weights(version=0)
+
+    def _pool(self, name, cls, section, make_args, timeout) -> Pool:
+        pool = Pool(
+            name,
+            cls,
+            section.world_size if name == "learner" else section.num_workers,
+            section.num_cpus,
+            section.num_gpus,
+            make_args,
+            timeout,
+        )
+        self.pools.append(pool)
+        return pool
+
+    def sync_backend(self) -> str:
+        if self.cfg.sync.backend != "auto":
+            return self.cfg.sync.backend
+        on_gpu = self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0
+        return "nccl" if on_gpu else "gloo"
+
+    def _form_sync_group(self) -> None:
+        """Learner rank 0 (rank 0, store host) plus every generator, under a fresh prefix."""
+        host = self.learners.node_ip(0)
+        port = ray.get(self.learners.actors[0].free_port.remote())
+        members = [self.learners.actors[0], *self.generators.actors]
+        prefix = f"wsync-{time.time_ns()}"
+        args = (len(members), prefix, self.sync_backend(), self.cfg.sync.timeout_s)
+        ray.get(
+            [m.join_weight_sync.remote(host, port, rank, *args) for rank, m in enumerate(members)]
+        )
+
+    # ----------------------------------------------------------------- the step blocks
+
+    def generate(self, prompt_ids: list[int]) -> RolloutBatch:
+        cfg = self.cfg
+        refs = []
+        for g, (gen, part) in enumerate(
+            zip(self.generators.actors, _chunks(len(prompt_ids), len(self.generators)))
+        ):
+            ids = [prompt_ids[i] for i in part]
+            seed = derive_seed(cfg.run.seed, self.step_idx, g)
+            refs.append(
+                gen.generate.remote(
+                    [self.inputs.prompts[i] for i in ids], ids, cfg.rollout.samples_per_prompt, seed
+                )
+            )
+        batches = ray.get(refs)
+        batch = RolloutBatch.concat(batches, self.inputs.pad_token_id)
+        batch.extra["compute_s"] = max(b.extra["compute_s"] for b in batches)
+        batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in batches)
+        return batch
+
+    def score(self, batch: RolloutBatch) -> float:
+        """Reward and reference scores, computed concurrently; returns the slowest compute."""
+        reward_refs = [
+            a.score.remote(batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop])
+            for a, p in zip(self.rewards.actors, _chunks(len(batch), len(self.rewards)))
+        ]
+        ref_refs = [
+            a.ref_logprobs.remote(batch.select(list(p)))
+            for a, p in zip(self.references.actors, _chunks(len(batch), len(self.references)))
+        ]
+        rewards, refs = ray.get(reward_refs), ray.get(ref_refs)
+        batch.scores = torch.cat([r["scores"] for r in rewards])
+        batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs])
+        return max(r["compute_s"] for r in rewards + refs)
+
+    def train(self, batch: RolloutBatch) -> dict:
+        seed = derive_seed(self.cfg.run.seed, self.step_idx, "ppo")
+        shards = batch.split(self.cfg.learner.world_size)
+        results = ray.get(
+            [
+                a.ppo_update.remote(s, self.kl_ctl.value, seed)
+                for a, s in zip(self.learners.actors, shards)
+            ]
+        )
+        metrics = dict(results[0])
+        metrics["compute_s"] = max(r["compute_s"] for r in results)
+        return metrics
+
+    def sync_weights(self, version: int) -> float:
+        """Broadcast the learner's policy to every generator as ``version``; verify."""
+        bucket = int(self.cfg.sync.bucket_mb * (1 << 20))
+        verify = self.cfg.sync.verify
+        send = self.learners.call("broadcast_weights", bucket, version, verify)
+        recv = self.generators.call("receive_weights", self.manifest, bucket, version, verify)
+        sent, got = ray.get(send)[0], ray.get(recv)
+        if verify:
+            for i, g in enumerate(got):
+                if g["checksum"] != sent["checksum"] or g["version"] != version:
+                    raise WeightSyncError(
+                        f"generator {i} holds version {g['version']} checksum {g['checksum']}, "
+                        f"learner sent version {version} checksum {sent['checksum']}"
+                    )
+        self.version = version
+        return max([sent["compute_s"]] + [g["compute_s"] for g in got])
+
+    # ----------------------------------------------------------------- the loop
+
+    def step(self) -> dict:
+        times: dict[str, float] = {}
+
+        @contextmanager
+        def timed(key):
+            t0 = time.perf_counter()
+            yield
+            times[key] = time.perf_counter() - t0
+
+        t_step = time.perf_counter()
+        prompt_ids = self.cursor.take(self.cfg.rollout.prompts_per_step)
+        with timed("generate"):
+            batch = self.generate(prompt_ids)
+        with timed("score"):
+            score_compute = self.score(batch)
+        with timed("train"):
+            train = self.train(batch)
+        with timed("weight_sync"):
+            sync_compute = self.sync_weights(self.version + 1)
+        self.step_idx += 1
+        step_time = time.perf_counter() - t_step
+
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(train["train/kl_per_sequence"], len(batch))
+        compute = batch.extra["compute_s"] + score_compute + train.pop("compute_s") + sync_compute
+        lengths = batch.response_mask.sum(-1)
+        tokens = batch.extra["num_tokens"]
+        metrics = {
+            "step": self.step_idx,
+            "rollout/reward_mean": batch.scores.mean().item(),
+            "rollout/score_std": batch.scores.std().item() if len(batch) > 1 else 0.0,
+            "rollout/response_length_mean": lengths.float().mean().item(),
+            "rollout/truncated_frac": batch.truncated.float().mean().item(),
+            **train,
+            "train/kl_coef": kl_coef,
+            **{f"time/{k}": v for k, v in times.items()},
+            "time/step": step_time,
+            "perf/tokens_per_s": tokens / step_time,
+            "perf/generate_tokens_per_s": tokens / max(times["generate"], 1e-9),
+            "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
+            "sync/version": self.version,
+            "pool/num_generators": len(self.generators),
+            "data/epoch": self.cursor.epoch,
+        }
+        self.metrics.write(metrics)
+        return metrics
+
+    def run(self, log=print) -> list[dict]:
+        history = []
+        for _ in range(self.step_idx, self.cfg.run.steps):
+            m = self.step()
+            history.append(m)
+            log(
+                f"step {m['step']}/{self.cfg.run.steps}  reward {m['rollout/reward_mean']:.3f}  "
+                f"kl {m['train/kl']:.4f}  tok/s {m['perf/tokens_per_s']:.0f}  "
+                f"step {m['time/step']:.2f}s"
+            )
+        return history
+
+    def shutdown(self) -> None:
+        if getattr(self, "metrics", None):
+            self.metrics.close()
+        for pool in reversed(self.pools):
+            try:
+                pool.shutdown()
+            except Exception:  # best effort: the cluster may already be gone
+                pass
+        self.pools = []

@@ -1,0 +1,45 @@
+"""Small helpers shared by the roles (no ray)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    if num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("num_gpus > 0 but CUDA is not available in this worker")
+        return torch.device("cuda", 0)  # Ray exposes the worker's GPU as device 0
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class WeightSyncMember:
+    """What every member of the weight-sync group shares: the group and its version."""
+
+    sync_group = None
+    version: int = 0
+
+    def leave_weight_sync(self) -> None:
+        self.sync_group = None
+
+    def free_port(self) -> int:
+        return free_port()
+
+
+@contextmanager
+def timed(out: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[key] = out.get(key, 0.0) + time.perf_counter() - t0

@@ -1,0 +1,112 @@
+"""Generator (rollout worker): a copy of the policy that samples responses with HF ``generate``."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_dist import weight_sync
+from rlhf_dist.algo import logprobs_from_logits
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.models import load_policy, load_tokenizer
+from rlhf_dist.roles.common import WeightSyncMember, pick_device
+
+
+class Generator(WeightSyncMember):
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer_path: str = "",
+        dtype: str = "float32",
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_gpus: float = 0.0,
+    ):
+        self.device = pick_device(num_gpus)
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, padding_side="left")
+        self.model = load_policy(model_path, dtype).to(self.device).eval()
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.gen_kwargs = dict(
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        self.version = 0
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        prompt_ids: list[int],
+        samples_per_prompt: int = 1,
+        seed: int = 0,
+    ) -> RolloutBatch:
+        """Sample ``samples_per_prompt`` responses per prompt with the weights held now."""
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        out = self.model.generate(**enc, **self.gen_kwargs)
+        P = enc.input_ids.shape[1]
+        response = out.sequences[:, P:]
+        # Behaviour log-probs from the raw logits generate saw, under the sampling temperature
+        # (top-k/top-p truncation is not applied: the learner recomputes the same quantity).
+        logits = torch.stack(out.logits, dim=1).float() / self.temperature
+        behaviour = logprobs_from_logits(logits, response)
+        # Response tokens run up to and including the first EOS; pad may equal EOS, so the
+        # mask is derived from the EOS position, not from pad ids.
+        is_eos = response == self.tokenizer.eos_token_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        response_mask = (~after_eos).float()
+        truncated = ~is_eos.any(-1)
+        response = response.masked_fill(after_eos, self.tokenizer.pad_token_id)
+        attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
+        texts = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        batch = RolloutBatch(
+            sequences=torch.cat([enc.input_ids, response], dim=1).cpu(),
+            attention_mask=attention_mask.cpu(),
+            response_mask=response_mask.cpu(),
+            behaviour_logprobs=(behaviour * response_mask).cpu(),
+            prompt_len=P,
+            prompts=prompts,
+            responses=texts,
+            prompt_ids=prompt_ids,
+            versions=torch.full((len(prompts),), self.version, dtype=torch.long),
+            truncated=truncated.cpu(),
+        )
+        batch.extra["compute_s"] = time.perf_counter() - t0
+        batch.extra["num_tokens"] = int(response_mask.sum().item())
+        return batch
+
+    # ----------------------------------------------------------------- weight sync
+
+    def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
+        self.sync_group = weight_sync.SyncGroup(
+            host, port, rank, world_size, prefix, backend, timeout_s
+        )
+
+    def receive_weights(self, manifest, bucket_bytes: int, version: int, verify: bool) -> dict:
+        """Take a broadcast from learner rank 0; called between two ``generate`` calls (a Ray
+        actor runs one method at a time, so a batch never sees half-swapped weights)."""
+        t0 = time.perf_counter()
+        weight_sync.receive(self.sync_group, self.model, manifest, bucket_bytes)
+        self.version = version
+        return {
+            "version": version,
+            "checksum": weight_sync.model_checksum(self.model) if verify else None,
+            "compute_s": time.perf_counter() - t0,
+        }
+
+    def status(self) -> dict:
+        return {"version": self.version, "checksum": weight_sync.model_checksum(self.model)}

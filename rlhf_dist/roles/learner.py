@@ -1,0 +1,294 @@
+"""Learner: policy and critic as DeepSpeed engines, one data-parallel rank per instance.
+
+Each rank receives its shard of the step's scored samples and
+1. recomputes the old log-probs (policy) and values (critic) with the current weights,
+2. turns scores and reference log-probs into KL-penalised per-token rewards and GAE
+   advantages (whitened with statistics gathered across ranks),
+3. runs ``ppo.epochs`` passes of minibatches, each made of micro-batches whose gradients
+   DeepSpeed accumulates (and averages across ranks) before one optimizer step.
+Losses are token means per micro-batch; DeepSpeed averages them over accumulation steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rlhf_dist import algo, weight_sync
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.config import Config, compute_sizes
+from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
+from rlhf_dist.roles.common import WeightSyncMember, pick_device
+
+
+def deepspeed_config(cfg: Config, lr: float) -> dict:
+    sizes = compute_sizes(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.ppo.micro_batch_size,
+        "gradient_accumulation_steps": sizes.grad_accum_steps,
+        "train_batch_size": cfg.ppo.minibatch_size,
+        "gradient_clipping": cfg.learner.max_grad_norm,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile C++ on first use.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": cfg.learner.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Learner(WeightSyncMember):
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.sizes = compute_sizes(cfg)
+        self.device = pick_device(cfg.learner.num_gpus)
+        self.policy = self.critic = None
+        self.version = 0
+
+    def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
+        """Join the learner group and build both engines (collective: call on every rank)."""
+        import deepspeed
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        if self.device.type == "cpu":
+            # Skips compiling DeepSpeed's shared-memory allreduce (about 30 s); gloo is used.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.cfg.sync.timeout_s),
+            verbose=False,
+        )
+        torch.manual_seed(self.cfg.run.seed)  # same fresh critic head on every rank
+        dtype = self.cfg.model.dtype
+        policy = load_policy(policy_path, dtype)
+        critic = load_critic(critic_path, dtype)
+        self.policy, *_ = deepspeed.initialize(
+            model=policy, config=deepspeed_config(self.cfg, self.cfg.learner.lr)
+        )
+        self.critic, *_ = deepspeed.initialize(
+            model=critic, config=deepspeed_config(self.cfg, self.cfg.learner.critic_lr)
+        )
+        # Dropout off: the PPO ratio must compare the same function before and after.
+        self.policy.eval()
+        self.critic.eval()
+        params = self.policy.module.parameters()
+        return {"policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+
+    # ----------------------------------------------------------------- PPO
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    @torch.no_grad()
+    def _old_logprobs_and_values(self, seq, am, P):
+        mb = self.cfg.ppo.micro_batch_size
+        logps, values = [], []
+        for i in range(0, seq.shape[0], mb):
+            s, a = seq[i : i + mb], am[i : i + mb]
+            logp, _ = response_logprobs(self.policy, s, a, P, self.cfg.rollout.temperature)
+            logps.append(logp.float())
+            values.append(response_values(self.critic, s, a, P))
+        return torch.cat(logps), torch.cat(values)
+
+    def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        stats = torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double()
+        s, s2, n = self._all_reduce(stats.cpu()).tolist()
+        if n < 2:
+            return adv * mask
+        mean = s / n
+        var = (s2 - n * mean * mean) / (n - 1)
+        return algo.masked_whiten(
+            adv, mask, mean=torch.tensor(mean), var=torch.tensor(max(var, 0.0))
+        )
+
+    def ppo_update(self, batch: RolloutBatch, kl_coef: float, seed: int) -> dict:
+        """One PPO update on this rank's shard; returns metrics averaged over all ranks."""
+        t0 = time.perf_counter()
+        cfg, dev = self.cfg.ppo, self.device
+        P = batch.prompt_len
+        seq = batch.sequences.to(dev)
+        am = batch.attention_mask.to(dev)
+        mask = batch.response_mask.to(dev).float()
+        scores = batch.scores.to(dev).float()
+        ref_logp = batch.ref_logprobs.to(dev).float()
+
+        old_logp, old_values = self._old_logprobs_and_values(seq, am, P)
+        old_values = old_values * mask
+        rewards, kl = algo.kl_penalized_rewards(
+            scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
+        )
+        adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        raw_adv = adv
+        if cfg.whiten_advantages:
+            adv = self._whiten(adv, mask)
+
+        sums: dict[str, float] = {}
+
+        def add(key: str, value) -> None:
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+        gen = torch.Generator().manual_seed(seed)
+        n, mb, micro = len(batch), self.sizes.minibatch_per_rank, cfg.micro_batch_size
+        value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen).to(dev)
+            for start in range(0, n, mb):
+                for m0 in range(start, start + mb, micro):
+                    i = perm[m0 : m0 + micro]
+                    s, a, m = seq[i], am[i], mask[i]
+                    logp, ent = response_logprobs(
+                        self.policy, s, a, P, self.cfg.rollout.temperature, with_entropy=True
+                    )
+                    pg_loss, st = algo.ppo_policy_loss(
+                        logp.float(), old_logp[i], adv[i], m, cfg.clip_eps
+                    )
+                    entropy = algo.masked_mean(ent, m)
+                    boundary = self.policy.is_gradient_accumulation_boundary()
+                    self.policy.backward(pg_loss - cfg.entropy_coef * entropy)
+                    self.policy.step()
+                    values = response_values(self.critic, s, a, P)
+                    v_loss, vst = algo.value_loss(values, old_values[i], returns[i], m, value_clip)
+                    self.critic.backward(cfg.vf_coef * v_loss)
+                    self.critic.step()
+                    add("policy_loss", pg_loss.item())
+                    add("value_loss", v_loss.item())
+                    add("entropy", entropy.item())
+                    add("clipfrac", st["clipfrac"])
+                    add("approx_kl", st["approx_kl"])
+                    add("ratio_mean", st["ratio_mean"])
+                    add("value_clipfrac", vst["value_clipfrac"])
+                    add("micro_steps", 1)
+                    if boundary:
+                        add("grad_norm", self.policy.get_global_grad_norm() or 0.0)
+                        add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
+                        add("optimizer_steps", 1)
+
+        num_tokens = mask.sum()
+        add("kl_sum", (kl * mask).sum())
+        add("tokens", num_tokens)
+        add("sequences", n)
+        add("score_sum", scores.sum())
+        add("adv_sum", (raw_adv * mask).sum())
+        add("adv_sq_sum", (raw_adv * raw_adv * mask).sum())
+        add("returns_sum", (returns * mask).sum())
+        add("ev_res_sq", (((returns - old_values) * mask) ** 2).sum())
+        add("ret_sq", ((returns * mask) ** 2).sum())
+        keys = sorted(sums)
+        total = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        t = dict(zip(keys, total.tolist()))
+
+        micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
+        ret_mean = t["returns_sum"] / tok
+        ret_var = t["ret_sq"] / tok - ret_mean**2
+        adv_mean = t["adv_sum"] / tok
+        metrics = {
+            f"train/{k}": t[k] / micro_n
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "entropy",
+                "clipfrac",
+                "approx_kl",
+                "ratio_mean",
+                "value_clipfrac",
+            )
+        }
+        metrics.update(
+            {
+                "train/grad_norm": t["grad_norm"] / opt_n,
+                "train/critic_grad_norm": t["critic_grad_norm"] / opt_n,
+                "train/kl": t["kl_sum"] / tok,
+                "train/kl_per_sequence": t["kl_sum"] / t["sequences"],
+                "train/kl_coef": kl_coef,
+                "train/advantages_mean": adv_mean,
+                "train/advantages_std": math.sqrt(max(t["adv_sq_sum"] / tok - adv_mean**2, 0.0)),
+                "train/returns_mean": ret_mean,
+                "train/explained_variance": 1.0 - (t["ev_res_sq"] / tok) / ret_var
+                if ret_var > 0
+                else 0.0,
+                "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
+            }
+        )
+        metrics["compute_s"] = time.perf_counter() - t0
+        return metrics
+
+    # ----------------------------------------------------------------- weight sync
+
+    def _zero3(self) -> bool:
+        return self.cfg.learner.zero_stage == 3
+
+    def sync_manifest(self) -> list[weight_sync.ParamSpec]:
+        return weight_sync.manifest_of(self.policy.module)
+
+    def _flat_buckets(self, bucket_bytes: int):
+        """Yield each bucket's bytes on rank 0 (None elsewhere). Under ZeRO-3 every rank takes
+        part in gathering each bucket's shards, so every rank must iterate this."""
+        import deepspeed
+
+        manifest = self.sync_manifest()
+        params = [p for _, p in self.policy.module.named_parameters()]
+        for idx in weight_sync.plan_buckets(manifest, bucket_bytes):
+            ps = [params[i] for i in idx]
+            ctx = deepspeed.zero.GatheredParameters(ps) if self._zero3() else nullcontext()
+            with ctx:
+                flat = weight_sync.flat_bucket(ps) if self.rank == 0 else None
+            yield flat
+
+    def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
+        assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
+        self.sync_group = weight_sync.SyncGroup(
+            host, port, rank, world_size, prefix, backend, timeout_s
+        )
+
+    def broadcast_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
+        """Send the policy to the generators (call on every rank; rank 0 sends)."""
+        t0 = time.perf_counter()
+        buckets = self._flat_buckets(bucket_bytes)
+        if self.rank == 0:
+            digest = weight_sync.send(self.sync_group, buckets, verify)
+        else:
+            for _ in buckets:
+                pass
+            digest = None
+        self.version = version
+        return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
+
+    def policy_checksum(self) -> str | None:
+        """Checksum of the full policy (collective under ZeRO-3; the value is on rank 0)."""
+        flats = list(self._flat_buckets(64 << 20))
+        return weight_sync.checksum(flats) if self.rank == 0 else None
+
+    def policy_state(self) -> dict | None:
+        """The full policy weights on rank 0 as CPU tensors (tests, export)."""
+        import deepspeed
+
+        out = {}
+        for name, p in self.policy.module.named_parameters():
+            ctx = deepspeed.zero.GatheredParameters([p]) if self._zero3() else nullcontext()
+            with ctx:
+                if self.rank == 0:
+                    out[name] = p.detach().cpu().clone()
+        return out if self.rank == 0 else None

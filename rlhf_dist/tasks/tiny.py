@@ -1,0 +1,110 @@
+"""``builtin:tiny``: the smallest task that exercises the whole PPO loop offline.
+
+A bag-of-words language: a prompt lists a few words, a response is any sequence of words.
+The reward is the fraction of response words that are "warm" (half of the vocabulary, fixed
+by a seed), so a random policy scores about 0.5 and PPO can push it towards 1. Everything is
+built locally and saved with ``save_pretrained``, so the roles load it back through the same
+``Auto*.from_pretrained`` path a user's own model takes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+COLORS = "red orange yellow green blue purple pink brown black white gray gold".split()
+ANIMALS = "cat dog fox owl bee ant cow pig hen elk yak eel".split()
+THINGS = "sun moon star tree rock lake road door book cup hat box".split()
+VERBS = "runs sees eats likes finds makes takes holds wants needs".split()
+WORDS = COLORS + ANIMALS + THINGS + VERBS
+WARM = frozenset(random.Random(1234).sample(WORDS, len(WORDS) // 2))
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        "describe : " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+        for _ in range(n)
+    ]
+
+
+def reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Fraction of response words that are warm (0 for an empty response)."""
+    del prompts
+    out = []
+    for r in responses:
+        words = [w for w in r.split() if w not in SPECIAL]
+        out.append(sum(w in WARM for w in words) / len(words) if words else 0.0)
+    return out
+
+
+def build_tokenizer(out_dir: str | Path):
+    """Train a word-level tokenizer with ``tokenizers`` and save it as an HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL)
+    corpus = make_prompts(2000, seed=1) + [" ".join(WORDS)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        clean_up_tokenization_spaces=False,
+    )
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def build_policy(
+    out_dir: str | Path,
+    tokenizer,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 2,
+    n_positions: int = 128,
+    seed: int = 0,
+) -> int:
+    """A randomly initialised GPT-2 (tied embeddings) saved with ``save_pretrained``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_assets(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2) -> Path:
+    """Build (once) the policy+tokenizer directory and a prompt file under ``out_dir``."""
+    out = Path(out_dir)
+    marker = out / "policy" / "config.json"
+    if not marker.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "policy.tmp"
+        tok = build_tokenizer(tmp)
+        build_policy(tmp, tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        tmp.rename(out / "policy")
+    prompts = out / "prompts.jsonl"
+    if not prompts.exists():
+        lines = [json.dumps({"prompt": p}) for p in make_prompts(512, seed=0)]
+        prompts.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
+        prompts.with_suffix(".tmp").rename(prompts)
+    return out
