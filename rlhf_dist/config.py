@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,9 @@ class Sizes:
 # ----------------------------------------------------------------------------- loading
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against annotation ``tp``; only widens int → float, never rewrites."""
     origin = typing.get_origin(tp)
@@ -237,6 +241,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads "1e-5" as a string; it is plainly a number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

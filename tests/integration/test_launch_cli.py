@@ -1,0 +1,59 @@
+"""``launch.py`` as a user runs it: a subprocess that starts (and stops) its own Ray cluster."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_smoke_config_runs_end_to_end(tiny_assets, tmp_path):
+    run_dir = tmp_path / "smoke"
+    p = _launch(
+        "--config",
+        "configs/smoke.yaml",
+        f"model.assets_dir={tiny_assets}",
+        f"run.dir={run_dir}",
+        "run.steps=2",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step 2/2" in p.stdout
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (run_dir / "config.yaml").read_text().count("world_size: 2") == 1
+
+
+def test_bad_input_fails_before_any_actor_with_the_key_named(tiny_assets, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "rollout.temprature=0.7": "rollout.temprature: unknown key; did you mean 'rollout.temperature'",
+        "rollout.prompts_per_step=7": "rollout.prompts_per_step=7 must be divisible by rollout.num_workers=2",
+        f"model.policy={tmp_path}/nope": "model.policy: model path",
+        f"data.prompts={empty}": "holds no prompts",
+        "reward.function=no_such_module:score": "reward.function: cannot import module 'no_such_module'",
+    }
+    for override, message in cases.items():
+        p = _launch(
+            "--config",
+            "configs/smoke.yaml",
+            f"model.assets_dir={tiny_assets}",
+            override,
+            f"run.dir={tmp_path}/r",
+            timeout=120,
+        )
+        assert p.returncode == 2, (override, p.stderr[-2000:])
+        assert message in p.stderr, (override, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr
+        assert "Started a local Ray instance" not in p.stderr + p.stdout

@@ -1,0 +1,203 @@
+"""Role classes run in-process (no Ray) with the tiny locally built models."""
+
+import threading
+
+import pytest
+import torch
+
+from rlhf_dist import weight_sync
+from rlhf_dist.config import load_config
+from rlhf_dist.models import load_policy
+from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
+from rlhf_dist.roles.common import free_port
+from rlhf_dist.tasks.tiny import WARM
+
+PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_policy):
+    return Generator(tiny_policy, max_new_tokens=8, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def batch(generator):
+    return generator.generate(PROMPTS, [10, 11, 12, 13], samples_per_prompt=2, seed=3)
+
+
+def test_generator_batch_layout(generator, batch):
+    tok = generator.tokenizer
+    B, P = len(batch), batch.prompt_len
+    assert B == 8 and batch.prompt_ids == [10, 10, 11, 11, 12, 12, 13, 13]
+    assert batch.sequences.shape == batch.attention_mask.shape
+    assert batch.response_mask.shape == batch.behaviour_logprobs.shape == (B, batch.response_len)
+    assert batch.versions.tolist() == [0] * B
+    for i in range(B):
+        resp = batch.sequences[i, P:]
+        n = int(batch.response_mask[i].sum())
+        eos = (resp == tok.eos_token_id).nonzero()
+        if batch.truncated[i]:
+            assert n == batch.response_len and len(eos) == 0
+        else:  # the mask runs up to and including the first EOS; pad after it
+            assert n == int(eos[0]) + 1
+            assert (resp[n:] == tok.pad_token_id).all()
+        assert batch.attention_mask[i, P:].sum() == n
+        assert (batch.behaviour_logprobs[i, n:] == 0).all()
+        assert (batch.behaviour_logprobs[i, :n] < 0).all()
+        # decoded text is exactly the kept response tokens
+        assert batch.responses[i] == tok.decode(resp[:n], skip_special_tokens=True)
+    # left padding of prompts: the shortest prompt starts with pads
+    assert (batch.attention_mask[:, :P].sum(-1) < P).any()
+
+
+def test_generator_same_seed_same_samples(generator):
+    a = generator.generate(PROMPTS, [0, 1, 2, 3], seed=7)
+    b = generator.generate(PROMPTS, [0, 1, 2, 3], seed=7)
+    c = generator.generate(PROMPTS, [0, 1, 2, 3], seed=8)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+def test_behaviour_logprobs_match_a_fresh_forward(tiny_policy, batch):
+    """The generator's log-probs (from generate's logits) equal a reference forward pass with
+    the same weights: left padding and position ids are handled identically."""
+    ref = ReferenceScorer(tiny_policy)
+    out = ref.ref_logprobs(batch)["ref_logprobs"]
+    torch.testing.assert_close(out, batch.behaviour_logprobs, atol=1e-5, rtol=0)
+
+
+def test_temperature_applies_to_behaviour_logprobs(tiny_policy):
+    hot = Generator(tiny_policy, max_new_tokens=6, temperature=2.0)
+    b = hot.generate(PROMPTS, [0, 1, 2, 3], seed=1)
+    ref2 = ReferenceScorer(tiny_policy, temperature=2.0).ref_logprobs(b)["ref_logprobs"]
+    ref1 = ReferenceScorer(tiny_policy, temperature=1.0).ref_logprobs(b)["ref_logprobs"]
+    torch.testing.assert_close(ref2, b.behaviour_logprobs, atol=1e-5, rtol=0)
+    assert not torch.allclose(ref1, b.behaviour_logprobs, atol=1e-3)
+
+
+def test_reward_function_scorer(batch):
+    scorer = RewardScorer(function="rlhf_dist.tasks.tiny:reward")
+    scores = scorer.score(batch.prompts, batch.responses)["scores"]
+    for s, r in zip(scores.tolist(), batch.responses):
+        words = r.split()
+        assert s == pytest.approx(sum(w in WARM for w in words) / len(words) if words else 0.0)
+
+
+def test_reward_model_scorer(tmp_path, tiny_assets):
+    """An AutoModelForSequenceClassification with one label, saved and loaded from disk."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "policy")
+    cfg = GPT2Config.from_pretrained(tiny_assets / "policy", num_labels=1)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scorer = RewardScorer(model_path=str(tmp_path / "rm"), batch_size=2)
+    prompts, responses = ["describe : red", "describe : sun cat"], ["cat dog", "blue"]
+    scores = scorer.score(prompts, responses)["scores"]
+    assert scores.shape == (2,)
+    # same as scoring each text alone (padding must not change a score)
+    for i in range(2):
+        enc = tok(prompts[i] + " " + responses[i], return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**enc).logits[0, 0]
+        assert scores[i].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_reward_function_that_raises_names_function_and_shape(tmp_path, monkeypatch):
+    (tmp_path / "bad_reward.py").write_text(
+        "def boom(prompts, responses):\n    raise KeyError('oops')\n"
+        "def short(prompts, responses):\n    return [1.0]\n"
+        "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="bad_reward:boom.*oops"):
+        RewardScorer(function="bad_reward:boom").score(["p"], ["r"])
+    with pytest.raises(RuntimeError, match="returned 1 scores for 2 responses"):
+        RewardScorer(function="bad_reward:short").score(["p", "q"], ["r", "s"])
+    with pytest.raises(RuntimeError, match="nan for sample 0.*prompt='p'"):
+        RewardScorer(function="bad_reward:nan").score(["p"], ["r"])
+
+
+def _in_threads(*calls):
+    """Run collective calls of several group members at once (one thread each)."""
+    results, errors = [None] * len(calls), []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_policy):
+    cfg = load_config(
+        None,
+        [
+            "learner.world_size=1",
+            "learner.lr=1e-3",
+            "rollout.num_workers=1",
+            "rollout.prompts_per_step=4",
+            "rollout.samples_per_prompt=2",
+            "ppo.minibatch_size=4",
+            "ppo.micro_batch_size=2",
+        ],
+    )
+    learner = Learner(cfg, rank=0, world_size=1)
+    info = learner.setup(tiny_policy, tiny_policy, "127.0.0.1", free_port())
+    assert info["policy_params"] > 0
+    return learner
+
+
+def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
+    batch.scores = RewardScorer(function="rlhf_dist.tasks.tiny:reward").score(
+        batch.prompts, batch.responses
+    )["scores"]
+    batch.ref_logprobs = ReferenceScorer(tiny_policy).ref_logprobs(batch)["ref_logprobs"]
+    before = learner.policy_checksum()
+    assert before == weight_sync.model_checksum(load_policy(tiny_policy))
+
+    metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["train/optimizer_steps"] == 2  # 8 samples / minibatch 4
+    # first epoch, first minibatch: the policy still equals the one that sampled
+    assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-5)
+    after = learner.policy_checksum()
+    assert after != before
+
+    # tied weights travel once: lm_head.weight is the embedding
+    names = [s.name for s in learner.sync_manifest()]
+    assert "lm_head.weight" not in names and "transformer.wte.weight" in names
+
+    port = free_port()
+    _in_threads(
+        lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "t", "gloo", 60),
+        lambda: generator.join_weight_sync("127.0.0.1", port, 1, 2, "t", "gloo", 60),
+    )
+    manifest = learner.sync_manifest()
+    sent, got = _in_threads(
+        lambda: learner.broadcast_weights(4096, version=1, verify=True),
+        lambda: generator.receive_weights(manifest, 4096, version=1, verify=True),
+    )
+    assert sent["checksum"] == got["checksum"] == after
+    assert generator.status() == {"version": 1, "checksum": after}
+
+    # The generator now samples exactly what a plain model holding the learner's weights does.
+    plain = Generator(tiny_policy, max_new_tokens=8)
+    plain.model.load_state_dict(learner.policy_state(), strict=False)
+    plain.model.tie_weights()
+    ours = generator.generate(PROMPTS, [0, 1, 2, 3], seed=11)
+    theirs = plain.generate(PROMPTS, [0, 1, 2, 3], seed=11)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert ours.versions.tolist() == [1] * 4
