@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -270,7 +271,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, f"{prefix}{name}.")
+            section = {} if data[name] is None else data[name]  # "rollout:" left empty
+            kwargs[name] = _build(tp, section, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
     return cls(**kwargs)
@@ -343,7 +345,8 @@ def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
     for key in keys:
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
-        if v < 0 or (v == 0 and not allow_zero):
+        ok = v >= 0 if allow_zero else v > 0  # written so that NaN fails
+        if not ok or not math.isfinite(v):
             need = ">= 0" if allow_zero else "> 0"
             raise ConfigError(f"{key}: must be {need}, got {v}")
 

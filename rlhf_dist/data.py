@@ -21,7 +21,7 @@ def load_prompts(path: str | Path, key: str = "prompt") -> tuple[list[str], list
     with p.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{p}:{lineno}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
@@ -46,6 +46,8 @@ class PromptCursor:
     """Walks a dataset in seeded shuffled epochs; its state is two integers (for resume)."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True):
+        if size <= 0:
+            raise ValueError("PromptCursor needs at least one prompt")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order()

@@ -178,6 +178,12 @@ def test_section_given_as_scalar_refused():
         load_config(None, ["ppo=3"])
 
 
+@pytest.mark.parametrize("value", ["0", "false", "[]"])
+def test_falsy_scalar_section_refused(value):
+    with pytest.raises(ConfigError, match="^ppo: expected a mapping"):
+        load_config(None, [f"ppo={value}"])
+
+
 # ----------------------------------------------------------------------------- types
 
 
@@ -354,12 +360,7 @@ def test_reward_function_format_refused():
         load_config(None, ["reward.function=no_colon_here"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: compute_sizes' range checks (`v < 0 or v == 0`, config.py _positive) let NaN "
-    "through, so learner.lr=.nan / rollout.temperature=.nan load without error",
-    strict=True,
-)
-@pytest.mark.parametrize("key", ["learner.lr", "rollout.temperature"])
+@pytest.mark.parametrize("key", ["learner.lr", "rollout.temperature", "ppo.kl_coef"])
 def test_nan_refused(key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"{key}=.nan"])

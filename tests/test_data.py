@@ -229,3 +229,14 @@ def test_resume_from_json_round_tripped_state():
     fresh = PromptCursor(6, seed=2)
     fresh.load_state_dict(state)
     assert fresh.take(20) == orig.take(20)
+
+
+def test_utf8_bom_at_file_start_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "hi"}).encode() + b"\n")
+    assert load_prompts(p) == (["hi"], [1])
+
+
+def test_cursor_over_nothing_is_refused():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        PromptCursor(0, seed=0)

@@ -91,6 +91,9 @@ class Learner(WeightSyncMember):
         # Dropout off: the PPO ratio must compare the same function before and after.
         self.policy.eval()
         self.critic.eval()
+        return self.setup_info()
+
+    def setup_info(self) -> dict:
         params = self.policy.module.parameters()
         return {"policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
