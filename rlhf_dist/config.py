@@ -167,8 +167,10 @@ class PPOConfig:
 
 @dataclass
 class SyncConfig:
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Weight-sync collective backend; auto = nccl when learner and generators have GPUs."""
+    backend: Literal["auto", "gloo", "nccl", "object_store"] = "auto"
+    """Weight-sync transport: a collective group (auto = nccl when learner and generators have
+    GPUs, else gloo), or ``object_store`` (Ray's object store, for setups without a shared
+    collective backend)."""
     bucket_mb: float = 64.0
     """Size of the flat buffers the weights travel in."""
     verify: bool = True

@@ -143,7 +143,8 @@ class Orchestrator:
             ]
         )
         self.manifest = ray.put(ray.get(self.learners.actors[0].sync_manifest.remote()))
-        self._form_sync_group()
+        if self.sync_backend() != "object_store":
+            self._form_sync_group()
         # Version 0: generators loaded the same files, but the sync proves they hold them.
         self.sync_weights(version=0)
 
@@ -176,6 +177,14 @@ class Orchestrator:
         ray.get(
             [m.join_weight_sync.remote(host, port, rank, *args) for rank, m in enumerate(members)]
         )
+
+    def add_generators(self, n: int = 1) -> None:
+        """Grow the rollout pool between two steps: the new membership forms a new sync group
+        and every generator, new ones included, receives the current weights."""
+        self.generators.add(n)
+        if self.sync_backend() != "object_store":
+            self._form_sync_group()
+        self.sync_weights(self.version)
 
     # ----------------------------------------------------------------- the step blocks
 
@@ -230,8 +239,15 @@ class Orchestrator:
         """Broadcast the learner's policy to every generator as ``version``; verify."""
         bucket = int(self.cfg.sync.bucket_mb * (1 << 20))
         verify = self.cfg.sync.verify
-        send = self.learners.call("broadcast_weights", bucket, version, verify)
-        recv = self.generators.call("receive_weights", self.manifest, bucket, version, verify)
+        if self.sync_backend() == "object_store":
+            send = self.learners.call("weight_buckets", bucket, version, verify)
+            # Rank 0's result goes to the generators by reference: each pulls it from the store.
+            recv = self.generators.call(
+                "load_weight_buckets", self.manifest, bucket, send[0], version, verify
+            )
+        else:
+            send = self.learners.call("broadcast_weights", bucket, version, verify)
+            recv = self.generators.call("receive_weights", self.manifest, bucket, version, verify)
         sent, got = ray.get(send)[0], ray.get(recv)
         if verify:
             for i, g in enumerate(got):

@@ -53,7 +53,8 @@ def check_cluster_resources(cfg: Config) -> None:
 
 
 class Pool:
-    """``num_workers`` actors of one role class, one placement-group bundle each."""
+    """Actors of one role class. Each actor has a placement group of its own (one bundle), so
+    a pool can grow and shrink at runtime and a worker that cannot be placed fails clearly."""
 
     def __init__(
         self,
@@ -64,36 +65,48 @@ class Pool:
         num_gpus: float,
         make_args: Callable[[int], tuple[tuple, dict]],
         placement_timeout_s: float,
-        strategy: str = "PACK",
     ):
-        self.name = name
-        bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus > 0 else {})
-        self.pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
+        self.name, self.num_cpus, self.num_gpus = name, num_cpus, num_gpus
+        self.make_args, self.timeout = make_args, placement_timeout_s
+        self.remote_cls = ray.remote(role_cls)
+        self.actors: list = []
+        self.pgs: list = []
+        self.add(num_workers)
+
+    def add(self, n: int) -> list:
+        """Start ``n`` more actors; returns them."""
+        bundle = {"CPU": self.num_cpus} | ({"GPU": self.num_gpus} if self.num_gpus > 0 else {})
+        pgs = [placement_group([dict(bundle)]) for _ in range(n)]
+        ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=n, timeout=self.timeout)
+        if len(ready) < n:
+            for pg in pgs:
+                remove_placement_group(pg)
             raise PoolError(
-                f"{name}: {num_workers} workers x {bundle} could not be placed within "
-                f"{placement_timeout_s:g}s (ray.placement_timeout_s); cluster resources "
+                f"{self.name}: {n} more workers x {bundle} could not be placed within "
+                f"{self.timeout:g}s (ray.placement_timeout_s); cluster resources "
                 f"available: {ray.available_resources()}"
             )
-        remote_cls = ray.remote(role_cls)
-        self.actors = []
-        for i in range(num_workers):
-            args, kwargs = make_args(i)
-            self.actors.append(
-                remote_cls.options(
-                    num_cpus=num_cpus,
-                    num_gpus=num_gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=i
-                    ),
-                    # OMP/torch threads follow the CPUs a worker was given.
-                    runtime_env={
-                        "env_vars": {"OMP_NUM_THREADS": str(max(1, math.floor(num_cpus)))}
-                    },
-                ).remote(*args, **kwargs)
-            )
+        threads = str(max(1, math.floor(self.num_cpus)))
+        new = []
+        for pg in pgs:
+            args, kwargs = self.make_args(len(self.actors))
+            actor = self.remote_cls.options(
+                num_cpus=self.num_cpus,
+                num_gpus=self.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+                # OMP/torch threads follow the CPUs a worker was given.
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+            ).remote(*args, **kwargs)
+            self.actors.append(actor)
+            self.pgs.append(pg)
+            new.append(actor)
+        return new
+
+    def remove(self, i: int) -> None:
+        """Stop actor ``i`` and free its resources."""
+        actor, pg = self.actors.pop(i), self.pgs.pop(i)
+        ray.kill(actor)
+        remove_placement_group(pg)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -106,6 +119,5 @@ class Pool:
         return ray.get(self.actors[i].__ray_call__.remote(_node_ip))
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        remove_placement_group(self.pg)
+        while self.actors:
+            self.remove(len(self.actors) - 1)

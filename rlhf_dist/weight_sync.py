@@ -134,12 +134,7 @@ def flat_bucket(tensors: Iterable[Tensor]) -> Tensor:
     return torch.cat([_as_bytes(t) for t in tensors])
 
 
-@torch.no_grad()
-def receive(
-    group: SyncGroup, model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int
-) -> None:
-    """Receive every bucket into ``model``'s parameters (names and shapes must match)."""
-    params = dict(model.named_parameters())
+def _check_manifest(params: dict[str, Tensor], manifest: list[ParamSpec]) -> None:
     for spec in manifest:
         p = params.get(spec.name)
         if p is None or tuple(p.shape) != spec.shape or str(p.dtype) != spec.dtype:
@@ -148,13 +143,40 @@ def receive(
                 f"weight sync: generator parameter {spec.name!r} is {got}, learner sends "
                 f"{(spec.shape, spec.dtype)}: the generator and learner models differ"
             )
+
+
+def _unpack(params: dict[str, Tensor], specs: list[ParamSpec], flat: Tensor) -> None:
+    """Copy one bucket's bytes into the parameters it holds."""
+    offset = 0
+    for s in specs:
+        p = params[s.name]
+        p.data.copy_(flat[offset : offset + s.nbytes].view(p.dtype).view(p.shape).to(p.device))
+        offset += s.nbytes
+
+
+@torch.no_grad()
+def receive(
+    group: SyncGroup, model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int
+) -> None:
+    """Receive every bucket broadcast by rank 0 into ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    _check_manifest(params, manifest)
     for idx in plan_buckets(manifest, bucket_bytes):
         specs = [manifest[i] for i in idx]
         flat = torch.empty(sum(s.nbytes for s in specs), dtype=torch.uint8, device=group.device)
         group.broadcast(flat)
-        offset = 0
-        for s in specs:
-            p = params[s.name]
-            chunk = flat[offset : offset + s.nbytes].view(p.dtype).view(p.shape)
-            p.data.copy_(chunk.to(p.device))
-            offset += s.nbytes
+        _unpack(params, specs, flat)
+
+
+@torch.no_grad()
+def load_buckets(
+    model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int, buckets: list[Tensor]
+) -> None:
+    """Fallback transport: load buckets that came through Ray's object store."""
+    params = dict(model.named_parameters())
+    _check_manifest(params, manifest)
+    plan = plan_buckets(manifest, bucket_bytes)
+    if len(plan) != len(buckets):
+        raise ValueError(f"weight sync: expected {len(plan)} buckets, got {len(buckets)}")
+    for idx, flat in zip(plan, buckets):
+        _unpack(params, [manifest[i] for i in idx], flat)

@@ -108,5 +108,18 @@ class Generator(WeightSyncMember):
             "compute_s": time.perf_counter() - t0,
         }
 
+    def load_weight_buckets(
+        self, manifest, bucket_bytes: int, sent: dict, version: int, verify: bool
+    ) -> dict:
+        """Fallback transport: ``sent["buckets"]`` came through Ray's object store."""
+        t0 = time.perf_counter()
+        weight_sync.load_buckets(self.model, manifest, bucket_bytes, sent["buckets"])
+        self.version = version
+        return {
+            "version": version,
+            "checksum": weight_sync.model_checksum(self.model) if verify else None,
+            "compute_s": time.perf_counter() - t0,
+        }
+
     def status(self) -> dict:
         return {"version": self.version, "checksum": weight_sync.model_checksum(self.model)}

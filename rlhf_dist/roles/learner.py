@@ -279,6 +279,19 @@ class Learner(WeightSyncMember):
         self.version = version
         return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
 
+    def weight_buckets(self, bucket_bytes: int, version: int, verify: bool) -> dict:
+        """Fallback transport: the policy's buckets as CPU tensors for Ray's object store
+        (call on every rank; rank 0 returns them)."""
+        t0 = time.perf_counter()
+        buckets = [b.cpu() if b is not None else None for b in self._flat_buckets(bucket_bytes)]
+        self.version = version
+        out = {"version": version, "compute_s": 0.0, "buckets": None, "checksum": None}
+        if self.rank == 0:
+            out["buckets"] = buckets
+            out["checksum"] = weight_sync.checksum(buckets) if verify else None
+        out["compute_s"] = time.perf_counter() - t0
+        return out
+
     def policy_checksum(self) -> str | None:
         """Checksum of the full policy (collective under ZeRO-3; the value is on rank 0)."""
         flats = list(self._flat_buckets(64 << 20))

@@ -69,30 +69,53 @@ def build_policy(
     n_embd: int = 64,
     n_head: int = 2,
     n_positions: int = 128,
+    arch: str = "gpt2",
     seed: int = 0,
 ) -> int:
-    """A randomly initialised GPT-2 (tied embeddings) saved with ``save_pretrained``."""
+    """A randomly initialised decoder saved with ``save_pretrained``: ``gpt2`` (tied input and
+    output embeddings) or ``llama`` (untied, rotary positions)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
+    ids = dict(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = GPT2LMHeadModel(config)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            **ids,
+        )
+        model = GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=n_embd,
+            intermediate_size=2 * n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head,
+            max_position_embeddings=n_positions,
+            tie_word_embeddings=False,
+            **ids,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown arch {arch!r}: expected 'gpt2' or 'llama'")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
 
 
-def build_assets(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2) -> Path:
+def build_assets(
+    out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, arch: str = "gpt2"
+) -> Path:
     """Build (once) the policy+tokenizer directory and a prompt file under ``out_dir``."""
     out = Path(out_dir)
     marker = out / "policy" / "config.json"
@@ -100,7 +123,7 @@ def build_assets(out_dir: str | Path, n_layer: int = 2, n_embd: int = 64, n_head
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "policy.tmp"
         tok = build_tokenizer(tmp)
-        build_policy(tmp, tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        build_policy(tmp, tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head, arch=arch)
         tmp.rename(out / "policy")
     prompts = out / "prompts.jsonl"
     if not prompts.exists():
