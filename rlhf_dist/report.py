@@ -1,0 +1,487 @@
+"""Offline report for a run directory: PNG figures plus a text summary from ``metrics.jsonl``.
+
+Usage::
+
+    python -m rlhf_dist.report <run_dir> [--out DIR]
+
+Only the standard library is imported at module level; matplotlib is imported lazily inside
+:func:`write_report`, and never through ``pyplot``: every figure is a standalone
+``matplotlib.figure.Figure`` rendered by the Agg canvas, so no global backend is switched, no
+figure registry grows, and the module works in any process (headless, inside Ray, in tests).
+
+Rows: one JSON object per line. Rows without a ``stage`` field (or ``"stage": "ppo"``) are PPO
+rows and are plotted against ``step``; rows that share a step are merged (later keys win), which
+covers both eval metrics logged on their own line and a resumed run that re-logs a step. Rows of
+other stages (``sft``, ``rm``, ...) only appear in the text summary. Missing or non-numeric
+values are skipped, a figure whose keys are all absent is not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FIGURES",
+    "ReportError",
+    "build_summary",
+    "load_metrics",
+    "main",
+    "read_metrics",
+    "write_report",
+]
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_DIR = "report"
+SUMMARY_FILE = "summary.txt"
+
+REWARD = "rollout/reward_mean"
+REWARD_STD = "rollout/score_std"
+GOLD = "eval/gold_score"
+GOLD_STDERR = "eval/gold_score_stderr"
+KL = "train/kl"
+KL_COEF = "train/kl_coef"
+LOSS_KEYS = (
+    "train/policy_loss",
+    "train/value_loss",
+    "train/entropy",
+    "train/approx_kl",
+    "train/clipfrac",
+)
+STEP_TIME = "time/step"
+TIME_ORDER = ("time/generate", "time/score", "time/train", "time/weight_sync")
+TOKENS_PER_S = "perf/tokens_per_s"
+
+# File names of every figure this module can write, in the order they are written.
+FIGURES = ("reward.png", "kl.png", "losses.png", "time.png")
+
+
+class ReportError(ValueError):
+    """The metrics exist but cannot make a report (e.g. no rows at all)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Read a metrics.jsonl; return ``(rows, ignored)``.
+
+    Blank lines are skipped. A line that is not valid UTF-8, not valid JSON, or not a JSON
+    object is malformed: if it is the last non-blank line (a run killed mid-write) it is dropped,
+    logged as a warning and counted in ``ignored``; anywhere else it raises ``ValueError`` naming
+    the file and the (1-based) line number.
+    """
+    path = Path(path)
+    raw_lines = path.read_bytes().split(b"\n")
+    numbered = [(i, line) for i, line in enumerate(raw_lines, start=1) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    ignored = 0
+    for idx, (lineno, raw) in enumerate(numbered):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if idx == len(numbered) - 1:
+                ignored += 1
+                logger.warning(
+                    "%s, line %d: ignoring truncated/malformed last line (%s)", path, lineno, err
+                )
+                continue
+            raise ValueError(f"{path}, line {lineno}: malformed metrics line: {err}") from err
+        rows.append(row)
+    return rows, ignored
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl (see :func:`load_metrics` for the error rules)."""
+    return load_metrics(path)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Row helpers
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for anything else (missing, bool, str, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _stage(row: dict[str, Any]) -> str:
+    stage = row.get("stage")
+    return "ppo" if stage is None else str(stage).lower()
+
+
+def _ppo_steps(rows: Iterable[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """PPO rows merged per step and sorted by step; rows without a numeric step are dropped."""
+    merged: dict[float, dict[str, Any]] = {}
+    for row in rows:
+        if _stage(row) != "ppo":
+            continue
+        step = _num(row.get("step"))
+        if step is None:
+            continue
+        merged.setdefault(step, {}).update(row)
+    return sorted(merged.items())
+
+
+def _series(steps: list[tuple[float, dict[str, Any]]], key: str) -> tuple[list[float], list[float]]:
+    xs: list[float] = []
+    ys: list[float] = []
+    for step, row in steps:
+        value = _num(row.get(key))
+        if value is not None:
+            xs.append(step)
+            ys.append(value)
+    return xs, ys
+
+
+def _has(steps: list[tuple[float, dict[str, Any]]], key: str) -> bool:
+    return any(_num(row.get(key)) is not None for _, row in steps)
+
+
+def _time_components(steps: list[tuple[float, dict[str, Any]]]) -> list[str]:
+    """``time/*`` keys except ``time/step``: the known phases first, then the rest sorted."""
+    keys = {
+        k
+        for _, row in steps
+        for k, v in row.items()
+        if k.startswith("time/") and k != STEP_TIME and _num(v) is not None
+    }
+    return [k for k in TIME_ORDER if k in keys] + sorted(keys - set(TIME_ORDER))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _fmt_step(step: float) -> str:
+    return str(int(step)) if step == int(step) else _fmt(step)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def build_summary(
+    rows: list[dict[str, Any]], *, ignored: int = 0, source: str | None = None
+) -> str:
+    """The plain-text summary of a run (what ``summary.txt`` holds)."""
+    steps = _ppo_steps(rows)
+    lines: list[str] = []
+    if source:
+        lines.append(f"run: {source}")
+    if steps:
+        lines.append(
+            f"steps: {len(steps)} (step {_fmt_step(steps[0][0])} -> {_fmt_step(steps[-1][0])})"
+        )
+    else:
+        lines.append("steps: 0 (no PPO rows)")
+
+    xs, ys = _series(steps, REWARD)
+    if ys:
+        best = max(range(len(ys)), key=ys.__getitem__)
+        lines.append(
+            f"reward ({REWARD}): first {_fmt(ys[0])} (step {_fmt_step(xs[0])}) -> "
+            f"last {_fmt(ys[-1])} (step {_fmt_step(xs[-1])}), "
+            f"best {_fmt(ys[best])} (step {_fmt_step(xs[best])})"
+        )
+
+    gold = [
+        (s, g, _num(r.get(GOLD_STDERR))) for s, r in steps if (g := _num(r.get(GOLD))) is not None
+    ]
+    if gold:
+
+        def one(g: tuple[float, float, float | None]) -> str:
+            err = "" if g[2] is None else f" +/- {_fmt(g[2])}"
+            return f"{_fmt(g[1])}{err} (step {_fmt_step(g[0])})"
+
+        lines.append(
+            f"gold score ({GOLD}, {len(gold)} evals): first {one(gold[0])} -> last {one(gold[-1])}"
+        )
+
+    other_eval = sorted(
+        {k for _, r in steps for k in r if k.startswith("eval/") and k not in (GOLD, GOLD_STDERR)}
+    )
+    finals = []
+    for key in other_eval:
+        kx, ky = _series(steps, key)
+        if ky:
+            finals.append(f"{key}={_fmt(ky[-1])}")
+    if finals:
+        lines.append("last eval: " + ", ".join(finals))
+
+    kx, ky = _series(steps, KL)
+    if ky:
+        text = f"final KL ({KL}): {_fmt(ky[-1])} (step {_fmt_step(kx[-1])})"
+        _, cy = _series(steps, KL_COEF)
+        if cy:
+            text += f", kl_coef {_fmt(cy[-1])}"
+        lines.append(text)
+
+    components = _time_components(steps)
+    comp_means = {k: _mean(_series(steps, k)[1]) for k in components}
+    _, step_times = _series(steps, STEP_TIME)
+    if step_times or comp_means:
+        if step_times:
+            total = _mean(step_times)
+            text = f"step time ({STEP_TIME}): mean {_fmt(total)} s over {len(step_times)} steps"
+        else:
+            total = sum(comp_means.values())
+            text = f"step time (sum of time/*): mean {_fmt(total)} s"
+        if comp_means and total > 0:
+            parts = [f"{k[len('time/') :]} {100 * v / total:.1f}%" for k, v in comp_means.items()]
+            other = total - sum(comp_means.values())
+            if step_times and other > 0.0005 * total:
+                parts.append(f"other {100 * other / total:.1f}%")
+            text += "; breakdown: " + ", ".join(parts)
+        lines.append(text)
+
+    _, tps = _series(steps, TOKENS_PER_S)
+    if tps:
+        lines.append(f"throughput ({TOKENS_PER_S}): mean {_fmt(_mean(tps))} tokens/s")
+
+    # Other stages (sft, rm, ...): row count and the last value of each of their own keys.
+    stages: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if _stage(row) != "ppo":
+            stages.setdefault(_stage(row), []).append(row)
+    for stage, srows in stages.items():
+        last: dict[str, float] = {}
+        for row in srows:
+            for key, value in row.items():
+                if key.startswith(f"{stage}/") and _num(value) is not None:
+                    last[key] = float(value)
+        text = f"stage {stage}: {len(srows)} rows"
+        if last:
+            shown = sorted(last.items())[:8]
+            text += "; last " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown)
+            if len(last) > len(shown):
+                text += f", ... ({len(last) - len(shown)} more)"
+        lines.append(text)
+
+    if ignored:
+        lines.append(f"ignored {ignored} truncated/malformed last line(s) in {METRICS_FILE}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _new_figure(**kwargs: Any) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas; no pyplot, no global backend
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    try:
+        fig.savefig(path, dpi=100, format="png")
+    finally:
+        fig.clear()  # the figure is owned by no registry; clearing drops its artists now
+
+
+def _plot_reward(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    if not (_has(steps, REWARD) or _has(steps, GOLD)):
+        return False
+    fig = _new_figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    xs, ys = _series(steps, REWARD)
+    if ys:
+        ax.plot(xs, ys, marker=".", label=REWARD)
+        band = [
+            (s, m, sd)
+            for s, r in steps
+            if (m := _num(r.get(REWARD))) is not None
+            and (sd := _num(r.get(REWARD_STD))) is not None
+        ]
+        if band:
+            ax.fill_between(
+                [b[0] for b in band],
+                [b[1] - b[2] for b in band],
+                [b[1] + b[2] for b in band],
+                alpha=0.25,
+                label=f"+/- {REWARD_STD}",
+            )
+    gold = [
+        (s, g, _num(r.get(GOLD_STDERR))) for s, r in steps if (g := _num(r.get(GOLD))) is not None
+    ]
+    if gold:
+        ax.errorbar(
+            [g[0] for g in gold],
+            [g[1] for g in gold],
+            yerr=[g[2] or 0.0 for g in gold],
+            marker="o",
+            capsize=3,
+            label=f"{GOLD} (+/- stderr)",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / score")
+    ax.set_title("Reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    _save(fig, path)
+    return True
+
+
+def _plot_kl(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    has_kl, has_coef = _has(steps, KL), _has(steps, KL_COEF)
+    if not (has_kl or has_coef):
+        return False
+    fig = _new_figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    handles = []
+    if has_kl:
+        handles += ax.plot(*_series(steps, KL), marker=".", color="C0", label=KL)
+        ax.set_ylabel("KL")
+    if has_coef:
+        cax = ax.twinx() if has_kl else ax
+        handles += cax.plot(*_series(steps, KL_COEF), linestyle="--", color="C1", label=KL_COEF)
+        cax.set_ylabel("KL coefficient")
+    ax.set_xlabel("step")
+    ax.set_title("KL to the reference policy")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, loc="best")
+    _save(fig, path)
+    return True
+
+
+def _plot_losses(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    keys = [k for k in LOSS_KEYS if _has(steps, k)]
+    if not keys:
+        return False
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = _new_figure(figsize=(4.5 * ncols, 3.5 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        ax.plot(*_series(steps, key), marker=".", label=key)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key.split("/", 1)[-1])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    fig.suptitle("Training losses and statistics")
+    _save(fig, path)
+    return True
+
+
+def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    components = _time_components(steps)
+    has_step = _has(steps, STEP_TIME)
+    if not (components or has_step):
+        return False
+    fig = _new_figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    xs = [s for s, _ in steps]
+    gaps = sorted(b - a for a, b in zip(xs, xs[1:]) if b > a)
+    width = 0.8 * (gaps[len(gaps) // 2] if gaps else 1.0)
+    bottom = [0.0] * len(steps)
+    for key in components:
+        heights = [_num(row.get(key)) or 0.0 for _, row in steps]
+        ax.bar(xs, heights, width=width, bottom=bottom, label=key)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    if has_step:
+        ax.plot(*_series(steps, STEP_TIME), color="black", marker=".", label=STEP_TIME)
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.set_title("Time per step")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize="small")
+    _save(fig, path)
+    return True
+
+
+_PLOTTERS = {
+    "reward.png": _plot_reward,
+    "kl.png": _plot_kl,
+    "losses.png": _plot_losses,
+    "time.png": _plot_time,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write the figures and ``summary.txt`` of a run into ``run_dir/report`` (or ``out_dir``).
+
+    Returns ``{"files": [paths written, figures then summary.txt], "summary": text}``.
+    Raises ``FileNotFoundError`` when the run directory or its metrics.jsonl does not exist,
+    ``ReportError`` (a ``ValueError``) when it holds no rows, and ``ValueError`` for a malformed
+    line that is not the last one.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in run directory {run_dir}")
+    rows, ignored = load_metrics(metrics_path)
+    if not rows:
+        raise ReportError(f"{metrics_path} holds no metric rows")
+
+    out = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _ppo_steps(rows)
+    files: list[str] = []
+    for name in FIGURES:
+        path = out / name
+        if _PLOTTERS[name](steps, path):
+            files.append(str(path))
+    summary = build_summary(rows, ignored=ignored, source=str(run_dir))
+    summary_path = out / SUMMARY_FILE
+    summary_path.write_text(summary, encoding="utf-8")
+    files.append(str(summary_path))
+    return {"files": files, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_dist.report",
+        description="Write PNG figures and a text summary from a run's metrics.jsonl.",
+    )
+    parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        result = write_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:  # ValueError covers ReportError too
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(result["summary"], end="")
+    print("wrote:")
+    for path in result["files"]:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
