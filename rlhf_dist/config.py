@@ -35,6 +35,63 @@ class RunConfig:
     """Seed for data order, sampling and model init."""
     steps: int = 10
     """Number of PPO steps (one step = generate, score, update, sync)."""
+    stage: Literal["sft", "rm", "ppo", "all"] = "ppo"
+    """What to run: one stage of the RLHF recipe, or all three in order. A stage run alone
+    reuses earlier stages' outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
+
+
+@dataclass
+class SFTConfig:
+    data: str = "builtin:describe"
+    """Demonstrations: a JSONL file of ``{"prompt": ..., "response": ...}``, or a built-in task."""
+    init: str = "builtin:describe"
+    """Model SFT starts from (``AutoModelForCausalLM`` path or hub id, or a built-in task)."""
+    epochs: int = 3
+    """Passes over the demonstrations."""
+    batch_size: int = 64
+    """Examples per optimizer step, across all learner ranks."""
+    micro_batch_size: int = 32
+    """Examples per forward/backward on one rank."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    eval_frac: float = 0.05
+    """Fraction of the demonstrations held out to report ``sft/eval_loss``."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
+
+
+@dataclass
+class RMConfig:
+    data: str = "builtin:describe"
+    """Comparisons: a JSONL file of ``{"prompt": ..., "chosen": ..., "rejected": ...}``, or a
+    built-in task (its gold labeler labels pairs of demonstrations, with noise)."""
+    init: str = "run:sft"
+    """Model the reward model starts from (a fresh scalar head is added), e.g. the SFT policy."""
+    epochs: int = 2
+    """Passes over the comparisons."""
+    batch_size: int = 64
+    """Pairs per optimizer step, across all learner ranks."""
+    micro_batch_size: int = 32
+    """Pairs per forward/backward on one rank."""
+    lr: float = 5e-4
+    """AdamW learning rate."""
+    eval_frac: float = 0.1
+    """Fraction of the comparisons held out to report ``rm/eval_accuracy``."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
+
+
+@dataclass
+class EvalConfig:
+    gold: str = ""
+    """Gold scorer ``module:function(prompts, responses) -> list[float]`` that evaluates the
+    policy on held-out prompts (never used for training); empty = no evaluation."""
+    prompts: str = ""
+    """Held-out prompts (JSONL like ``data.prompts``, or a built-in task); empty = ``data.prompts``."""
+    every: int = 5
+    """Evaluate before PPO, every this many steps, and after the last step."""
+    num_prompts: int = 128
+    """Held-out prompts per evaluation (one sample each, fixed seed)."""
 
 
 @dataclass
@@ -194,6 +251,9 @@ class RayConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -402,6 +462,35 @@ def compute_sizes(cfg: Config) -> Sizes:
         "run.seed",
         allow_zero=True,
     )
+    _positive(
+        cfg,
+        "sft.epochs",
+        "sft.batch_size",
+        "sft.micro_batch_size",
+        "sft.lr",
+        "rm.epochs",
+        "rm.batch_size",
+        "rm.micro_batch_size",
+        "rm.lr",
+        "eval.every",
+        "eval.num_prompts",
+    )
+    for section in ("sft", "rm"):
+        if cfg.run.stage not in (section, "all"):
+            continue  # sizes of a stage this run does not go through
+        key = f"{section}.batch_size"
+        per_rank = _divides(
+            key, getattr(cfg, section).batch_size, "learner.world_size", cfg.learner.world_size
+        )
+        _divides(
+            f"{key} / learner.world_size",
+            per_rank,
+            f"{section}.micro_batch_size",
+            getattr(cfg, section).micro_batch_size,
+        )
+        frac = getattr(cfg, section).eval_frac
+        if not 0 <= frac < 1:
+            raise ConfigError(f"{section}.eval_frac: must be in [0, 1), got {frac}")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     for key in ("ppo.gamma", "ppo.lam"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -11,35 +12,95 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
 
-def load_prompts(path: str | Path, key: str = "prompt") -> tuple[list[str], list[int]]:
-    """Prompts from a JSONL file, one object per line with a string field ``key``;
-    returns the prompts and their line numbers (for error messages)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.prompts: file {str(p)!r} does not exist")
-    prompts, lines = [], []
-    with p.open("rb") as f:
+def _records(path: Path, config_key: str) -> Iterator[tuple[int, dict | DataError]]:
+    """(line number, JSON object or the DataError for that line) for each non-blank line."""
+    if not path.is_file():
+        raise DataError(f"{config_key}: file {str(path)!r} does not exist")
+    with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid UTF-8 ({e.reason})") from None
+                yield lineno, DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})")
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or key not in obj:
-                raise DataError(f"{p}:{lineno}: missing field {key!r} (data.prompt_key)")
-            text = obj[key]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{p}:{lineno}: field {key!r} must be a non-empty string")
-            prompts.append(text)
-            lines.append(lineno)
-    if not prompts:
-        raise DataError(f"data.prompts: file {str(p)!r} holds no prompts")
-    return prompts, lines
+                yield lineno, DataError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                yield lineno, DataError(f"{path}:{lineno}: expected a JSON object")
+                continue
+            yield lineno, obj
+
+
+def load_jsonl(
+    path: str | Path,
+    fields: list[str],
+    config_key: str,
+    skip_bad: bool = False,
+    check: Callable[[dict], str | None] | None = None,
+) -> tuple[list[dict], list[int], int]:
+    """Records with non-empty string ``fields`` from a JSONL file.
+
+    A bad line (not UTF-8, not JSON, a field missing or empty, or ``check`` returning a
+    reason) raises :class:`DataError` naming the file and line, or with ``skip_bad`` is
+    skipped and counted. Returns (records, their line numbers, number skipped).
+    """
+    p = Path(path)
+    records, lines, skipped = [], [], 0
+    for lineno, obj in _records(p, config_key):
+        if not isinstance(obj, DataError):
+            missing = [f for f in fields if f not in obj]
+            if missing:
+                obj = DataError(f"{p}:{lineno}: missing field {missing[0]!r} ({config_key})")
+            else:
+                empty = [f for f in fields if not isinstance(obj[f], str) or not obj[f].strip()]
+                if empty:
+                    obj = DataError(f"{p}:{lineno}: field {empty[0]!r} must be a non-empty string")
+                elif check is not None and (reason := check(obj)):
+                    obj = DataError(f"{p}:{lineno}: {reason}")
+        if isinstance(obj, DataError):
+            if not skip_bad:
+                raise obj
+            skipped += 1
+            continue
+        records.append({f: obj[f] for f in fields})
+        lines.append(lineno)
+    if not records:
+        raise DataError(f"{config_key}: file {str(p)!r} holds no usable records")
+    return records, lines, skipped
+
+
+def load_prompts(path: str | Path, key: str = "prompt") -> tuple[list[str], list[int]]:
+    """Prompts from a JSONL file, one object per line with a string field ``key``;
+    returns the prompts and their line numbers (for error messages)."""
+    try:
+        records, lines, _ = load_jsonl(path, [key], "data.prompt_key")
+    except DataError as e:
+        msg = str(e).replace("data.prompt_key: file", "data.prompts: file")
+        raise DataError(msg.replace("holds no usable records", "holds no prompts")) from None
+    return [r[key] for r in records], lines
+
+
+def load_demonstrations(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], int]:
+    """SFT demonstrations: ``{"prompt": ..., "response": ...}`` per line."""
+    records, _, skipped = load_jsonl(path, ["prompt", "response"], "sft.data", skip_bad)
+    return records, skipped
+
+
+def load_preference_pairs(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], int]:
+    """Reward-model comparisons: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` per line."""
+
+    def distinct(r: dict) -> str | None:
+        return "'chosen' and 'rejected' are identical" if r["chosen"] == r["rejected"] else None
+
+    records, _, skipped = load_jsonl(
+        path, ["prompt", "chosen", "rejected"], "rm.data", skip_bad, distinct
+    )
+    return records, skipped
 
 
 class PromptCursor:

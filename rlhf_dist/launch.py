@@ -50,26 +50,81 @@ def init_ray(cfg: Config, address: str) -> bool:
 
 
 def train(cfg: Config, address: str = "", log=print) -> Path:
-    """Run the PPO job described by ``cfg``; returns its run directory."""
+    """Run the stages ``run.stage`` names (sft, rm, ppo or all); returns the run directory."""
     import ray
 
+    from rlhf_dist.config import dump_config
+    from rlhf_dist.metrics import MetricsWriter
     from rlhf_dist.orchestrator import Orchestrator
-    from rlhf_dist.preflight import resolve_inputs
+    from rlhf_dist.preflight import check_all, resolve_inputs, stages_of, supervised_inputs
+    from rlhf_dist.stages import run_supervised_stage
 
-    inputs = resolve_inputs(cfg)  # bad input fails here, before any actor starts
     run_dir = run_dir_for(cfg)
+    check_all(cfg, run_dir)  # bad input fails here, before any actor starts
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    log(f"run directory: {run_dir}")
     started = init_ray(cfg, address or cfg.ray.address)
-    orch = None
+    results: dict = {}
     try:
-        orch = Orchestrator(cfg, inputs, run_dir)
-        log(f"run directory: {run_dir}")
-        orch.run(log=log)
+        for stage in stages_of(cfg):
+            if stage == "ppo":
+                orch = Orchestrator(cfg, resolve_inputs(cfg, run_dir), run_dir)
+                try:
+                    results["ppo"] = orch.run(log=log)
+                finally:
+                    orch.shutdown()
+            else:
+                metrics = MetricsWriter(run_dir / "metrics.jsonl")
+                try:
+                    inputs = supervised_inputs(cfg, run_dir, stage)
+                    results[stage] = run_supervised_stage(cfg, stage, inputs, run_dir, metrics, log)
+                finally:
+                    metrics.close()
     finally:
-        if orch is not None:
-            orch.shutdown()
         if started:
             ray.shutdown()
+    for line in summarise(results):
+        log(line)
+    _write_report(run_dir, log)
     return run_dir
+
+
+def summarise(results: dict) -> list[str]:
+    """The few numbers that say whether the recipe worked."""
+    lines = []
+    if "sft" in results:
+        lines.append(f"SFT: held-out loss {results['sft'].get('sft/eval_loss', float('nan')):.3f}")
+    if "rm" in results:
+        acc = results["rm"].get("rm/eval_accuracy", float("nan"))
+        lines.append(f"reward model: held-out pairwise accuracy {acc:.3f}")
+    evals = [r for r in results.get("ppo", []) if "eval/gold_score" in r]
+    if len(evals) >= 2:
+        a, b = evals[0], evals[-1]
+        lines.append(
+            f"gold score on held-out prompts: {a['eval/gold_score']:.3f} +- "
+            f"{a['eval/gold_score_stderr']:.3f} (before PPO) -> {b['eval/gold_score']:.3f} +- "
+            f"{b['eval/gold_score_stderr']:.3f} (after {b['step']} steps)"
+        )
+    steps = [r for r in results.get("ppo", []) if "train/kl" in r]
+    if steps:
+        last = steps[-1]
+        lines.append(
+            f"PPO: proxy reward {steps[0]['rollout/reward_mean']:.3f} -> "
+            f"{last['rollout/reward_mean']:.3f}, final KL {last['train/kl']:.4f} per token"
+        )
+    return lines
+
+
+def _write_report(run_dir: Path, log) -> None:
+    from rlhf_dist.report import write_report
+
+    try:
+        files = write_report(run_dir)["files"]
+    except Exception as e:  # a report must never cost the run its exit status
+        log(f"report: not written ({e})")
+        return
+    log("report: " + ", ".join(files))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,15 +35,23 @@ def load_critic(path: str, dtype: str = "float32"):
     return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
 
 
-def load_reward_model(path: str, dtype: str = "float32"):
+def load_reward_model(path: str, dtype: str = "float32", new_head: bool = False):
+    """A sequence classifier with one output. ``new_head`` starts one from a causal LM (e.g. the
+    SFT policy, as InstructGPT does) with a freshly initialised scalar head."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
+    kwargs = {"num_labels": 1} if new_head else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model {path!r} has num_labels={model.config.num_labels}; expected 1"
         )
     return model
+
+
+def reward_text(prompt: str, response: str) -> str:
+    """What a reward model reads: the same text in reward-model training and in PPO scoring."""
+    return f"{prompt} {response}"
 
 
 def response_logprobs(

@@ -9,7 +9,6 @@ prompts ─▶ generators ─▶ rollouts ─┬▶ reward scorers ────�
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +20,11 @@ from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes, dump_config
 from rlhf_dist.data import PromptCursor
+from rlhf_dist.metrics import MetricsWriter
 from rlhf_dist.pools import Pool, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
+from rlhf_dist.roles.scorers import import_reward_function
 
 
 class WeightSyncError(RuntimeError):
@@ -39,21 +40,6 @@ def _chunks(n: int, k: int) -> list[range]:
     """``k`` contiguous, nearly equal ranges covering ``range(n)`` (empty ones dropped)."""
     bounds = [round(i * n / k) for i in range(k + 1)]
     return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-class MetricsWriter:
-    """``metrics.jsonl``: one JSON object per step, flushed as it is written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.f = path.open("a")
-
-    def write(self, metrics: dict) -> None:
-        self.f.write(json.dumps(metrics) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
 
 
 class Orchestrator:
@@ -72,6 +58,7 @@ class Orchestrator:
         )
         self.step_idx = 0
         self.version = 0
+        self.gold = import_reward_function(cfg.eval.gold) if cfg.eval.gold else None
         self.pools: list[Pool] = []
         try:
             self._start_pools()
@@ -116,8 +103,8 @@ class Orchestrator:
             lambda i: (
                 (),
                 dict(
-                    model_path=cfg.reward.model,
-                    function="" if cfg.reward.model else cfg.reward.function,
+                    model_path=inp.reward_model,
+                    function="" if inp.reward_model else cfg.reward.function,
                     dtype=cfg.model.dtype,
                     num_gpus=cfg.reward.num_gpus,
                 ),
@@ -188,31 +175,54 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- the step blocks
 
-    def generate(self, prompt_ids: list[int]) -> RolloutBatch:
+    def generate(
+        self, prompt_ids: list[int], prompts: list[str] | None = None, tag: str = "rollout"
+    ) -> RolloutBatch:
+        """Sample responses for ``prompt_ids`` (indices into ``prompts``, by default the
+        training prompts), dealt to the generators in equal chunks."""
         cfg = self.cfg
+        prompts = self.inputs.prompts if prompts is None else prompts
+        samples = cfg.rollout.samples_per_prompt if tag == "rollout" else 1
+        # Evaluation uses the same seeds every time, so evaluations differ by the policy only.
+        step = self.step_idx if tag == "rollout" else 0
         refs = []
         for g, (gen, part) in enumerate(
             zip(self.generators.actors, _chunks(len(prompt_ids), len(self.generators)))
         ):
             ids = [prompt_ids[i] for i in part]
-            seed = derive_seed(cfg.run.seed, self.step_idx, g)
-            refs.append(
-                gen.generate.remote(
-                    [self.inputs.prompts[i] for i in ids], ids, cfg.rollout.samples_per_prompt, seed
-                )
-            )
+            seed = derive_seed(cfg.run.seed, tag, step, g)
+            refs.append(gen.generate.remote([prompts[i] for i in ids], ids, samples, seed))
         batches = ray.get(refs)
         batch = RolloutBatch.concat(batches, self.inputs.pad_token_id)
         batch.extra["compute_s"] = max(b.extra["compute_s"] for b in batches)
         batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in batches)
         return batch
 
-    def score(self, batch: RolloutBatch) -> float:
-        """Reward and reference scores, computed concurrently; returns the slowest compute."""
-        reward_refs = [
+    def _rewards(self, batch: RolloutBatch) -> list[ray.ObjectRef]:
+        return [
             a.score.remote(batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop])
             for a, p in zip(self.rewards.actors, _chunks(len(batch), len(self.rewards)))
         ]
+
+    def evaluate(self) -> dict:
+        """Gold score (mean and standard error) of the current policy on held-out prompts,
+        beside the proxy reward of the same samples. The gold scorer never trains anything."""
+        prompts = self.inputs.eval_prompts
+        batch = self.generate(list(range(len(prompts))), prompts, tag="eval")
+        gold = torch.tensor(self.gold(batch.prompts, batch.responses), dtype=torch.float64)
+        proxy = torch.cat([r["scores"] for r in ray.get(self._rewards(batch))])
+        n = len(gold)
+        return {
+            "eval/gold_score": gold.mean().item(),
+            "eval/gold_score_stderr": (gold.std().item() / n**0.5) if n > 1 else 0.0,
+            "eval/proxy_reward": proxy.mean().item(),
+            "eval/response_length_mean": batch.response_mask.sum(-1).float().mean().item(),
+            "eval/num_prompts": n,
+        }
+
+    def score(self, batch: RolloutBatch) -> float:
+        """Reward and reference scores, computed concurrently; returns the slowest compute."""
+        reward_refs = self._rewards(batch)
         ref_refs = [
             a.ref_logprobs.remote(batch.select(list(p)))
             for a, p in zip(self.references.actors, _chunks(len(batch), len(self.references)))
@@ -289,6 +299,7 @@ class Orchestrator:
         lengths = batch.response_mask.sum(-1)
         tokens = batch.extra["num_tokens"]
         metrics = {
+            "stage": "ppo",
             "step": self.step_idx,
             "rollout/reward_mean": batch.scores.mean().item(),
             "rollout/score_std": batch.scores.std().item() if len(batch) > 1 else 0.0,
@@ -305,19 +316,36 @@ class Orchestrator:
             "pool/num_generators": len(self.generators),
             "data/epoch": self.cursor.epoch,
         }
+        if self.gold and (
+            self.step_idx % self.cfg.eval.every == 0 or self.step_idx == self.cfg.run.steps
+        ):
+            with timed("eval"):
+                metrics.update(self.evaluate())
+            metrics["time/eval"] = times["eval"]
         self.metrics.write(metrics)
         return metrics
 
     def run(self, log=print) -> list[dict]:
         history = []
+        if self.gold and self.step_idx == 0:
+            before = {"stage": "ppo", "step": 0, **self.evaluate()}
+            self.metrics.write(before)
+            history.append(before)
+            log(
+                f"step 0  gold {before['eval/gold_score']:.3f} +- "
+                f"{before['eval/gold_score_stderr']:.3f}  proxy {before['eval/proxy_reward']:.3f}"
+            )
         for _ in range(self.step_idx, self.cfg.run.steps):
             m = self.step()
             history.append(m)
-            log(
+            line = (
                 f"step {m['step']}/{self.cfg.run.steps}  reward {m['rollout/reward_mean']:.3f}  "
                 f"kl {m['train/kl']:.4f}  tok/s {m['perf/tokens_per_s']:.0f}  "
                 f"step {m['time/step']:.2f}s"
             )
+            if "eval/gold_score" in m:
+                line += f"  gold {m['eval/gold_score']:.3f} +- {m['eval/gold_score_stderr']:.3f}"
+            log(line)
         return history
 
     def shutdown(self) -> None:

@@ -37,11 +37,13 @@ def total_cpus(cfg: Config) -> float:
     return sum(n * c for n, c, _ in pool_requests(cfg).values())
 
 
-def check_cluster_resources(cfg: Config) -> None:
+def check_cluster_resources(cfg: Config, only: tuple[str, ...] | None = None) -> None:
     """Refuse a job whose pools cannot fit the cluster, naming the first pool that does not."""
     have = ray.cluster_resources()
     used = {"CPU": 0.0, "GPU": 0.0}
     for name, (n, cpus, gpus) in pool_requests(cfg).items():
+        if only is not None and name not in only:
+            continue
         for res, per in (("CPU", cpus), ("GPU", gpus)):
             used[res] += n * per
             if used[res] > have.get(res, 0.0) + 1e-9:

@@ -1,31 +1,62 @@
 """Checks that run in the driver before any actor starts, so bad input fails fast and clearly.
 
-Resolves ``builtin:*`` sources (building the tiny assets locally), checks that every model
-path loads its config, imports the reward function, loads the prompts and checks their
-lengths against ``rollout.max_prompt_tokens`` and the policy's context window.
+Sources in the config are resolved here:
+- ``builtin:tiny`` / ``builtin:describe``: a built-in task's files, built locally on first use
+  into ``model.assets_dir``;
+- ``run:sft`` / ``run:rm``: the model an earlier stage exported into the run directory;
+- anything else: a path or hub id, used as given.
+Then every model path must load its config, the reward function must import, data files must
+parse (errors name file and line), and prompts must fit ``rollout.max_prompt_tokens`` and the
+policy's context window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_dist.config import Config, ConfigError
-from rlhf_dist.data import DataError, load_prompts
+from rlhf_dist.data import DataError, load_demonstrations, load_preference_pairs, load_prompts
 
-BUILTIN = "builtin:tiny"
-
-
-@dataclass
-class Inputs:
-    policy: str
-    tokenizer: str
-    critic: str
-    prompts: list[str]
-    pad_token_id: int
+STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
+STAGE_ORDER = ["sft", "rm", "ppo"]
 
 
-def _check_model(key: str, path: str) -> None:
+def stages_of(cfg: Config) -> list[str]:
+    return STAGE_ORDER if cfg.run.stage == "all" else [cfg.run.stage]
+
+
+def stage_output(run_dir: Path, value: str) -> Path:
+    stage, name = STAGE_OUTPUTS[value]
+    return run_dir / stage / name
+
+
+def resolve(cfg: Config, run_dir: Path, key: str, value: str, kind: str) -> str:
+    """The path a config value names. ``kind``: model, prompts, eval_prompts, demonstrations
+    or pairs (which file of a built-in task)."""
+    if value == "builtin:tiny":
+        from rlhf_dist.tasks import tiny
+
+        files = {"model": "policy", "prompts": "prompts.jsonl", "eval_prompts": "prompts.jsonl"}
+        if kind not in files:
+            raise ConfigError(f"{key}: builtin:tiny has no {kind}; try builtin:describe")
+        return str(tiny.build_assets(Path(cfg.model.assets_dir) / "tiny") / files[kind])
+    if value == "builtin:describe":
+        from rlhf_dist.tasks import describe
+
+        return str(
+            describe.build_assets(Path(cfg.model.assets_dir) / "describe") / describe.FILES[kind]
+        )
+    if value.startswith("builtin:"):
+        raise ConfigError(f"{key}: unknown built-in {value!r} (builtin:tiny, builtin:describe)")
+    if value in STAGE_OUTPUTS:
+        return str(stage_output(run_dir, value))
+    if value.startswith("run:"):
+        raise ConfigError(f"{key}: unknown stage output {value!r} (run:sft, run:rm)")
+    return value
+
+
+def check_model(key: str, path: str) -> None:
     from transformers import AutoConfig
 
     # A hub id is "name" or "org/name"; anything else that is not on disk is a missing path.
@@ -36,6 +67,21 @@ def _check_model(key: str, path: str) -> None:
         AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/HF hub errors
         raise ConfigError(f"{key}: cannot load a model config from {path!r}: {e}") from None
+
+
+def _model(cfg: Config, run_dir: Path, key: str, value: str, pending: set[str]) -> str:
+    """Resolve and check a model source; an output a stage of this same run will produce
+    (``pending``) is checked when that stage has run."""
+    path = resolve(cfg, run_dir, key, value, "model")
+    if value in STAGE_OUTPUTS and value not in pending and not Path(path).exists():
+        stage = STAGE_OUTPUTS[value][0]
+        raise ConfigError(
+            f"{key}: {value} means the {stage} stage's output in the run directory, but "
+            f"{path} does not exist: run run.stage={stage} (or all) with run.dir={run_dir} first"
+        )
+    if value not in pending:
+        check_model(key, path)
+    return path
 
 
 def context_length(path: str) -> int | None:
@@ -49,51 +95,147 @@ def context_length(path: str) -> int | None:
     return None
 
 
-def resolve_inputs(cfg: Config) -> Inputs:
+def _tokenizer(key: str, path: str):
     from rlhf_dist.models import load_tokenizer
-    from rlhf_dist.roles.scorers import import_reward_function
-    from rlhf_dist.tasks import tiny
 
-    assets = None
-    if BUILTIN in (cfg.model.policy, cfg.data.prompts):
-        assets = tiny.build_assets(cfg.model.assets_dir)
-    policy = str(assets / "policy") if cfg.model.policy == BUILTIN else cfg.model.policy
-    tokenizer_path = cfg.model.tokenizer or policy
-    critic = cfg.model.critic or policy
-    _check_model("model.policy", policy)
-    if cfg.model.critic:
-        _check_model("model.critic", critic)
-    if cfg.reward.model:
-        _check_model("reward.model", cfg.reward.model)
-    else:
-        try:
-            import_reward_function(cfg.reward.function)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     try:
-        tokenizer = load_tokenizer(tokenizer_path)
+        return load_tokenizer(path)
     except Exception as e:
-        raise ConfigError(
-            f"model.tokenizer: cannot load a tokenizer from {tokenizer_path!r}: {e}"
-        ) from None
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {e}") from None
 
-    prompt_file = str(assets / "prompts.jsonl") if cfg.data.prompts == BUILTIN else cfg.data.prompts
+
+def _import_function(key: str, spec: str) -> None:
+    from rlhf_dist.roles.scorers import import_reward_function
+
     try:
-        prompts, lines = load_prompts(prompt_file, cfg.data.prompt_key)
+        import_reward_function(spec)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("reward.function", key, 1)) from None
+
+
+# ----------------------------------------------------------------------------- per stage
+
+
+@dataclass
+class SupervisedInputs:
+    init: str
+    tokenizer: str
+    records: list[dict]
+    skipped: int
+
+
+def supervised_inputs(
+    cfg: Config, run_dir: Path, stage: str, pending: set[str] = frozenset()
+) -> SupervisedInputs:
+    """SFT (demonstrations) or reward-model (comparisons) inputs."""
+    sec = getattr(cfg, stage)
+    init = _model(cfg, run_dir, f"{stage}.init", sec.init, pending)
+    if sec.init in pending:
+        # the model a pending stage will export carries the tokenizer it started from
+        tokenizer = resolve(cfg, run_dir, "sft.init", cfg.sft.init, "model")
+    else:
+        tokenizer = init
+    _tokenizer(f"{stage}.init", cfg.model.tokenizer or tokenizer)
+    kind = "demonstrations" if stage == "sft" else "pairs"
+    path = resolve(cfg, run_dir, f"{stage}.data", sec.data, kind)
+    loader = load_demonstrations if stage == "sft" else load_preference_pairs
+    try:
+        records, skipped = loader(path, sec.skip_bad_lines)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    if len(records) * (1 - sec.eval_frac) < sec.batch_size:
+        raise ConfigError(
+            f"{stage}.data: {len(records)} usable records in {path}, fewer than one "
+            f"{stage}.batch_size={sec.batch_size} after holding out {stage}.eval_frac"
+        )
+    return SupervisedInputs(init, cfg.model.tokenizer or tokenizer, records, skipped)
+
+
+@dataclass
+class Inputs:
+    """Resolved PPO inputs."""
+
+    policy: str
+    tokenizer: str
+    critic: str
+    prompts: list[str]
+    pad_token_id: int
+    reward_model: str = ""
+    eval_prompts: list[str] = field(default_factory=list)
+
+
+def _prompts(cfg: Config, key: str, path: str, tokenizer, limit: int) -> list[str]:
+    try:
+        prompts, lines = load_prompts(path, cfg.data.prompt_key)
+    except DataError as e:
+        raise ConfigError(str(e).replace("data.prompts", key, 1)) from None
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    for n, line in zip(lengths, lines):
+        if n > limit:
+            raise ConfigError(
+                f"{path}:{line}: prompt is {n} tokens, longer than "
+                f"rollout.max_prompt_tokens={limit}"
+            )
+    return prompts
+
+
+def resolve_inputs(
+    cfg: Config, run_dir: str | Path | None = None, pending: set[str] = frozenset()
+) -> Inputs:
+    """PPO inputs. ``pending``: stage outputs (``run:sft``...) this run produces before PPO."""
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.dir or ".")
+    policy = _model(cfg, run_dir, "model.policy", cfg.model.policy, pending)
+    critic = policy
+    if cfg.model.critic:
+        critic = _model(cfg, run_dir, "model.critic", cfg.model.critic, pending)
+    reward_model = ""
+    if cfg.reward.model:
+        reward_model = _model(cfg, run_dir, "reward.model", cfg.reward.model, pending)
+    else:
+        _import_function("reward.function", cfg.reward.function)
+    if cfg.eval.gold:
+        _import_function("eval.gold", cfg.eval.gold)
+
+    # A pending policy is the SFT export: same tokenizer and architecture as sft.init.
+    known = (
+        resolve(cfg, run_dir, "sft.init", cfg.sft.init, "model")
+        if cfg.model.policy in pending
+        else policy
+    )
+    tokenizer_path = cfg.model.tokenizer or policy
+    tokenizer = _tokenizer("model.tokenizer", cfg.model.tokenizer or known)
     limit = cfg.rollout.max_prompt_tokens
-    ctx = context_length(policy)
+    ctx = context_length(known)
     if ctx is not None and limit + cfg.rollout.max_new_tokens > ctx:
         raise ConfigError(
             f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
             f"{limit + cfg.rollout.max_new_tokens} exceeds the policy's context of {ctx} tokens"
         )
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    for n, line in zip(lengths, lines):
-        if n > limit:
-            raise ConfigError(
-                f"{prompt_file}:{line}: prompt is {n} tokens, longer than "
-                f"rollout.max_prompt_tokens={limit}"
+    prompt_file = resolve(cfg, run_dir, "data.prompts", cfg.data.prompts, "prompts")
+    prompts = _prompts(cfg, "data.prompts", prompt_file, tokenizer, limit)
+    eval_prompts: list[str] = []
+    if cfg.eval.gold:
+        source, key = (
+            (cfg.eval.prompts, "eval.prompts")
+            if cfg.eval.prompts
+            else (
+                cfg.data.prompts,
+                "data.prompts",
             )
-    return Inputs(policy, tokenizer_path, critic, prompts, tokenizer.pad_token_id)
+        )
+        eval_file = resolve(cfg, run_dir, key, source, "eval_prompts")
+        eval_prompts = _prompts(cfg, key, eval_file, tokenizer, limit)[: cfg.eval.num_prompts]
+    return Inputs(
+        policy, tokenizer_path, critic, prompts, tokenizer.pad_token_id, reward_model, eval_prompts
+    )
+
+
+def check_all(cfg: Config, run_dir: Path) -> None:
+    """Every check of every stage this run will go through, before anything starts."""
+    pending: set[str] = set()
+    for stage in stages_of(cfg):
+        if stage == "ppo":
+            resolve_inputs(cfg, run_dir, pending)
+        else:
+            supervised_inputs(cfg, run_dir, stage, pending)
+            pending.add(f"run:{stage}")

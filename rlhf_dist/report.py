@@ -61,7 +61,7 @@ TIME_ORDER = ("time/generate", "time/score", "time/train", "time/weight_sync")
 TOKENS_PER_S = "perf/tokens_per_s"
 
 # File names of every figure this module can write, in the order they are written.
-FIGURES = ("reward.png", "kl.png", "losses.png", "time.png")
+FIGURES = ("rlhf.png", "reward.png", "kl.png", "losses.png", "time.png")
 
 
 class ReportError(ValueError):
@@ -414,7 +414,41 @@ def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
     return True
 
 
+def _plot_rlhf(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    """The picture of an RLHF run: proxy reward, gold score and KL on one shared step axis
+    (over-optimisation shows as proxy rising while gold stalls or falls as KL grows)."""
+    if not _has(steps, GOLD):
+        return False
+    fig = _new_figure(figsize=(8, 8))
+    axes = fig.subplots(3, 1, sharex=True)
+    axes[0].plot(*_series(steps, REWARD), marker=".", color="C0")
+    axes[0].set_ylabel("proxy reward")
+    axes[0].set_title("Proxy reward, gold score and KL")
+    gold = [
+        (s, g, _num(r.get(GOLD_STDERR)) or 0.0)
+        for s, r in steps
+        if (g := _num(r.get(GOLD))) is not None
+    ]
+    axes[1].errorbar(
+        [g[0] for g in gold],
+        [g[1] for g in gold],
+        yerr=[g[2] for g in gold],
+        marker="o",
+        capsize=3,
+        color="C2",
+    )
+    axes[1].set_ylabel("gold score (+/- stderr)")
+    axes[2].plot(*_series(steps, KL), marker=".", color="C3")
+    axes[2].set_ylabel("KL to reference")
+    axes[2].set_xlabel("PPO step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 _PLOTTERS = {
+    "rlhf.png": _plot_rlhf,
     "reward.png": _plot_reward,
     "kl.png": _plot_kl,
     "losses.png": _plot_losses,

@@ -12,7 +12,7 @@ def tiny_assets(tmp_path_factory):
     """The built-in tiny policy (GPT-2, tied embeddings) + tokenizer + prompts, built once."""
     from rlhf_dist.tasks.tiny import build_assets
 
-    return build_assets(tmp_path_factory.mktemp("assets"))
+    return build_assets(tmp_path_factory.mktemp("assets") / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def assets_dir(tmp_path_factory):
     from rlhf_dist.tasks.tiny import build_assets
 
     out = tmp_path_factory.mktemp("preflight_assets")
-    build_assets(out)
+    build_assets(out / "tiny")  # where builtin:tiny lives under model.assets_dir
     return out
 
 
@@ -37,7 +37,7 @@ def _jsonl(path, prompts):
 def test_defaults_resolve_to_built_assets(make_cfg, assets_dir):
     inputs = resolve_inputs(make_cfg())
     policy = Path(inputs.policy)
-    assert policy == assets_dir / "policy"
+    assert policy == assets_dir / "tiny" / "policy"
     assert (policy / "config.json").is_file()
     assert Path(inputs.tokenizer).is_dir()
     assert inputs.tokenizer == inputs.policy  # empty model.tokenizer means the policy's
@@ -49,7 +49,7 @@ def test_defaults_resolve_to_built_assets(make_cfg, assets_dir):
 
 
 def test_explicit_paths_are_used(make_cfg, assets_dir, tmp_path):
-    policy = str(assets_dir / "policy")
+    policy = str(assets_dir / "tiny" / "policy")
     prompts = _jsonl(tmp_path / "mine.jsonl", ["red cat", "blue dog sees"])
     inputs = resolve_inputs(
         make_cfg(

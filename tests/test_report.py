@@ -193,7 +193,8 @@ def test_other_stages_are_summarised_not_plotted(tmp_path):
     _write(run, rows)
     result = write_report(run)
     text = result["summary"]
-    assert _pngs(run / "report") == {"reward.png"}
+    # gold score present: the combined proxy/gold/KL picture is drawn too
+    assert _pngs(run / "report") == {"reward.png", "rlhf.png"}
     assert "steps: 2" in text
     assert "first 0.2 (step 1) -> last 0.3 (step 2)" in text
     assert "stage sft: 2 rows; last sft/loss=1.5" in text

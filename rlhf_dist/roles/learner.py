@@ -12,81 +12,38 @@ Losses are token means per micro-batch; DeepSpeed averages them over accumulatio
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import nullcontext
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from rlhf_dist import algo, weight_sync
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes
 from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
-from rlhf_dist.roles.common import WeightSyncMember, pick_device
+from rlhf_dist.roles.common import WeightSyncMember
+from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
 
 
-def deepspeed_config(cfg: Config, lr: float) -> dict:
-    sizes = compute_sizes(cfg)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.ppo.micro_batch_size,
-        "gradient_accumulation_steps": sizes.grad_accum_steps,
-        "train_batch_size": cfg.ppo.minibatch_size,
-        "gradient_clipping": cfg.learner.max_grad_norm,
-        "zero_optimization": {"stage": cfg.learner.zero_stage},
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile C++ on first use.
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": lr, "weight_decay": cfg.learner.weight_decay, "torch_adam": True},
-        },
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-class Learner(WeightSyncMember):
+class Learner(DeepSpeedRank, WeightSyncMember):
     def __init__(self, cfg: Config, rank: int, world_size: int):
-        self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
+        super().__init__(cfg, rank, world_size)
         self.sizes = compute_sizes(cfg)
-        self.device = pick_device(cfg.learner.num_gpus)
         self.policy = self.critic = None
         self.version = 0
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
         """Join the learner group and build both engines (collective: call on every rank)."""
-        import deepspeed
-
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",
+        self.init_distributed(master_addr, master_port)
+        dtype, micro, accum = (
+            self.cfg.model.dtype,
+            self.cfg.ppo.micro_batch_size,
+            self.sizes.grad_accum_steps,
         )
-        if self.device.type == "cpu":
-            # Skips compiling DeepSpeed's shared-memory allreduce (about 30 s); gloo is used.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-            auto_mpi_discovery=False,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=timedelta(seconds=self.cfg.sync.timeout_s),
-            verbose=False,
+        self.policy = self.make_engine(
+            load_policy(policy_path, dtype), self.cfg.learner.lr, micro, accum
         )
-        torch.manual_seed(self.cfg.run.seed)  # same fresh critic head on every rank
-        dtype = self.cfg.model.dtype
-        policy = load_policy(policy_path, dtype)
-        critic = load_critic(critic_path, dtype)
-        self.policy, *_ = deepspeed.initialize(
-            model=policy, config=deepspeed_config(self.cfg, self.cfg.learner.lr)
-        )
-        self.critic, *_ = deepspeed.initialize(
-            model=critic, config=deepspeed_config(self.cfg, self.cfg.learner.critic_lr)
+        self.critic = self.make_engine(
+            load_critic(critic_path, dtype), self.cfg.learner.critic_lr, micro, accum
         )
         # Dropout off: the PPO ratio must compare the same function before and after.
         self.policy.eval()
@@ -98,12 +55,6 @@ class Learner(WeightSyncMember):
         return {"policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
     # ----------------------------------------------------------------- PPO
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            t = t.to(self.device)
-            dist.all_reduce(t)
-        return t.cpu()
 
     @torch.no_grad()
     def _old_logprobs_and_values(self, seq, am, P):
@@ -118,7 +69,7 @@ class Learner(WeightSyncMember):
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         stats = torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double()
-        s, s2, n = self._all_reduce(stats.cpu()).tolist()
+        s, s2, n = self.all_reduce_sum(stats.cpu()).tolist()
         if n < 2:
             return adv * mask
         mean = s / n
@@ -200,7 +151,7 @@ class Learner(WeightSyncMember):
         add("ev_res_sq", (((returns - old_values) * mask) ** 2).sum())
         add("ret_sq", ((returns * mask) ** 2).sum())
         keys = sorted(sums)
-        total = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        total = self.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         t = dict(zip(keys, total.tolist()))
 
         micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
@@ -240,23 +191,17 @@ class Learner(WeightSyncMember):
 
     # ----------------------------------------------------------------- weight sync
 
-    def _zero3(self) -> bool:
-        return self.cfg.learner.zero_stage == 3
-
     def sync_manifest(self) -> list[weight_sync.ParamSpec]:
         return weight_sync.manifest_of(self.policy.module)
 
     def _flat_buckets(self, bucket_bytes: int):
         """Yield each bucket's bytes on rank 0 (None elsewhere). Under ZeRO-3 every rank takes
         part in gathering each bucket's shards, so every rank must iterate this."""
-        import deepspeed
-
         manifest = self.sync_manifest()
         params = [p for _, p in self.policy.module.named_parameters()]
         for idx in weight_sync.plan_buckets(manifest, bucket_bytes):
             ps = [params[i] for i in idx]
-            ctx = deepspeed.zero.GatheredParameters(ps) if self._zero3() else nullcontext()
-            with ctx:
+            with self.gathered(ps):
                 flat = weight_sync.flat_bucket(ps) if self.rank == 0 else None
             yield flat
 
@@ -299,12 +244,7 @@ class Learner(WeightSyncMember):
 
     def policy_state(self) -> dict | None:
         """The full policy weights on rank 0 as CPU tensors (tests, export)."""
-        import deepspeed
+        return self.full_state(self.policy.module)
 
-        out = {}
-        for name, p in self.policy.module.named_parameters():
-            ctx = deepspeed.zero.GatheredParameters([p]) if self._zero3() else nullcontext()
-            with ctx:
-                if self.rank == 0:
-                    out[name] = p.detach().cpu().clone()
-        return out if self.rank == 0 else None
+    def export_policy(self, out_dir: str, tokenizer_path: str) -> str | None:
+        return self.export(self.policy.module, out_dir, tokenizer_path)

@@ -10,7 +10,13 @@ from collections.abc import Callable
 import torch
 
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.models import load_policy, load_reward_model, load_tokenizer, response_logprobs
+from rlhf_dist.models import (
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+    response_logprobs,
+    reward_text,
+)
 from rlhf_dist.roles.common import pick_device
 
 
@@ -78,7 +84,7 @@ class RewardScorer:
         return torch.tensor(out, dtype=torch.float32)
 
     def _score_model(self, prompts, responses) -> torch.Tensor:
-        texts = [p + " " + r for p, r in zip(prompts, responses)]
+        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(

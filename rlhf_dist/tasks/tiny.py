@@ -40,15 +40,17 @@ def reward(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
-def build_tokenizer(out_dir: str | Path):
-    """Train a word-level tokenizer with ``tokenizers`` and save it as an HF tokenizer."""
+def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None):
+    """Train a word-level tokenizer with ``tokenizers`` on ``corpus`` (default: this task's
+    text) and save it as a Hugging Face tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL)
-    corpus = make_prompts(2000, seed=1) + [" ".join(WORDS)]
+    if corpus is None:
+        corpus = make_prompts(2000, seed=1) + [" ".join(WORDS)]
     tok.train_from_iterator(corpus, trainer=trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -23,7 +23,7 @@ def test_smoke_config_runs_end_to_end(tiny_assets, tmp_path):
     p = _launch(
         "--config",
         "configs/smoke.yaml",
-        f"model.assets_dir={tiny_assets}",
+        f"model.assets_dir={tiny_assets.parent}",
         f"run.dir={run_dir}",
         "run.steps=2",
     )
@@ -48,7 +48,7 @@ def test_bad_input_fails_before_any_actor_with_the_key_named(tiny_assets, tmp_pa
         p = _launch(
             "--config",
             "configs/smoke.yaml",
-            f"model.assets_dir={tiny_assets}",
+            f"model.assets_dir={tiny_assets.parent}",
             override,
             f"run.dir={tmp_path}/r",
             timeout=120,

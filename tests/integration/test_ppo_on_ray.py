@@ -35,7 +35,7 @@ def test_two_ppo_steps_zero2_world_size_2(ray_cluster, tiny_assets, tmp_path):
     cfg = load_config(
         None,
         [
-            f"model.assets_dir={tiny_assets}",
+            f"model.assets_dir={tiny_assets.parent}",
             "run.steps=2",
             "rollout.num_workers=2",
             "rollout.prompts_per_step=8",
@@ -79,7 +79,7 @@ def test_two_ppo_steps_zero2_world_size_2(ray_cluster, tiny_assets, tmp_path):
 def test_pool_that_cannot_fit_is_refused_naming_it(ray_cluster, tiny_assets, tmp_path):
     cfg = load_config(
         None,
-        [f"model.assets_dir={tiny_assets}", "rollout.num_workers=2", "rollout.num_gpus=1"],
+        [f"model.assets_dir={tiny_assets.parent}", "rollout.num_workers=2", "rollout.num_gpus=1"],
     )
     from rlhf_dist.pools import PoolError
 

@@ -1,0 +1,358 @@
+"""Weight sync, learner rank 0 -> G generators: time per sync for each transport.
+
+    python benchmarks/weight_sync.py --sizes 1m,10m,50m,100m,small-tensors --generators 1,2,3
+
+Starts a local Ray cluster with one sender actor (standing in for learner rank 0, without ZeRO
+gathering) and G receiver actors (standing in for generators), each holding the same GPT-2
+(built with ``rlhf_dist.tasks.tiny.build_policy``, loaded fp32 with the roles' own
+``load_policy``). One sync group of G+1 members over gloo (``rlhf_dist.weight_sync.SyncGroup``)
+is formed per generator count. Transports, each timed end to end from the driver (every
+member's call submitted, then wait for all):
+
+- ``limit``: one broadcast of a single preallocated flat uint8 buffer of the model's byte size
+  over the same group (no packing, no unpacking): what this backend can do at best.
+- ``buckets``: ``weight_sync.send`` / ``weight_sync.receive`` with ``--bucket-mb`` buckets,
+  verify off; ``+verify`` is the extra time when verify is on (the sender hashes what it sends,
+  each receiver hashes its model afterwards), as the roles do with ``sync.verify``.
+- ``per-tensor``: one broadcast per parameter over the same group, the receiver allocating
+  each tensor and copying it into its parameter (OpenRLHF's transport).
+- ``object store``: the sender packs the buckets and returns them (into Ray's object store);
+  each receiver gets that ObjectRef as an argument and ``weight_sync.load_buckets`` them.
+
+Each transport is first run once with freshly perturbed sender weights and checked (every
+receiver's model checksum equals the sender's; for ``limit``, the received buffer's), then
+the transports take turns for ``--repeats`` timed rounds and the median is reported. MB/s is
+the model's bytes per second of sync (each generator receives all of them).
+
+Targets: buckets >= 70% of the limit's throughput from 10M parameters up, and >= 5x the
+per-tensor transport on the ``small-tensors`` preset (about 1M parameters in ~960 tensors).
+With the defaults (5 repeats for every size) the whole run takes about 8 minutes on a 2-core,
+24 GiB machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import ray  # noqa: E402
+
+# name -> (n_layer, n_embd, n_head) of a GPT-2 on the tiny task's vocabulary (52 words)
+SIZES = {
+    "1m": (5, 128, 4),  # 1.0M params, 64 tensors
+    "10m": (6, 384, 6),  # 10.7M, 76 tensors
+    "50m": (12, 592, 8),  # 50.7M, 148 tensors
+    "100m": (12, 832, 8),  # 100.0M, 148 tensors
+    "small-tensors": (80, 32, 2),  # 1.0M params in 964 tensors
+}
+LIMIT_TARGET, LIMIT_FROM_PARAMS = 0.70, 9_000_000  # buckets/limit target, from "10m" up
+PER_TENSOR_TARGET, PER_TENSOR_SIZES = 5.0, ("small-tensors",)
+TRANSPORTS = ["limit", "buckets", "buckets+verify", "per-tensor", "object store"]
+HOST = "127.0.0.1"
+TIMEOUT_S = 600.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@ray.remote(num_cpus=1)
+class Member:
+    """One member of the sync group; rank 0 sends, the others receive."""
+
+    def __init__(self, path: str):
+        import torch
+
+        from rlhf_dist import weight_sync
+        from rlhf_dist.models import load_policy
+
+        torch.set_num_threads(1)
+        self.ws = weight_sync
+        self.model = load_policy(path, "float32").eval()
+        self.manifest = weight_sync.manifest_of(self.model)
+        self.group = None
+        self.limit_buf = None
+
+    def info(self) -> dict:
+        return {
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "tensors": len(self.manifest),
+            "bytes": sum(s.nbytes for s in self.manifest),
+        }
+
+    def free_port(self) -> int:
+        from rlhf_dist.roles.common import free_port
+
+        return free_port()
+
+    def join(self, port: int, rank: int, world_size: int, prefix: str) -> None:
+        self.group = self.ws.SyncGroup(HOST, port, rank, world_size, prefix, "gloo", TIMEOUT_S)
+
+    def leave(self) -> None:
+        self.group = None
+
+    def perturb(self, delta: float) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(delta)
+
+    def checksum(self) -> str:
+        return self.ws.model_checksum(self.model)
+
+    def _params(self) -> list:
+        return [p for _, p in self.model.named_parameters()]
+
+    # ------------------------------------------------------------- limit
+    def prepare_limit(self, fill: bool) -> None:
+        """The sender's buffer holds its model's bytes; a receiver's is allocated once."""
+        import torch
+
+        if fill:
+            self.limit_buf = self.ws.flat_bucket(self._params())
+        elif self.limit_buf is None:
+            n = sum(s.nbytes for s in self.manifest)
+            self.limit_buf = torch.empty(n, dtype=torch.uint8)
+
+    def limit(self) -> None:
+        self.group.broadcast(self.limit_buf)
+
+    def limit_checksum(self) -> str:
+        return self.ws.checksum([self.limit_buf])
+
+    # ------------------------------------------------------------- buckets (the roles' path)
+    def send_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
+        params = self._params()
+        flats = (
+            self.ws.flat_bucket([params[i] for i in idx])
+            for idx in self.ws.plan_buckets(self.manifest, bucket_bytes)
+        )
+        return self.ws.send(self.group, flats, verify)
+
+    def receive_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
+        self.ws.receive(self.group, self.model, self.manifest, bucket_bytes)
+        return self.ws.model_checksum(self.model) if verify else None
+
+    # ------------------------------------------------------------- one broadcast per tensor
+    def send_per_tensor(self) -> None:
+        for p in self._params():
+            self.group.broadcast(p.detach().contiguous())
+
+    def receive_per_tensor(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for spec, p in zip(self.manifest, self._params()):
+                t = torch.empty(spec.shape, dtype=p.dtype)
+                self.group.broadcast(t)
+                p.copy_(t)
+
+    # ------------------------------------------------------------- Ray's object store
+    def object_store_buckets(self, bucket_bytes: int) -> dict:
+        params = self._params()
+        plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
+        return {"buckets": [self.ws.flat_bucket([params[i] for i in idx]) for idx in plan]}
+
+    def load_object_store(self, bucket_bytes: int, sent: dict) -> None:
+        self.ws.load_buckets(self.model, self.manifest, bucket_bytes, sent["buckets"])
+
+
+def submit(transport: str, sender, receivers: list, bucket_bytes: int) -> tuple[list, list]:
+    """Start one sync; returns (refs to wait for, refs whose values to fetch)."""
+    if transport == "limit":
+        refs = [m.limit.remote() for m in (sender, *receivers)]
+        return refs, refs
+    if transport in ("buckets", "buckets+verify"):
+        verify = transport == "buckets+verify"
+        refs = [sender.send_buckets.remote(bucket_bytes, verify)]
+        refs += [r.receive_buckets.remote(bucket_bytes, verify) for r in receivers]
+        return refs, refs
+    if transport == "per-tensor":
+        refs = [sender.send_per_tensor.remote()]
+        refs += [r.receive_per_tensor.remote() for r in receivers]
+        return refs, refs
+    if transport == "object store":
+        sent = sender.object_store_buckets.remote(bucket_bytes)
+        loads = [r.load_object_store.remote(bucket_bytes, sent) for r in receivers]
+        # The buckets are not fetched into the driver: the receivers pull them.
+        return [sent, *loads], loads
+    raise ValueError(transport)
+
+
+def run_once(transport: str, sender, receivers: list, bucket_bytes: int) -> float:
+    t0 = time.perf_counter()
+    wait, fetch = submit(transport, sender, receivers, bucket_bytes)
+    ray.wait(wait, num_returns=len(wait), fetch_local=False)
+    out = ray.get(fetch)
+    dt = time.perf_counter() - t0
+    if transport == "buckets+verify" and len(set(out)) != 1:
+        raise RuntimeError(f"buckets+verify: sender and receivers disagree: {out}")
+    return dt
+
+
+def check(transport: str, sender, receivers: list) -> None:
+    """Every receiver holds the sender's weights (bit for bit)."""
+    want = ray.get(sender.checksum.remote())
+    if transport == "limit":  # the received buffer, not the model: nothing is unpacked
+        got = ray.get([r.limit_checksum.remote() for r in receivers])
+    else:
+        got = ray.get([r.checksum.remote() for r in receivers])
+    if any(g != want for g in got):
+        raise RuntimeError(f"{transport}: receivers hold {got}, sender holds {want}")
+
+
+def run_generators(
+    actors: list, g: int, repeats: int, bucket_bytes: int, delta: list[float]
+) -> dict[str, list[float]]:
+    sender, receivers = actors[0], actors[1 : g + 1]
+    port = ray.get(sender.free_port.remote())
+    prefix = f"bench-wsync-{time.time_ns()}"
+    ray.get(
+        [m.join.remote(port, rank, g + 1, prefix) for rank, m in enumerate([sender, *receivers])]
+    )
+    try:
+        for t in TRANSPORTS:
+            # Fresh weights on the sender, so a transport that moves nothing cannot pass.
+            delta[0] += 1.0 / 1024
+            ray.get(sender.perturb.remote(delta[0]))
+            if t == "limit":
+                ray.get([sender.prepare_limit.remote(True)])
+                ray.get([r.prepare_limit.remote(False) for r in receivers])
+            run_once(t, sender, receivers, bucket_bytes)  # warm-up
+            check(t, sender, receivers)
+            log(f"  g={g} {t}: warm-up done, checksums match")
+        times: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        for i in range(repeats):
+            for t in TRANSPORTS:  # taking turns, so load from elsewhere hits all alike
+                times[t].append(run_once(t, sender, receivers, bucket_bytes))
+            log(f"  g={g} round {i + 1}/{repeats}: " + fmt_round(times))
+    finally:
+        ray.get([m.leave.remote() for m in [sender, *receivers]])
+    return times
+
+
+def fmt_round(times: dict[str, list[float]]) -> str:
+    return ", ".join(f"{t} {v[-1]:.3f}s" for t, v in times.items())
+
+
+def run_size(
+    name: str, gens: list[int], repeats: int, bucket_bytes: int, workdir: Path
+) -> tuple[dict, dict[int, dict[str, list[float]]]]:
+    from rlhf_dist.tasks.tiny import build_policy, build_tokenizer
+
+    n_layer, n_embd, n_head = SIZES[name]
+    path = workdir / name
+    build_policy(path, build_tokenizer(path), n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    gc.collect()
+    actors = [Member.remote(str(path)) for _ in range(1 + max(gens))]
+    try:
+        info = ray.get(actors[0].info.remote())
+        ray.get([a.info.remote() for a in actors])
+        log(
+            f"{name}: {info['params'] / 1e6:.1f}M params, {info['tensors']} tensors, "
+            f"{info['bytes'] / 1e6:.1f} MB; actors ready"
+        )
+        delta = [0.0]
+        results = {g: run_generators(actors, g, repeats, bucket_bytes, delta) for g in gens}
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return info, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default="1m,10m,50m,100m,small-tensors", help=f"of {list(SIZES)}")
+    ap.add_argument("--generators", default="1,2,3", help="comma list of generator counts")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
+    ap.add_argument("--bucket-mb", type=float, default=64)
+    args = ap.parse_args()
+    sizes = args.sizes.split(",")
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r}: expected some of {list(SIZES)}")
+    gens = sorted({int(g) for g in args.generators.split(",")})
+    bucket_bytes = int(args.bucket_mb * (1 << 20))
+
+    from rlhf_dist.launch import WORKER_ENV
+
+    t_start = time.perf_counter()
+    ray.init(
+        num_cpus=2 + max(gens),
+        object_store_memory=3 << 30,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
+    )
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for name in sizes:
+                info, results = run_size(name, gens, args.repeats, bucket_bytes, Path(d))
+                for g, times in results.items():
+                    rows.append(
+                        (name, g, info, {t: statistics.median(v) for t, v in times.items()})
+                    )
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - t_start
+
+    print("`" + " ".join(["python benchmarks/weight_sync.py", *sys.argv[1:]]) + "`")
+    print(
+        f"\ngloo on CPU, bucket {args.bucket_mb:g} MB, median of {args.repeats} syncs after a "
+        f"warm-up; MB/s = model bytes / sync time; {os.cpu_count()} cores; "
+        f"whole run {wall / 60:.1f} min.\n"
+    )
+    head = ["size", "gens", "params", "tensors", "MB"]
+    for t in ("limit", "buckets"):
+        head += [f"{t} s", f"{t} MB/s"]
+    head += ["+verify s"]
+    for t in ("per-tensor", "object store"):
+        head += [f"{t} s", f"{t} MB/s"]
+    head += ["buckets/limit", "buckets/per-tensor", "targets"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    verdicts = []
+    for name, g, info, med in rows:
+        mb = info["bytes"] / 1e6
+        cells = [name, str(g), f"{info['params'] / 1e6:.1f}M", str(info["tensors"]), f"{mb:.1f}"]
+        for t in ("limit", "buckets"):
+            cells += [f"{med[t]:.3f}", f"{mb / med[t]:.0f}"]
+        cells += [f"{med['buckets+verify'] - med['buckets']:+.3f}"]
+        for t in ("per-tensor", "object store"):
+            cells += [f"{med[t]:.3f}", f"{mb / med[t]:.0f}"]
+        vs_limit = med["limit"] / med["buckets"]
+        vs_per_tensor = med["per-tensor"] / med["buckets"]
+        cells += [f"{100 * vs_limit:.0f}%", f"{vs_per_tensor:.1f}x"]
+        marks = []
+        if info["params"] >= LIMIT_FROM_PARAMS:
+            ok = vs_limit >= LIMIT_TARGET
+            marks.append(f"limit {'met' if ok else 'MISSED'}")
+            verdicts.append(ok)
+        if name in PER_TENSOR_SIZES:
+            ok = vs_per_tensor >= PER_TENSOR_TARGET
+            marks.append(f"per-tensor {'met' if ok else 'MISSED'}")
+            verdicts.append(ok)
+        cells.append(", ".join(marks) or "-")
+        print("| " + " | ".join(cells) + " |")
+    print(
+        f"\nTargets: buckets/limit >= {100 * LIMIT_TARGET:.0f}% from 10M parameters up; "
+        f"buckets/per-tensor >= {PER_TENSOR_TARGET:g}x on {', '.join(PER_TENSOR_SIZES)}. "
+        f"Met in {sum(verdicts)} of {len(verdicts)} checked rows."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""What every DeepSpeed learner rank shares (PPO, SFT and reward-model training alike):
+joining the learner's process group, building engines, reductions, gathering under ZeRO-3,
+and exporting a model with ``save_pretrained``."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlhf_dist.config import Config
+from rlhf_dist.roles.common import free_port, pick_device
+
+
+def deepspeed_config(
+    cfg: Config, lr: float, micro_batch_size: int, grad_accum_steps: int, world_size: int
+) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": cfg.learner.max_grad_norm,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile C++ on first use.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "weight_decay": cfg.learner.weight_decay, "torch_adam": True},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedRank:
+    """One data-parallel rank. ``init_distributed`` is collective: call it on every rank."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.device = pick_device(cfg.learner.num_gpus)
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def init_distributed(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
+        if self.device.type == "cpu":
+            # Skips compiling DeepSpeed's shared-memory allreduce (about 30 s); gloo is used.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.cfg.sync.timeout_s),
+            verbose=False,
+        )
+        # Same seed on every rank: fresh heads (critic, reward) start identical everywhere.
+        torch.manual_seed(self.cfg.run.seed)
+
+    def make_engine(self, model, lr: float, micro_batch_size: int, grad_accum_steps: int):
+        import deepspeed
+
+        config = deepspeed_config(self.cfg, lr, micro_batch_size, grad_accum_steps, self.world_size)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def zero3(self) -> bool:
+        return self.cfg.learner.zero_stage == 3
+
+    def gathered(self, params):
+        """Full parameters inside the context (collective under ZeRO-3, a no-op otherwise)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params) if self.zero3() else nullcontext()
+
+    def full_state(self, module) -> dict | None:
+        """The module's full weights on rank 0 as CPU tensors (collective under ZeRO-3)."""
+        out = {}
+        for name, p in module.named_parameters():
+            with self.gathered([p]):
+                if self.rank == 0:
+                    out[name] = p.detach().cpu().clone()
+        return out if self.rank == 0 else None
+
+    def export(self, module, out_dir: str, tokenizer_path: str) -> str | None:
+        """``save_pretrained`` (safetensors) plus the tokenizer, written by rank 0 into a
+        temporary directory then renamed, so a crash never leaves a half-written model."""
+        from rlhf_dist.models import load_tokenizer
+
+        state = self.full_state(module)
+        if self.rank != 0:
+            return None
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        load_tokenizer(tokenizer_path).save_pretrained(tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return str(out)
