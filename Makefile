@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
-export WANDB_MODE ?= offline
+
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test lint format install clean

@@ -237,6 +237,28 @@ class SyncConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = True
+    """Log to wandb too (``metrics.jsonl`` is always written). false never imports wandb."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when a wandb API key is configured, else offline (``wandb sync`` later)."""
+    project: str = "rlhf_dist"
+    """wandb project."""
+    entity: str = ""
+    """wandb entity (team or user); empty = your default."""
+    name: str = ""
+    """wandb run name; empty = the run directory's name."""
+    group: str = ""
+    """wandb run group."""
+    tags: str = ""
+    """Comma-separated wandb tags."""
+    table_every: int = 10
+    """Log a table of sample prompts, responses and rewards every this many PPO steps (0 = off)."""
+    table_rows: int = 8
+    """Rows in each samples table."""
+
+
+@dataclass
 class RayConfig:
     address: str = ""
     """Ray cluster to join (``auto`` or host:port); empty starts a local one."""
@@ -262,6 +284,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -475,6 +498,7 @@ def compute_sizes(cfg: Config) -> Sizes:
         "eval.every",
         "eval.num_prompts",
     )
+    _positive(cfg, "wandb.table_every", "wandb.table_rows", allow_zero=True)
     for section in ("sft", "rm"):
         if cfg.run.stage not in (section, "all"):
             continue  # sizes of a stage this run does not go through

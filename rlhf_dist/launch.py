@@ -54,10 +54,10 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
     import ray
 
     from rlhf_dist.config import dump_config
-    from rlhf_dist.metrics import MetricsWriter
     from rlhf_dist.orchestrator import Orchestrator
     from rlhf_dist.preflight import check_all, resolve_inputs, stages_of, supervised_inputs
     from rlhf_dist.stages import run_supervised_stage
+    from rlhf_dist.tracking import Tracker
 
     run_dir = run_dir_for(cfg)
     check_all(cfg, run_dir)  # bad input fails here, before any actor starts
@@ -65,23 +65,21 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
     dump_config(cfg, run_dir / "config.yaml")
     log(f"run directory: {run_dir}")
     started = init_ray(cfg, address or cfg.ray.address)
+    tracker = Tracker(cfg, run_dir)
     results: dict = {}
     try:
         for stage in stages_of(cfg):
             if stage == "ppo":
-                orch = Orchestrator(cfg, resolve_inputs(cfg, run_dir), run_dir)
+                orch = Orchestrator(cfg, resolve_inputs(cfg, run_dir), run_dir, tracker)
                 try:
                     results["ppo"] = orch.run(log=log)
                 finally:
                     orch.shutdown()
             else:
-                metrics = MetricsWriter(run_dir / "metrics.jsonl")
-                try:
-                    inputs = supervised_inputs(cfg, run_dir, stage)
-                    results[stage] = run_supervised_stage(cfg, stage, inputs, run_dir, metrics, log)
-                finally:
-                    metrics.close()
+                inputs = supervised_inputs(cfg, run_dir, stage)
+                results[stage] = run_supervised_stage(cfg, stage, inputs, run_dir, tracker, log)
     finally:
+        tracker.close()
         if started:
             ray.shutdown()
     for line in summarise(results):

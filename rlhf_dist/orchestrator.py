@@ -9,22 +9,24 @@ prompts ─▶ generators ─▶ rollouts ─┬▶ reward scorers ────�
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 import torch
+from tqdm import tqdm
 
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes, dump_config
 from rlhf_dist.data import PromptCursor
-from rlhf_dist.metrics import MetricsWriter
 from rlhf_dist.pools import Pool, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
 from rlhf_dist.roles.scorers import import_reward_function
+from rlhf_dist.tracking import Tracker
 
 
 class WeightSyncError(RuntimeError):
@@ -43,13 +45,16 @@ def _chunks(n: int, k: int) -> list[range]:
 
 
 class Orchestrator:
-    def __init__(self, cfg: Config, inputs: Inputs, run_dir: str | Path):
+    def __init__(
+        self, cfg: Config, inputs: Inputs, run_dir: str | Path, tracker: Tracker | None = None
+    ):
         self.cfg, self.inputs = cfg, inputs
         self.sizes = compute_sizes(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.own_tracker = tracker is None
+        self.metrics = tracker or Tracker(cfg, self.run_dir)
         self.cursor = PromptCursor(len(inputs.prompts), cfg.run.seed, cfg.data.shuffle)
         self.kl_ctl = (
             AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
@@ -316,20 +321,59 @@ class Orchestrator:
             "pool/num_generators": len(self.generators),
             "data/epoch": self.cursor.epoch,
         }
+        metrics.update(self.system_metrics())
+        every = self.cfg.wandb.table_every
+        if every and self.step_idx % every == 0:
+            n = self.cfg.wandb.table_rows
+            self.metrics.samples(
+                self.step_idx, batch.prompts[:n], batch.responses[:n], batch.scores[:n].tolist()
+            )
         if self.gold and (
             self.step_idx % self.cfg.eval.every == 0 or self.step_idx == self.cfg.run.steps
         ):
             with timed("eval"):
                 metrics.update(self.evaluate())
             metrics["time/eval"] = times["eval"]
-        self.metrics.write(metrics)
+        self.metrics.log(metrics)
         return metrics
+
+    def system_metrics(self) -> dict:
+        """Memory and CPU (and GPU) use of each pool's actors: the largest RSS, mean CPU."""
+        refs = {name: p.call("system_stats") for name, p in self._named_pools().items()}
+        out = {}
+        for name, stats in ((n, ray.get(r)) for n, r in refs.items()):
+            out[f"pool/{name}_rss_mb"] = max(s["rss_mb"] for s in stats)
+            out[f"pool/{name}_cpu_percent"] = sum(s["cpu_percent"] for s in stats) / len(stats)
+            if all("gpu_mem_mb" in s for s in stats):
+                out[f"pool/{name}_gpu_mem_mb"] = max(s["gpu_mem_mb"] for s in stats)
+                out[f"pool/{name}_gpu_util_percent"] = sum(
+                    s["gpu_util_percent"] for s in stats
+                ) / len(stats)
+        return out
+
+    def _named_pools(self) -> dict[str, Pool]:
+        return {
+            "learner": self.learners,
+            "rollout": self.generators,
+            "reward": self.rewards,
+            "reference": self.references,
+        }
 
     def run(self, log=print) -> list[dict]:
         history = []
+        bar = tqdm(
+            total=self.cfg.run.steps,
+            initial=self.step_idx,
+            desc="PPO",
+            unit="step",
+            disable=not sys.stderr.isatty(),  # a log file gets the plain lines only
+            dynamic_ncols=True,
+        )
+        if not bar.disable:
+            log = bar.write
         if self.gold and self.step_idx == 0:
             before = {"stage": "ppo", "step": 0, **self.evaluate()}
-            self.metrics.write(before)
+            self.metrics.log(before)
             history.append(before)
             log(
                 f"step 0  gold {before['eval/gold_score']:.3f} +- "
@@ -346,11 +390,14 @@ class Orchestrator:
             if "eval/gold_score" in m:
                 line += f"  gold {m['eval/gold_score']:.3f} +- {m['eval/gold_score_stderr']:.3f}"
             log(line)
+            bar.update(1)
+        bar.close()
         return history
 
     def shutdown(self) -> None:
-        if getattr(self, "metrics", None):
+        if getattr(self, "own_tracker", False):
             self.metrics.close()
+            self.own_tracker = False
         for pool in reversed(self.pools):
             try:
                 pool.shutdown()

@@ -13,10 +13,10 @@ from pathlib import Path
 import ray
 
 from rlhf_dist.config import Config
-from rlhf_dist.metrics import MetricsWriter
 from rlhf_dist.pools import Pool, check_cluster_resources
 from rlhf_dist.preflight import SupervisedInputs
 from rlhf_dist.roles.supervised import RewardLearner, SFTLearner
+from rlhf_dist.tracking import Tracker
 
 OUTPUT = {"sft": ("sft", "policy"), "rm": ("rm", "model")}
 
@@ -38,7 +38,7 @@ def _shards(records: list[dict], n: int) -> list[list[dict]]:
 
 
 def run_supervised_stage(
-    cfg: Config, stage: str, inputs: SupervisedInputs, run_dir: Path, metrics: MetricsWriter, log
+    cfg: Config, stage: str, inputs: SupervisedInputs, run_dir: Path, metrics: Tracker, log
 ) -> dict:
     """Train, evaluate on the held-out split, export; returns the final metrics."""
     sec = getattr(cfg, stage)
@@ -86,10 +86,10 @@ def run_supervised_stage(
                 step += 1
                 row = {"stage": stage, "step": step, f"{stage}/epoch": epoch}
                 row.update({f"{stage}/{k}": v for k, v in _summarise(stage, results[0]).items()})
-                row[f"time/{stage}_step"] = max(r["compute_s"] for r in results)
+                row[f"{stage}/step_time"] = max(r["compute_s"] for r in results)
                 if b == steps_per_epoch - 1:
                     row.update(evaluate(step))
-                metrics.write(row)
+                metrics.log(row)
                 final = row
             shown = ("loss", "accuracy", "eval_loss", "eval_accuracy")
             log(

@@ -23,7 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class WeightSyncMember:
+class SystemStats:
+    """Per-role resource use, gathered by the orchestrator for monitoring."""
+
+    def system_stats(self) -> dict:
+        import psutil
+
+        proc = psutil.Process()
+        out = {
+            "rss_mb": proc.memory_info().rss / 2**20,
+            "cpu_percent": proc.cpu_percent(interval=None),  # since the previous call
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["gpu_util_percent"] = float(torch.cuda.utilization())
+        return out
+
+
+class WeightSyncMember(SystemStats):
     """What every member of the weight-sync group shares: the group and its version."""
 
     sync_group = None

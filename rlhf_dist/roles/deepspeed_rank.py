@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_dist.config import Config
-from rlhf_dist.roles.common import free_port, pick_device
+from rlhf_dist.roles.common import SystemStats, free_port, pick_device
 
 
 def deepspeed_config(
@@ -36,7 +36,7 @@ def deepspeed_config(
     }
 
 
-class DeepSpeedRank:
+class DeepSpeedRank(SystemStats):
     """One data-parallel rank. ``init_distributed`` is collective: call it on every rank."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int):
@@ -84,6 +84,13 @@ class DeepSpeedRank:
             t = t.to(self.device)
             dist.all_reduce(t)
         return t.cpu()
+
+    def all_reduce_max(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def zero3(self) -> bool:
         return self.cfg.learner.zero_stage == 3

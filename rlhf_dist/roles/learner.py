@@ -104,6 +104,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         def add(key: str, value) -> None:
             sums[key] = sums.get(key, 0.0) + float(value)
 
+        ratio_max = 0.0
         gen = torch.Generator().manual_seed(seed)
         n, mb, micro = len(batch), self.sizes.minibatch_per_rank, cfg.micro_batch_size
         value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
@@ -133,6 +134,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                     add("clipfrac", st["clipfrac"])
                     add("approx_kl", st["approx_kl"])
                     add("ratio_mean", st["ratio_mean"])
+                    ratio_max = max(ratio_max, float(st["ratio_max"]))
                     add("value_clipfrac", vst["value_clipfrac"])
                     add("micro_steps", 1)
                     if boundary:
@@ -184,6 +186,9 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                 if ret_var > 0
                 else 0.0,
                 "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
+                "train/ratio_max": self.all_reduce_max(ratio_max),
+                "train/lr": self.policy.get_lr()[0],
+                "train/critic_lr": self.critic.get_lr()[0],
             }
         )
         metrics["compute_s"] = time.perf_counter() - t0

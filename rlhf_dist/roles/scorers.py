@@ -17,7 +17,7 @@ from rlhf_dist.models import (
     response_logprobs,
     reward_text,
 )
-from rlhf_dist.roles.common import pick_device
+from rlhf_dist.roles.common import SystemStats, pick_device
 
 
 def import_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
@@ -35,7 +35,7 @@ def import_reward_function(spec: str) -> Callable[[list[str], list[str]], list[f
     return fn
 
 
-class RewardScorer:
+class RewardScorer(SystemStats):
     """One scalar score per response, from a sequence classifier or a Python function."""
 
     def __init__(
@@ -94,7 +94,7 @@ class RewardScorer:
         return torch.cat(out)
 
 
-class ReferenceScorer:
+class ReferenceScorer(SystemStats):
     """A frozen copy of the initial policy: per-token reference log-probs of the responses."""
 
     def __init__(

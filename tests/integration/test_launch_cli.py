@@ -18,20 +18,31 @@ def _launch(*args, timeout=600):
     )
 
 
-def test_smoke_config_runs_end_to_end(tiny_assets, tmp_path):
+def test_smoke_config_runs_end_to_end_with_wandb_off_and_unimportable(tiny_assets, tmp_path):
     run_dir = tmp_path / "smoke"
-    p = _launch(
+    args = [
         "--config",
         "configs/smoke.yaml",
         f"model.assets_dir={tiny_assets.parent}",
         f"run.dir={run_dir}",
         "run.steps=2",
+        "wandb.enabled=false",
+    ]
+    block_wandb = (
+        "import sys, runpy; sys.modules['wandb'] = None; "
+        f"sys.argv = ['launch.py', *{args!r}]; runpy.run_path('launch.py', run_name='__main__')"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", block_wandb], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "step 2/2" in p.stdout
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (run_dir / "config.yaml").read_text().count("world_size: 2") == 1
+    assert not (run_dir / "wandb").exists()
+    # the report is written at the end of every run
+    assert (run_dir / "report" / "reward.png").is_file()
 
 
 def test_bad_input_fails_before_any_actor_with_the_key_named(tiny_assets, tmp_path):

@@ -1,0 +1,109 @@
+"""Where metrics go: ``metrics.jsonl`` always, wandb when enabled, under the same keys.
+
+wandb runs offline unless the user is logged in (``WANDB_API_KEY`` or a netrc entry), so a
+job never blocks on the network; ``wandb.enabled=false`` never imports wandb at all. The wandb
+run id is kept in the run directory, so a later stage or a resumed run in the same directory
+continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import secrets
+from pathlib import Path
+
+from rlhf_dist.config import Config, to_dict
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+# x axis of each namespace in wandb: PPO metrics against the PPO step, SFT/RM against theirs
+PPO_NAMESPACES = ("rollout", "train", "eval", "time", "perf", "sync", "fault", "pool", "data")
+
+
+def logged_in_to_wandb() -> bool:
+    """A key is configured locally (no network call)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg: Config) -> str:
+    if cfg.wandb.mode != "auto":
+        return cfg.wandb.mode
+    return os.environ.get("WANDB_MODE") or ("online" if logged_in_to_wandb() else "offline")
+
+
+class Tracker:
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (self.run_dir / METRICS_FILE).open("a")
+        self.wandb_run = None
+        if cfg.wandb.enabled:
+            self._start_wandb()
+
+    def _start_wandb(self) -> None:
+        import wandb
+
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        w = self.cfg.wandb
+        self.wandb_run = wandb.init(
+            project=w.project,
+            entity=w.entity or None,
+            name=w.name or self.run_dir.name,
+            group=w.group or None,
+            tags=[t.strip() for t in w.tags.split(",") if t.strip()] or None,
+            config=to_dict(self.cfg),
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow",
+            mode=wandb_mode(self.cfg),
+            settings=wandb.Settings(console="off"),
+        )
+        id_file.write_text(run_id)
+        for stage in ("sft", "rm"):
+            self.wandb_run.define_metric(f"{stage}/step")
+            self.wandb_run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        self.wandb_run.define_metric("step")
+        for ns in PPO_NAMESPACES:
+            self.wandb_run.define_metric(f"{ns}/*", step_metric="step")
+
+    def log(self, row: dict) -> None:
+        """One step's metrics; rows of the SFT/RM stages carry ``stage`` and their own step."""
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            stage = row.get("stage", "ppo")
+            data = {k: v for k, v in row.items() if k != "stage" and _loggable(v)}
+            if stage != "ppo":
+                data[f"{stage}/step"] = data.pop("step")
+            self.wandb_run.log(data)
+
+    def samples(self, step: int, prompts, responses, scores) -> None:
+        """A table of sample prompts, responses and rewards (wandb only)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        table = wandb.Table(columns=["step", "prompt", "response", "reward"])
+        for p, r, s in zip(prompts, responses, scores):
+            table.add_data(step, p, r, float(s))
+        self.wandb_run.log({"rollout/samples": table, "step": step})
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _loggable(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
