@@ -128,7 +128,7 @@ class Member:
             self.limit_buf = torch.empty(n, dtype=torch.uint8)
 
     def limit(self) -> None:
-        self.group.broadcast(self.limit_buf)
+        self.group.broadcast(self.limit_buf).wait()
 
     def limit_checksum(self) -> str:
         return self.ws.checksum([self.limit_buf])
@@ -136,11 +136,10 @@ class Member:
     # ------------------------------------------------------------- buckets (the roles' path)
     def send_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
         params = self._params()
-        flats = (
-            self.ws.flat_bucket([params[i] for i in idx])
-            for idx in self.ws.plan_buckets(self.manifest, bucket_bytes)
+        buckets = (
+            [params[i] for i in idx] for idx in self.ws.plan_buckets(self.manifest, bucket_bytes)
         )
-        return self.ws.send(self.group, flats, verify)
+        return self.ws.send(self.group, buckets, verify)
 
     def receive_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
         self.ws.receive(self.group, self.model, self.manifest, bucket_bytes)
@@ -149,7 +148,7 @@ class Member:
     # ------------------------------------------------------------- one broadcast per tensor
     def send_per_tensor(self) -> None:
         for p in self._params():
-            self.group.broadcast(p.detach().contiguous())
+            self.group.broadcast(p.detach().contiguous()).wait()
 
     def receive_per_tensor(self) -> None:
         import torch
@@ -157,7 +156,7 @@ class Member:
         with torch.no_grad():
             for spec, p in zip(self.manifest, self._params()):
                 t = torch.empty(spec.shape, dtype=p.dtype)
-                self.group.broadcast(t)
+                self.group.broadcast(t).wait()
                 p.copy_(t)
 
     # ------------------------------------------------------------- Ray's object store

@@ -255,10 +255,15 @@ class Orchestrator:
         bucket = int(self.cfg.sync.bucket_mb * (1 << 20))
         verify = self.cfg.sync.verify
         if self.sync_backend() == "object_store":
-            send = self.learners.call("weight_buckets", bucket, version, verify)
-            # Rank 0's result goes to the generators by reference: each pulls it from the store.
+            out = [
+                a.weight_buckets.options(num_returns=2).remote(bucket, version, verify)
+                for a in self.learners.actors
+            ]
+            send = [meta for meta, _ in out]
+            # Rank 0's buckets go to the generators by reference: each pulls them from the
+            # object store; the driver only reads the metadata.
             recv = self.generators.call(
-                "load_weight_buckets", self.manifest, bucket, send[0], version, verify
+                "load_weight_buckets", self.manifest, bucket, out[0][1], version, verify
             )
         else:
             send = self.learners.call("broadcast_weights", bucket, version, verify)

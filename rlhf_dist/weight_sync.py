@@ -8,20 +8,25 @@ Parameters travel as raw bytes in flat buckets of about ``bucket_mb`` (dtypes ar
 bf16 tensor travels as bf16), in the order of a *manifest* that both sides agree on. Tied
 weights appear once (``named_parameters`` de-duplicates shared ``Parameter`` objects).
 
-The checksum is a BLAKE2b digest of the parameters' bytes in manifest order. The learner
+Each side keeps two bucket buffers for the life of the group and alternates between them, so
+packing (or unpacking) one bucket overlaps the transfer of the next, and no sync allocates.
+
+The checksum is an XXH3-128 digest of the parameters' bytes in manifest order. The learner
 hashes the buckets it sends; a generator hashes the parameters it holds after loading. The
-two digests are equal exactly when the generator holds the learner's weights bit for bit.
+two digests are equal exactly when the generator holds the learner's weights bit for bit
+(barring a 2^-128 collision; XXH3 is not cryptographic, and needs not be: it checks a transfer,
+and it is ~40x faster than BLAKE2b, which mattered at 100M parameters).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch import Tensor, nn
 
 
@@ -77,8 +82,12 @@ def _update_hash(h, t: Tensor) -> None:
     h.update(_as_bytes(t).cpu().numpy())
 
 
+def _new_hash():
+    return xxhash.xxh3_128()
+
+
 def checksum(tensors: Iterable[Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = _new_hash()
     for t in tensors:
         _update_hash(h, t)
     return h.hexdigest()
@@ -115,22 +124,44 @@ class SyncGroup:
             raise ValueError(f"sync.backend: unknown backend {backend!r}")
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
 
-    def broadcast(self, tensor: Tensor) -> None:
-        self.pg.broadcast(tensor, 0).wait()
+        self._buffers: list[Tensor | None] = [None, None]
+
+    def buffer(self, slot: int, nbytes: int) -> Tensor:
+        """A reusable uint8 buffer (one of two slots) of at least ``nbytes``; grows once."""
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf[:nbytes]
+
+    def broadcast(self, tensor: Tensor):
+        """Start a broadcast from rank 0; returns the work to ``wait()`` on."""
+        return self.pg.broadcast(tensor, 0)
 
 
-def send(group: SyncGroup, flat_buckets: Iterable[Tensor], verify: bool) -> str | None:
-    """Broadcast each flat uint8 bucket from rank 0; return the checksum of what was sent."""
-    h = hashlib.blake2b(digest_size=16) if verify else None
-    for flat in flat_buckets:
-        group.broadcast(flat.to(group.device))
+def send(group: SyncGroup, buckets: Iterable[list[Tensor]], verify: bool) -> str | None:
+    """Broadcast each bucket (a list of full tensors, in manifest order) from rank 0, packing
+    bucket k+1 while bucket k is on the wire. Each list is packed before the next is asked
+    for (under ZeRO-3 the caller gathers a bucket only for that long). Returns the checksum."""
+    h = _new_hash() if verify else None
+    works = [None, None]
+    for k, tensors in enumerate(buckets):
+        slot = k % 2
+        if works[slot] is not None:
+            works[slot].wait()  # this buffer's previous bucket has left
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        flat = group.buffer(slot, nbytes)
+        torch.cat([_as_bytes(t).to(flat.device) for t in tensors], out=flat)
+        works[slot] = group.broadcast(flat)
         if h is not None:
-            _update_hash(h, flat)
+            _update_hash(h, flat)  # overlaps the transfer
+    for w in works:
+        if w is not None:
+            w.wait()
     return h.hexdigest() if h is not None else None
 
 
 def flat_bucket(tensors: Iterable[Tensor]) -> Tensor:
-    """The raw bytes of ``tensors`` back to back (a copy)."""
+    """The raw bytes of ``tensors`` back to back (a new tensor, for the object store)."""
     return torch.cat([_as_bytes(t) for t in tensors])
 
 
@@ -158,14 +189,22 @@ def _unpack(params: dict[str, Tensor], specs: list[ParamSpec], flat: Tensor) -> 
 def receive(
     group: SyncGroup, model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int
 ) -> None:
-    """Receive every bucket broadcast by rank 0 into ``model``'s parameters."""
+    """Receive every bucket broadcast by rank 0 into ``model``'s parameters, unpacking
+    bucket k while bucket k+1 arrives."""
     params = dict(model.named_parameters())
     _check_manifest(params, manifest)
-    for idx in plan_buckets(manifest, bucket_bytes):
-        specs = [manifest[i] for i in idx]
-        flat = torch.empty(sum(s.nbytes for s in specs), dtype=torch.uint8, device=group.device)
-        group.broadcast(flat)
-        _unpack(params, specs, flat)
+    plan = [[manifest[i] for i in idx] for idx in plan_buckets(manifest, bucket_bytes)]
+
+    def post(k: int):
+        flat = group.buffer(k % 2, sum(s.nbytes for s in plan[k]))
+        return flat, group.broadcast(flat)
+
+    pending = post(0) if plan else None
+    for k in range(len(plan)):
+        flat, work = pending
+        work.wait()
+        pending = post(k + 1) if k + 1 < len(plan) else None
+        _unpack(params, plan[k], flat)
 
 
 @torch.no_grad()

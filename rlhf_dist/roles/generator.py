@@ -109,11 +109,11 @@ class Generator(WeightSyncMember):
         }
 
     def load_weight_buckets(
-        self, manifest, bucket_bytes: int, sent: dict, version: int, verify: bool
+        self, manifest, bucket_bytes: int, buckets: list, version: int, verify: bool
     ) -> dict:
-        """Fallback transport: ``sent["buckets"]`` came through Ray's object store."""
+        """Fallback transport: ``buckets`` came through Ray's object store."""
         t0 = time.perf_counter()
-        weight_sync.load_buckets(self.model, manifest, bucket_bytes, sent["buckets"])
+        weight_sync.load_buckets(self.model, manifest, bucket_bytes, buckets)
         self.version = version
         return {
             "version": version,

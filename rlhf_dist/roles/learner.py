@@ -199,16 +199,16 @@ class Learner(DeepSpeedRank, WeightSyncMember):
     def sync_manifest(self) -> list[weight_sync.ParamSpec]:
         return weight_sync.manifest_of(self.policy.module)
 
-    def _flat_buckets(self, bucket_bytes: int):
-        """Yield each bucket's bytes on rank 0 (None elsewhere). Under ZeRO-3 every rank takes
-        part in gathering each bucket's shards, so every rank must iterate this."""
+    def _buckets(self, bucket_bytes: int):
+        """Yield each bucket's full parameters on rank 0 (None elsewhere), gathered only while
+        the consumer handles that bucket. Under ZeRO-3 every rank takes part in gathering, so
+        every rank must iterate this."""
         manifest = self.sync_manifest()
         params = [p for _, p in self.policy.module.named_parameters()]
         for idx in weight_sync.plan_buckets(manifest, bucket_bytes):
             ps = [params[i] for i in idx]
             with self.gathered(ps):
-                flat = weight_sync.flat_bucket(ps) if self.rank == 0 else None
-            yield flat
+                yield ps if self.rank == 0 else None
 
     def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
         assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
@@ -219,7 +219,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
     def broadcast_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
         """Send the policy to the generators (call on every rank; rank 0 sends)."""
         t0 = time.perf_counter()
-        buckets = self._flat_buckets(bucket_bytes)
+        buckets = self._buckets(bucket_bytes)
         if self.rank == 0:
             digest = weight_sync.send(self.sync_group, buckets, verify)
         else:
@@ -229,23 +229,26 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.version = version
         return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
 
-    def weight_buckets(self, bucket_bytes: int, version: int, verify: bool) -> dict:
-        """Fallback transport: the policy's buckets as CPU tensors for Ray's object store
-        (call on every rank; rank 0 returns them)."""
+    def weight_buckets(self, bucket_bytes: int, version: int, verify: bool) -> tuple[dict, list]:
+        """Fallback transport: (metadata, the policy's buckets as CPU tensors) for Ray's object
+        store; called with ``num_returns=2`` so the driver never fetches the weights. Call on
+        every rank; rank 0 returns the buckets."""
         t0 = time.perf_counter()
-        buckets = [b.cpu() if b is not None else None for b in self._flat_buckets(bucket_bytes)]
+        buckets = [
+            weight_sync.flat_bucket(ps).cpu()
+            for ps in self._buckets(bucket_bytes)
+            if ps is not None
+        ]
         self.version = version
-        out = {"version": version, "compute_s": 0.0, "buckets": None, "checksum": None}
-        if self.rank == 0:
-            out["buckets"] = buckets
-            out["checksum"] = weight_sync.checksum(buckets) if verify else None
-        out["compute_s"] = time.perf_counter() - t0
-        return out
+        digest = weight_sync.checksum(buckets) if verify and self.rank == 0 else None
+        meta = {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
+        return meta, buckets
 
     def policy_checksum(self) -> str | None:
         """Checksum of the full policy (collective under ZeRO-3; the value is on rank 0)."""
-        flats = list(self._flat_buckets(64 << 20))
-        return weight_sync.checksum(flats) if self.rank == 0 else None
+        tensors = (t for ps in self._buckets(64 << 20) if ps is not None for t in ps)
+        digest = weight_sync.checksum(tensors)  # hashed while each bucket is gathered
+        return digest if self.rank == 0 else None
 
     def policy_state(self) -> dict | None:
         """The full policy weights on rank 0 as CPU tensors (tests, export)."""
