@@ -35,6 +35,11 @@ class RunConfig:
     """Seed for data order, sampling and model init."""
     steps: int = 10
     """Number of PPO steps (one step = generate, score, update, sync)."""
+    resume: Literal["no", "auto"] = "no"
+    """auto: continue from the latest good checkpoint in ``run.dir`` (stages already done are
+    not rerun); ``launch.py --resume <run_dir>`` sets this and ``run.dir``."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive PPO steps skipped for non-finite numbers."""
     stage: Literal["sft", "rm", "ppo", "all"] = "ppo"
     """What to run: one stage of the RLHF recipe, or all three in order. A stage run alone
     reuses earlier stages' outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
@@ -237,6 +242,16 @@ class SyncConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 10
+    """Save a checkpoint every this many PPO steps (0 = never), and after the last step."""
+    keep: int = 2
+    """Keep the last K checkpoints."""
+    save_hf: bool = False
+    """Also write the policy as a Hugging Face directory (``policy_hf/``) into each checkpoint."""
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     """Log to wandb too (``metrics.jsonl`` is always written). false never imports wandb."""
@@ -284,6 +299,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -498,7 +514,8 @@ def compute_sizes(cfg: Config) -> Sizes:
         "eval.every",
         "eval.num_prompts",
     )
-    _positive(cfg, "wandb.table_every", "wandb.table_rows", allow_zero=True)
+    _positive(cfg, "wandb.table_every", "wandb.table_rows", "checkpoint.every", allow_zero=True)
+    _positive(cfg, "checkpoint.keep", "run.max_bad_steps")
     for section in ("sft", "rm"):
         if cfg.run.stage not in (section, "all"):
             continue  # sizes of a stage this run does not go through

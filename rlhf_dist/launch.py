@@ -49,18 +49,30 @@ def init_ray(cfg: Config, address: str) -> bool:
     return True
 
 
+def stages_to_run(cfg: Config, run_dir: Path) -> list[str]:
+    """The stages ``run.stage`` names; when resuming, those whose output already exists are
+    done (their models were exported atomically at their very end)."""
+    from rlhf_dist.preflight import stage_output, stages_of
+
+    stages = stages_of(cfg)
+    if cfg.run.resume == "auto" and len(stages) > 1:
+        stages = [s for s in stages if s == "ppo" or not stage_output(run_dir, f"run:{s}").exists()]
+    return stages
+
+
 def train(cfg: Config, address: str = "", log=print) -> Path:
     """Run the stages ``run.stage`` names (sft, rm, ppo or all); returns the run directory."""
     import ray
 
     from rlhf_dist.config import dump_config
     from rlhf_dist.orchestrator import Orchestrator
-    from rlhf_dist.preflight import check_all, resolve_inputs, stages_of, supervised_inputs
+    from rlhf_dist.preflight import check_all, resolve_inputs, supervised_inputs
     from rlhf_dist.stages import run_supervised_stage
     from rlhf_dist.tracking import Tracker
 
     run_dir = run_dir_for(cfg)
-    check_all(cfg, run_dir)  # bad input fails here, before any actor starts
+    stages = stages_to_run(cfg, run_dir)
+    check_all(cfg, run_dir, stages)  # bad input fails here, before any actor starts
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     log(f"run directory: {run_dir}")
@@ -68,11 +80,14 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
     tracker = Tracker(cfg, run_dir)
     results: dict = {}
     try:
-        for stage in stages_of(cfg):
+        for stage in stages:
             if stage == "ppo":
                 orch = Orchestrator(cfg, resolve_inputs(cfg, run_dir), run_dir, tracker)
                 try:
+                    if cfg.run.resume == "auto":
+                        orch.restore(log=log)
                     results["ppo"] = orch.run(log=log)
+                    log(f"final policy: {orch.export_policy(run_dir / 'ppo' / 'policy')}")
                 finally:
                     orch.shutdown()
             else:
@@ -126,17 +141,40 @@ def _write_report(run_dir: Path, log) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf_dist.checkpoint import CheckpointError
+    from rlhf_dist.orchestrator import TrainingError
+
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
+    parser.add_argument(
+        "--config", default=None, help="YAML config file (default: configs/default.yaml)"
+    )
     parser.add_argument("--address", default="", help="Ray cluster to join (auto or host:port)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default="",
+        help="continue the run in RUN_DIR from its latest good checkpoint (its config.yaml, "
+        "plus any overrides)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.yaml").is_file():
+                raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run directory)")
+            config = args.config or str(run_dir / "config.yaml")
+            overrides = [*args.overrides, f"run.dir={run_dir}", "run.resume=auto"]
+        else:
+            config, overrides = args.config or str(DEFAULT_CONFIG), args.overrides
+        cfg = load_config(config, overrides)
         train(cfg, args.address)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

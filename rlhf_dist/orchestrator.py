@@ -18,6 +18,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from rlhf_dist import checkpoint
 from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes, dump_config
@@ -31,6 +32,10 @@ from rlhf_dist.tracking import Tracker
 
 class WeightSyncError(RuntimeError):
     """A generator does not hold what the learner sent."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and names the last checkpoint."""
 
 
 def derive_seed(*parts) -> int:
@@ -63,6 +68,9 @@ class Orchestrator:
         )
         self.step_idx = 0
         self.version = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self.last_checkpoint: Path | None = None
         self.gold = import_reward_function(cfg.eval.gold) if cfg.eval.gold else None
         self.pools: list[Pool] = []
         try:
@@ -298,9 +306,12 @@ class Orchestrator:
             score_compute = self.score(batch)
         with timed("train"):
             train = self.train(batch)
+        self.step_idx += 1
+        if train.get("skipped"):
+            return self._skipped_step(batch, train, times, time.perf_counter() - t_step)
+        self.bad_streak = 0
         with timed("weight_sync"):
             sync_compute = self.sync_weights(self.version + 1)
-        self.step_idx += 1
         step_time = time.perf_counter() - t_step
 
         kl_coef = self.kl_ctl.value
@@ -323,6 +334,7 @@ class Orchestrator:
             "perf/generate_tokens_per_s": tokens / max(times["generate"], 1e-9),
             "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
             "sync/version": self.version,
+            "fault/skipped_steps": self.skipped_steps,
             "pool/num_generators": len(self.generators),
             "data/epoch": self.cursor.epoch,
         }
@@ -341,6 +353,89 @@ class Orchestrator:
             metrics["time/eval"] = times["eval"]
         self.metrics.log(metrics)
         return metrics
+
+    def _skipped_step(self, batch: RolloutBatch, train: dict, times: dict, step_time: float):
+        """A step whose numbers were not finite: no update, no sync; counted, and the run stops
+        after ``run.max_bad_steps`` in a row."""
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        metrics = {
+            "stage": "ppo",
+            "step": self.step_idx,
+            "rollout/reward_mean": batch.scores.float().nanmean().item(),
+            **{f"time/{k}": v for k, v in times.items()},
+            "time/step": step_time,
+            "sync/version": self.version,
+            "fault/skipped_steps": self.skipped_steps,
+            "fault/skip_reason": ",".join(train["reason"]),
+        }
+        self.metrics.log(metrics)
+        if self.bad_streak >= self.cfg.run.max_bad_steps:
+            raise TrainingError(
+                f"stopping: {self.bad_streak} consecutive PPO steps had non-finite "
+                f"{', '.join(train['reason'])} (run.max_bad_steps={self.cfg.run.max_bad_steps}); "
+                f"{self._checkpoint_hint()}"
+            )
+        return metrics
+
+    def _checkpoint_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        return (
+            f"the last checkpoint is {self.last_checkpoint} "
+            f"(continue with: launch.py --resume {self.run_dir})"
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Learner engines (every rank) plus the driver's state, committed atomically."""
+        tmp = checkpoint.begin(self.run_dir, self.step_idx)
+        ray.get(self.learners.call("save_checkpoint", str(tmp)))
+        if self.cfg.checkpoint.save_hf:
+            ray.get(
+                self.learners.call("export_policy", str(tmp / "policy_hf"), self.inputs.tokenizer)
+            )
+        state = {
+            "step": self.step_idx,
+            "version": self.version,
+            "cursor": self.cursor.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
+        }
+        self.last_checkpoint = checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
+        return self.last_checkpoint
+
+    def restore(self, log=print) -> Path | None:
+        """Continue from the newest usable checkpoint (older ones are tried when it is not);
+        the generators receive the restored weights before they sample."""
+        for ckpt in reversed(checkpoint.checkpoint_dirs(self.run_dir)):
+            try:
+                state = checkpoint.read_state(ckpt)
+                ray.get(self.learners.call("load_checkpoint", str(ckpt), state["version"]))
+            except (checkpoint.CheckpointError, ray.exceptions.RayTaskError) as e:
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                log(f"checkpoint {ckpt.name} is unusable ({cause}); trying the one before")
+                continue
+            self.step_idx, self.version = state["step"], state["version"]
+            self.cursor.load_state_dict(state["cursor"])
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.bad_streak = state.get("bad_streak", 0)
+            self.sync_weights(self.version)
+            dropped = self.metrics.rollback(self.step_idx)
+            self.last_checkpoint = ckpt
+            log(
+                f"resumed from {ckpt} (step {self.step_idx}, policy version {self.version}); "
+                f"{dropped} metric rows written after it moved to metrics.rolled_back.jsonl"
+            )
+            return ckpt
+        return None
+
+    def export_policy(self, out_dir: Path) -> str:
+        ray.get(self.learners.call("export_policy", str(out_dir), self.inputs.tokenizer))
+        return str(out_dir)
 
     def system_metrics(self) -> dict:
         """Memory and CPU (and GPU) use of each pool's actors: the largest RSS, mean CPU."""
@@ -376,6 +471,7 @@ class Orchestrator:
         )
         if not bar.disable:
             log = bar.write
+        every = self.cfg.checkpoint.every
         if self.gold and self.step_idx == 0:
             before = {"stage": "ppo", "step": 0, **self.evaluate()}
             self.metrics.log(before)
@@ -385,8 +481,28 @@ class Orchestrator:
                 f"{before['eval/gold_score_stderr']:.3f}  proxy {before['eval/proxy_reward']:.3f}"
             )
         for _ in range(self.step_idx, self.cfg.run.steps):
-            m = self.step()
+            try:
+                m = self.step()
+            except ray.exceptions.RayActorError as e:
+                raise TrainingError(
+                    f"a worker died at step {self.step_idx + 1} ({e.__class__.__name__}); "
+                    f"{self._checkpoint_hint()}"
+                ) from e
             history.append(m)
+            skipped = "fault/skip_reason" in m
+            # a skipped step changed no weights: the previous checkpoint stays the newest
+            if (
+                every
+                and not skipped
+                and (self.step_idx % every == 0 or self.step_idx == self.cfg.run.steps)
+            ):
+                self.save_checkpoint()
+            if skipped:
+                log(
+                    f"step {m['step']}/{self.cfg.run.steps}  skipped: non-finite {m['fault/skip_reason']}"
+                )
+                bar.update(1)
+                continue
             line = (
                 f"step {m['step']}/{self.cfg.run.steps}  reward {m['rollout/reward_mean']:.3f}  "
                 f"kl {m['train/kl']:.4f}  tok/s {m['perf/tokens_per_s']:.0f}  "

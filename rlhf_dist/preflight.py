@@ -230,10 +230,10 @@ def resolve_inputs(
     )
 
 
-def check_all(cfg: Config, run_dir: Path) -> None:
+def check_all(cfg: Config, run_dir: Path, stages: list[str] | None = None) -> None:
     """Every check of every stage this run will go through, before anything starts."""
     pending: set[str] = set()
-    for stage in stages_of(cfg):
+    for stage in stages if stages is not None else stages_of(cfg):
         if stage == "ppo":
             resolve_inputs(cfg, run_dir, pending)
         else:

@@ -87,6 +87,29 @@ class Tracker:
                 data[f"{stage}/step"] = data.pop("step")
             self.wandb_run.log(data)
 
+    def rollback(self, step: int) -> int:
+        """Drop the PPO rows after ``step`` (written after the checkpoint a run resumes from)
+        from ``metrics.jsonl``, keeping them in ``metrics.rolled_back.jsonl``; returns how many."""
+        self.file.close()
+        path = self.run_dir / METRICS_FILE
+        kept, dropped = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                dropped.append(line if line.endswith("\n") else line + "\n")
+                continue
+            later = row.get("stage", "ppo") == "ppo" and row.get("step", 0) > step
+            (dropped if later else kept).append(line)
+        if dropped:
+            with (self.run_dir / "metrics.rolled_back.jsonl").open("a") as f:
+                f.writelines(dropped)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self.file = path.open("a")
+        return len(dropped)
+
     def samples(self, step: int, prompts, responses, scores) -> None:
         """A table of sample prompts, responses and rewards (wandb only)."""
         if self.wandb_run is None:

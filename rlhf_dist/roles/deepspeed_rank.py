@@ -36,6 +36,41 @@ def deepspeed_config(
     }
 
 
+# The only non-tensor types DeepSpeed writes into its checkpoints (ZeRO 0-3, fp32/bf16).
+# Loading with weights_only=True and this allowlist means no arbitrary object is unpickled.
+SAFE_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in SAFE_CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def safe_load(path: str, map_location=None):
+    """``torch.load`` restricted to tensors, plain containers and the allowlist above."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _safe_checkpoint_engine():
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return SafeCheckpointEngine()
+
+
 class DeepSpeedRank(SystemStats):
     """One data-parallel rank. ``init_distributed`` is collective: call it on every rank."""
 
@@ -77,7 +112,30 @@ class DeepSpeedRank(SystemStats):
 
         config = deepspeed_config(self.cfg, lr, micro_batch_size, grad_accum_steps, self.world_size)
         engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.checkpoint_engine = _safe_checkpoint_engine()
         return engine
+
+    def save_engines(self, ckpt_dir: str, engines: dict) -> None:
+        """Every rank writes its part of each engine's state (collective)."""
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(Path(ckpt_dir) / name), tag="state", save_latest=False)
+
+    def load_engines(self, ckpt_dir: str, engines: dict) -> None:
+        """Restore weights, optimizer and scheduler states; raise ``RuntimeError`` naming the
+        checkpoint part that cannot be loaded (missing, truncated, or not weights-only)."""
+        for name, engine in engines.items():
+            path = Path(ckpt_dir) / name
+            try:
+                loaded, _ = engine.load_checkpoint(
+                    str(path),
+                    tag="state",
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+            except Exception as e:  # truncated zip, unpickling refused, shape mismatch...
+                raise RuntimeError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+            if loaded is None:
+                raise RuntimeError(f"cannot load {path}: no engine state found")
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

@@ -50,6 +50,13 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.critic.eval()
         return self.setup_info()
 
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        self.save_engines(ckpt_dir, {"policy": self.policy, "critic": self.critic})
+
+    def load_checkpoint(self, ckpt_dir: str, version: int) -> None:
+        self.load_engines(ckpt_dir, {"policy": self.policy, "critic": self.critic})
+        self.version = version
+
     def setup_info(self) -> dict:
         params = self.policy.module.parameters()
         return {"policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
@@ -91,10 +98,23 @@ class Learner(DeepSpeedRank, WeightSyncMember):
 
         old_logp, old_values = self._old_logprobs_and_values(seq, am, P)
         old_values = old_values * mask
-        rewards, kl = algo.kl_penalized_rewards(
-            scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
-        )
-        adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        with torch.no_grad():
+            rewards, kl = algo.kl_penalized_rewards(
+                scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
+            )
+            adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        # A non-finite reward, log-prob, value or advantage on any rank: every rank skips the
+        # update (deciding together keeps the collectives in step) and the driver counts it.
+        checks = {
+            "scores": scores,
+            "ref_logprobs": ref_logp[mask > 0],
+            "logprobs": old_logp[mask > 0],
+            "values": old_values[mask > 0],
+            "advantages": adv[mask > 0],
+        }
+        bad = [name for name, t in checks.items() if not torch.isfinite(t).all()]
+        if self.all_reduce_max(float(bool(bad))) > 0:
+            return {"skipped": True, "reason": bad, "compute_s": time.perf_counter() - t0}
         raw_adv = adv
         if cfg.whiten_advantages:
             adv = self._whiten(adv, mask)
@@ -122,11 +142,20 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                     )
                     entropy = algo.masked_mean(ent, m)
                     boundary = self.policy.is_gradient_accumulation_boundary()
-                    self.policy.backward(pg_loss - cfg.entropy_coef * entropy)
+                    loss = pg_loss - cfg.entropy_coef * entropy
+                    if not torch.isfinite(loss):
+                        # this micro-batch contributes nothing (every rank still steps)
+                        add("nonfinite_losses", 1)
+                        loss = logp.sum() * 0.0
+                    self.policy.backward(loss)
                     self.policy.step()
                     values = response_values(self.critic, s, a, P)
                     v_loss, vst = algo.value_loss(values, old_values[i], returns[i], m, value_clip)
-                    self.critic.backward(cfg.vf_coef * v_loss)
+                    v_loss = v_loss * cfg.vf_coef
+                    if not torch.isfinite(v_loss):
+                        add("nonfinite_losses", 1)
+                        v_loss = values.sum() * 0.0
+                    self.critic.backward(v_loss)
                     self.critic.step()
                     add("policy_loss", pg_loss.item())
                     add("value_loss", v_loss.item())
@@ -142,6 +171,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
                         add("optimizer_steps", 1)
 
+        add("nonfinite_losses", 0)
         num_tokens = mask.sum()
         add("kl_sum", (kl * mask).sum())
         add("tokens", num_tokens)
@@ -186,6 +216,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                 if ret_var > 0
                 else 0.0,
                 "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
+                "fault/nonfinite_losses": t["nonfinite_losses"],
                 "train/ratio_max": self.all_reduce_max(ratio_max),
                 "train/lr": self.policy.get_lr()[0],
                 "train/critic_lr": self.critic.get_lr()[0],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 import time
 from collections.abc import Callable
 
@@ -65,23 +64,29 @@ class RewardScorer(SystemStats):
         return {"scores": scores, "compute_s": time.perf_counter() - t0}
 
     def _score_fn(self, prompts, responses) -> torch.Tensor:
+        """Scores from the user's function. An exception names the function and the first
+        sample it fails on; non-finite scores pass through (the learner skips such a step)."""
         try:
             out = [float(x) for x in self.fn(list(prompts), list(responses))]
         except Exception as e:
-            raise RuntimeError(f"reward function {self.function!r} raised: {e!r}") from e
+            raise RuntimeError(
+                f"reward function {self.function!r} raised {e!r}{self._culprit(prompts, responses)}"
+            ) from e
         if len(out) != len(responses):
             raise RuntimeError(
                 f"reward function {self.function!r} returned {len(out)} scores "
                 f"for {len(responses)} responses"
             )
-        bad = [i for i, x in enumerate(out) if not math.isfinite(x)]
-        if bad:
-            i = bad[0]
-            raise RuntimeError(
-                f"reward function {self.function!r} returned {out[i]} for sample {i} "
-                f"(prompt={prompts[i]!r}, response={responses[i]!r})"
-            )
         return torch.tensor(out, dtype=torch.float32)
+
+    def _culprit(self, prompts, responses) -> str:
+        """Find the first sample the function fails on alone (only on the error path)."""
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            try:
+                self.fn([p], [r])
+            except Exception:
+                return f" on sample {i}: prompt={p!r}, response={r!r}"
+        return " (no single sample fails alone)"
 
     def _score_model(self, prompts, responses) -> torch.Tensor:
         texts = [reward_text(p, r) for p, r in zip(prompts, responses)]

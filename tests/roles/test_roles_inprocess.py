@@ -108,16 +108,20 @@ def test_reward_model_scorer(tmp_path, tiny_assets):
 def test_reward_function_that_raises_names_function_and_shape(tmp_path, monkeypatch):
     (tmp_path / "bad_reward.py").write_text(
         "def boom(prompts, responses):\n    raise KeyError('oops')\n"
+        "def picky(prompts, responses):\n"
+        "    return [1.0 / (r != 'bad') for r in responses]\n"
         "def short(prompts, responses):\n    return [1.0]\n"
         "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(RuntimeError, match="bad_reward:boom.*oops"):
+    with pytest.raises(RuntimeError, match="bad_reward:boom.*oops.* on sample 0: prompt='p'"):
         RewardScorer(function="bad_reward:boom").score(["p"], ["r"])
     with pytest.raises(RuntimeError, match="returned 1 scores for 2 responses"):
         RewardScorer(function="bad_reward:short").score(["p", "q"], ["r", "s"])
-    with pytest.raises(RuntimeError, match="nan for sample 0.*prompt='p'"):
-        RewardScorer(function="bad_reward:nan").score(["p"], ["r"])
+    with pytest.raises(RuntimeError, match="on sample 1: prompt='q', response='bad'"):
+        RewardScorer(function="bad_reward:picky").score(["p", "q"], ["ok", "bad"])
+    # non-finite scores pass through: the learner skips such a step and the driver counts it
+    assert RewardScorer(function="bad_reward:nan").score(["p"], ["r"])["scores"].isnan().all()
 
 
 def _in_threads(*calls):
@@ -201,3 +205,27 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     theirs = plain.generate(PROMPTS, [0, 1, 2, 3], seed=11)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert ours.versions.tolist() == [1] * 4
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoints_load_weights_only_and_refuse_arbitrary_objects(learner, tmp_path):
+    from rlhf_dist.roles.deepspeed_rank import safe_load
+
+    learner.save_checkpoint(str(tmp_path / "ckpt"))
+    files = sorted((tmp_path / "ckpt").rglob("*.pt"))
+    assert {f.parent.parent.name for f in files} == {"policy", "critic"}
+    for f in files:
+        state = safe_load(str(f))  # torch.load(weights_only=True) + DeepSpeed's plain types
+        assert isinstance(state, dict)
+    before = learner.policy_checksum()
+    learner.load_checkpoint(str(tmp_path / "ckpt"), version=7)
+    assert learner.policy_checksum() == before and learner.version == 7
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Evil()}, evil)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        safe_load(str(evil))

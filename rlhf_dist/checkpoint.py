@@ -1,0 +1,95 @@
+"""Checkpoints of a PPO run: layout, atomic commit, retention, and the driver's state.
+
+    <run_dir>/checkpoints/step-00000010/
+        policy/, critic/    DeepSpeed engine states (weights, optimizer, scheduler), every rank
+        state.json          the orchestrator: step, policy version, data cursor, KL controller
+
+A checkpoint is written into ``.tmp-step-...`` and renamed into place only when complete, so
+a process killed during a save leaves the previous checkpoint intact; leftovers of an
+interrupted save are ignored and cleaned up. Nothing is unpickled: ``state.json`` is JSON and
+the learner loads engine states with ``torch.load(weights_only=True)`` (see
+``rlhf_dist.roles.deepspeed_rank``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+FORMAT = 1
+REQUIRED = ("format", "step", "version", "cursor", "kl_controller")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def name_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first (interrupted ``.tmp-*`` saves are not listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def begin(run_dir: str | Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step``."""
+    tmp = Path(run_dir) / CHECKPOINTS / f".tmp-{name_for(step)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, state: dict, keep: int) -> Path:
+    """Write the driver's state, rename the checkpoint into place, keep the last ``keep``."""
+    state = {"format": FORMAT, **state}
+    with (tmp / STATE_FILE).open("w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+    if final.exists():  # the same step saved again (a resumed run): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in checkpoint_dirs(final.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_state(ckpt: Path) -> dict:
+    """The driver's state of a checkpoint; :class:`CheckpointError` when it is unusable."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} has no {STATE_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE} is corrupted ({e})") from None
+    missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else REQUIRED
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE} lacks {', '.join(missing)}")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt}: unknown format {state['format']}")
+    for part in ("policy", "critic"):
+        if not (Path(ckpt) / part).is_dir():
+            raise CheckpointError(f"checkpoint {ckpt}: missing {part}/")
+    return state
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
