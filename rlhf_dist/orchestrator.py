@@ -431,6 +431,8 @@ class Orchestrator:
                 f"{dropped} metric rows written after it moved to metrics.rolled_back.jsonl"
             )
             return ckpt
+        dropped = self.metrics.rollback(-1)  # every PPO row, step 0's evaluation included
+        log(f"no usable checkpoint: PPO starts from step 0 ({dropped} earlier PPO rows set aside)")
         return None
 
     def export_policy(self, out_dir: Path) -> str:

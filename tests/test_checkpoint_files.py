@@ -1,0 +1,82 @@
+"""The checkpoint directory protocol and the metrics rollback, without Ray."""
+
+import json
+
+import pytest
+
+from rlhf_dist import checkpoint
+from rlhf_dist.config import load_config
+from rlhf_dist.tracking import Tracker
+
+STATE = {"step": 0, "version": 0, "cursor": {"epoch": 0, "index": 0}, "kl_controller": {}}
+
+
+def _save(run_dir, step, keep=2):
+    tmp = checkpoint.begin(run_dir, step)
+    for part in ("policy", "critic"):
+        (tmp / part).mkdir()
+    return checkpoint.commit(tmp, {**STATE, "step": step}, keep)
+
+
+def test_commit_is_a_rename_and_keeps_the_last_k(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == [
+        "step-00000004",
+        "step-00000006",
+    ]
+    assert checkpoint.read_state(checkpoint.checkpoint_dirs(tmp_path)[-1])["step"] == 6
+
+
+def test_an_interrupted_save_is_invisible_and_cleaned_up(tmp_path):
+    _save(tmp_path, 2)
+    tmp = checkpoint.begin(tmp_path, 4)  # killed before commit
+    (tmp / "policy").mkdir()
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-00000002"]
+    _save(tmp_path, 6)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "has no state.json"),
+        ('{"step": 2', "state.json is corrupted"),
+        (json.dumps({"format": 1, "step": 2}), "lacks version, cursor, kl_controller"),
+        (json.dumps({**STATE, "format": 99}), "unknown format 99"),
+    ],
+)
+def test_damaged_state_is_refused_naming_the_checkpoint(tmp_path, content, message):
+    ckpt = _save(tmp_path, 2)
+    if content is None:
+        (ckpt / "state.json").unlink()
+    else:
+        (ckpt / "state.json").write_text(content)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}.*{message}"):
+        checkpoint.read_state(ckpt)
+
+
+def test_missing_engine_state_is_refused(tmp_path):
+    ckpt = _save(tmp_path, 2)
+    (ckpt / "critic").rmdir()
+    with pytest.raises(checkpoint.CheckpointError, match="missing critic/"):
+        checkpoint.read_state(ckpt)
+
+
+def test_rollback_sets_later_ppo_rows_aside_and_keeps_other_stages(tmp_path):
+    cfg = load_config(None, ["wandb.enabled=false"])
+    t = Tracker(cfg, tmp_path)
+    t.log({"stage": "sft", "step": 9, "sft/loss": 1.0})
+    for step in range(0, 5):
+        t.log({"stage": "ppo", "step": step, "x": step})
+    t.file.write('{"stage": "ppo", "step": 5, "x"')  # a line cut short by a kill
+    t.file.flush()
+    assert t.rollback(2) == 3
+    t.log({"stage": "ppo", "step": 3, "x": 30})
+    t.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("sft", 9)] + [
+        ("ppo", s) for s in (0, 1, 2, 3)
+    ]
+    aside = (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines()
+    assert len(aside) == 3 and aside[-1].startswith('{"stage": "ppo", "step": 5')
