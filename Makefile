@@ -35,7 +35,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# shellcheck lints cluster/slurm.sh in the tests (skipped where apt cannot install it)
 test: lint
+	command -v shellcheck >/dev/null || (apt-get install -y -qq shellcheck >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1) || true
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 clean:

@@ -31,6 +31,7 @@ NODE_WAIT_S=${NODE_WAIT_S:-300}
 JOB_ID=${SLURM_JOB_ID:?run this script with sbatch}
 RUN_DIR=${RUN_DIR:-$PWD/runs/${SLURM_JOB_NAME:-rlhf-dist}-$JOB_ID}
 CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-$(nproc)}
+RAY=("$PYTHON" -m ray.scripts.scripts)  # the `ray` CLI of that same environment
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 NUM_NODES=${#NODES[@]}
@@ -56,8 +57,10 @@ cleanup() {
 trap cleanup EXIT
 
 echo "ray head on $HEAD ($ADDRESS), $((NUM_NODES - 1)) worker node(s), run dir $RUN_DIR"
+# Each step asks for its node's CPUs and GPUs (steps do not inherit them from sbatch).
 srun --nodes=1 --ntasks=1 --nodelist="$HEAD" \
-    ray start --head --block --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
+    --cpus-per-task="$CPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE" \
+    "${RAY[@]}" start --head --block --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
     --dashboard-host=0.0.0.0 --dashboard-port="$DASHBOARD_PORT" \
     --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --temp-dir="$RAY_TMP" \
     --disable-usage-stats &
@@ -79,8 +82,8 @@ PY
 
 if ((NUM_NODES > 1)); then
     srun --nodes=$((NUM_NODES - 1)) --ntasks=$((NUM_NODES - 1)) --ntasks-per-node=1 \
-        --exclude="$HEAD" \
-        ray start --block --address="$ADDRESS" \
+        --exclude="$HEAD" --cpus-per-task="$CPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE" \
+        "${RAY[@]}" start --block --address="$ADDRESS" \
         --num-cpus="$CPUS_PER_NODE" --num-gpus="$GPUS_PER_NODE" --temp-dir="$RAY_TMP" \
         --disable-usage-stats &
     STEP_PIDS+=("$!")

@@ -1,4 +1,5 @@
-"""Entry point: ``python launch.py [--config X.yaml] [--address ADDR] [section.key=value ...]``."""
+"""Entry point: ``python launch.py [--config X.yaml] [--address ADDR | --submit URL [--no-wait]]
+[--resume RUN_DIR] [section.key=value ...]``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 from rlhf_dist.config import Config, ConfigError, load_config
+from rlhf_dist.submit import add_arguments as add_submit_arguments
+from rlhf_dist.submit import check_args as check_submit_args
+from rlhf_dist.submit import submit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 WORKER_ENV = {
@@ -157,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         "plus any overrides)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_submit_arguments(parser)  # --submit URL, --no-wait, --no-pip, --job-id, --env
     args = parser.parse_args(argv)
+    check_submit_args(parser, args)
+    if args.submit:
+        return submit(args, args.config or str(DEFAULT_CONFIG), args.overrides)
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     try:

@@ -188,10 +188,11 @@ def pip_packages(root: Path = PROJECT_ROOT) -> list[str]:
     for spec in _declared_dependencies(root):
         req = Requirement(spec)
         name = canonicalize_name(req.name)
-        if name in NOT_PIP_INSTALLED or (req.marker and not req.marker.evaluate()):
+        if name in NOT_PIP_INSTALLED:
             continue
         extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-        out.append(f"{req.name}{extras}{pins.get(name) or req.specifier}")
+        marker = f"; {req.marker}" if req.marker else ""  # evaluated by pip on the cluster
+        out.append(f"{req.name}{extras}{pins.get(name) or req.specifier}{marker}")
     return out
 
 
@@ -275,7 +276,7 @@ def auth_token(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()).rstrip(".") or type(e).__name__
     return text if len(text) < 400 else text[:400] + "..."
 
 
@@ -284,6 +285,7 @@ def connect(url: str, environ: Mapping[str, str] = os.environ):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    _quiet_ray_logs()  # after the imports: importing ray sets its loggers up
     if not re.match(r"^https?://", url):
         raise SubmitError(
             f"--submit {url!r}: expected the job server's URL, e.g. http://<head>:8265 "
@@ -354,13 +356,16 @@ def follow(client, job_id: str, out=sys.stdout, poll_s: float = 2.0) -> str:
         time.sleep(poll_s)
 
 
-def _commands(url: str, job_id: str) -> list[str]:
+def _commands(url: str, job_id: str, token: bool) -> list[str]:
     q = shlex.quote
-    return [
+    lines = [
         f"  follow: ray job logs --address {q(url)} --follow {q(job_id)}",
         f"  status: ray job status --address {q(url)} {q(job_id)}",
         f"  stop:   ray job stop --address {q(url)} {q(job_id)}",
     ]
+    if token:
+        lines.append("  (with RAY_AUTH_MODE=token set: the cluster uses token authentication)")
+    return lines
 
 
 def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[str]) -> int:
@@ -387,10 +392,10 @@ def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[st
     job_id = args.job_id or default_job_id(cfg.run.name)
     pip = pip_wanted(args)
     renv = runtime_env(pip, env_vars)
-    _quiet_ray_logs()
     try:
         client = connect(url)
-        what = f"{len(renv['pip']['packages'])} pip packages" if pip else "no pip (--no-pip)"
+        token = bool(auth_token())
+        what = f"pip installs {len(pip_packages())} packages" if pip else "no pip (--no-pip)"
         print(f"[submit] uploading {PROJECT_ROOT} as the job's working_dir; {what}", flush=True)
         from ray.exceptions import AuthenticationError
 
@@ -411,24 +416,25 @@ def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[st
     print(f"[submit] submitted job {job_id} to {url}", flush=True)
     if args.no_wait:
         print("[submit] not waiting (--no-wait); the job runs on. To watch it:")
-        print("\n".join(_commands(url, job_id)), flush=True)
+        print("\n".join(_commands(url, job_id, token)), flush=True)
         return 0
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
         print(f"\n[submit] detached from job {job_id}; it keeps running.", file=err)
-        print("\n".join(_commands(url, job_id)), file=err)
+        print("\n".join(_commands(url, job_id, token)), file=err)
         return 130
     except Exception as e:
         print(f"error: lost job {job_id} on {url}: {_one_line(e)}", file=err)
-        print("\n".join(_commands(url, job_id)), file=err)
+        print("\n".join(_commands(url, job_id, token)), file=err)
         return 1
     if status == "SUCCEEDED":
         print(f"[submit] job {job_id} succeeded", flush=True)
         return 0
     message = ""
     try:
-        message = client.get_job_info(job_id).message or ""
+        # Ray appends the last logs to the message; they are printed below, in lines
+        message = (client.get_job_info(job_id).message or "").split(", last available logs")[0]
         logs = _tail(client.get_job_logs(job_id))
     except Exception as e:
         logs = f"(logs unavailable: {_one_line(e)})"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
-from contextlib import contextmanager
 
 import torch
 
@@ -46,17 +44,5 @@ class WeightSyncMember(SystemStats):
     sync_group = None
     version: int = 0
 
-    def leave_weight_sync(self) -> None:
-        self.sync_group = None
-
     def free_port(self) -> int:
         return free_port()
-
-
-@contextmanager
-def timed(out: dict, key: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        out[key] = out.get(key, 0.0) + time.perf_counter() - t0

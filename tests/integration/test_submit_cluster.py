@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -59,28 +58,36 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _stop(sessions: list[int], marker: str, grace_s: float = 5.0) -> None:
-    """Stop the processes of our own ``ray start`` sessions, and any naming our temp dir."""
+def _stop(procs: list[subprocess.Popen], marker: str) -> None:
+    """Stop the cluster we started, and nothing else.
+
+    SIGTERM to a ``ray start --block`` drains its node and stops that node's Ray processes
+    (a couple of seconds). Whatever is left of our sessions, or names our temp dir, is killed.
+    """
     import psutil
 
-    def ours():
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if os.getsid(p.pid) in sessions or marker in " ".join(p.info["cmdline"] or []):
-                    found.append(p)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                continue
-        return found
-
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        procs = ours()
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=wait_s)
+    for p in reversed(procs):  # the worker node first, then the head
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            pass
+    sessions = {p.pid for p in procs}
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(proc.pid) in sessions or marker in " ".join(proc.info["cmdline"] or []):
+                left.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +166,7 @@ def cluster():
             url=url, gcs=f"127.0.0.1:{gcs}", env=env, auth=auth, temp=temp, home=home
         )
     finally:
-        _stop([p.pid for p in procs], temp)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        _stop(procs, temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
