@@ -26,6 +26,7 @@ def test_nan_rewards_skip_steps_then_stop_cleanly(tiny_assets, tmp_path):
             "run.steps=8",
             "run.max_bad_steps=3",
             "checkpoint.every=2",
+            "checkpoint.save_hf=true",
             "learner.world_size=1",
             "wandb.enabled=false",
             "reward.function=faulty_reward:nan_from_third_call",
@@ -46,3 +47,9 @@ def test_nan_rewards_skip_steps_then_stop_cleanly(tiny_assets, tmp_path):
     assert [r["sync/version"] for r in rows] == [1, 2, 2, 2, 2]  # no update, no sync
     assert [c.name for c in checkpoint_dirs(run)] == ["step-00000002"]
     assert read_state(checkpoint_dirs(run)[0])["step"] == 2
+    # checkpoint.save_hf: the checkpoint's policy as a plain Hugging Face directory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = checkpoint_dirs(run)[0] / "policy_hf"
+    assert AutoModelForCausalLM.from_pretrained(hf).num_parameters() > 0
+    assert AutoTokenizer.from_pretrained(hf).eos_token == "[EOS]"
