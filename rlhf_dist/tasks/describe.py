@@ -44,7 +44,7 @@ def build_assets(
     num_demonstrations: int = 4000,
     num_pairs: int = 4000,
     num_prompts: int = 2000,
-    num_eval_prompts: int = 256,
+    num_eval_prompts: int = 1024,
     seed: int = 0,
 ) -> Path:
     out = Path(out_dir)
