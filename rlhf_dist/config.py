@@ -40,6 +40,9 @@ class RunConfig:
     not rerun); ``launch.py --resume <run_dir>`` sets this and ``run.dir``."""
     max_bad_steps: int = 3
     """Stop after this many consecutive PPO steps skipped for non-finite numbers."""
+    max_restarts: int = 20
+    """Lost generators and scorers (process killed, node lost) are replaced and their
+    unfinished work redone; the run stops after this many replacements."""
     stage: Literal["sft", "rm", "ppo", "all"] = "ppo"
     """What to run: one stage of the RLHF recipe, or all three in order. A stage run alone
     reuses earlier stages' outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
@@ -125,6 +128,17 @@ class DataConfig:
 
 
 @dataclass
+class AutoscaleConfig:
+    max_workers: int = 0
+    """Upper bound on generators; 0 = autoscaling off."""
+    generate_frac: float = 0.5
+    """Add one generator after a step whose generation took more than this fraction of the
+    step time (and the cluster has room for one more)."""
+    cooldown_steps: int = 2
+    """Steps to wait after a change before the rule is applied again."""
+
+
+@dataclass
 class RolloutConfig:
     num_workers: int = 2
     """Number of generator actors."""
@@ -132,8 +146,17 @@ class RolloutConfig:
     """CPUs per generator actor."""
     num_gpus: float = 0.0
     """GPUs per generator actor."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per generator, e.g. ``{rollout_node: 1}``: places the pool on the
+    nodes that offer them (``ray start --resources '{"rollout_node": 8}'``)."""
     prompts_per_step: int = 8
-    """Prompts sampled per PPO step, dealt evenly to the generators."""
+    """Prompts sampled per PPO step. They are cut into chunks of ``chunk_prompts`` and dealt
+    by load: each generator takes the next chunk when it finishes one, so a slow or busy
+    worker gets less."""
+    chunk_prompts: int = 0
+    """Prompts per chunk (one ``generate`` call); 0 = about two chunks per configured
+    generator. Each chunk is sampled with a seed of its own, so which generator takes it,
+    and how many generators there are, does not change the samples."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt."""
     max_prompt_tokens: int = 64
@@ -146,6 +169,8 @@ class RolloutConfig:
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    autoscale: AutoscaleConfig = field(default_factory=lambda: AutoscaleConfig())
+    """Grow the pool while generation dominates the step."""
 
 
 @dataclass
@@ -161,6 +186,8 @@ class RewardConfig:
     """CPUs per reward scorer."""
     num_gpus: float = 0.0
     """GPUs per reward scorer."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per reward scorer (node placement)."""
 
 
 @dataclass
@@ -171,6 +198,8 @@ class ReferenceConfig:
     """CPUs per reference scorer."""
     num_gpus: float = 0.0
     """GPUs per reference scorer."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per reference scorer (node placement)."""
 
 
 @dataclass
@@ -181,6 +210,8 @@ class LearnerConfig:
     """CPUs per learner rank."""
     num_gpus: float = 0.0
     """GPUs per learner rank (0 = CPU with gloo; >0 = CUDA with NCCL)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per learner rank (node placement)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage for policy and critic."""
     lr: float = 1e-5
@@ -309,7 +340,7 @@ class Sizes:
     """Sizes derived from the config, computed once and checked for exact division."""
 
     samples_per_step: int
-    prompts_per_generator: int
+    chunk_prompts: int
     minibatches_per_epoch: int
     minibatch_per_rank: int
     grad_accum_steps: int
@@ -349,6 +380,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vtp = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, vtp) for k, v in value.items()}
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -550,12 +586,29 @@ def compute_sizes(cfg: Config) -> Sizes:
         )
 
     samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    per_gen = _divides(
-        "rollout.prompts_per_step",
-        cfg.rollout.prompts_per_step,
-        "rollout.num_workers",
-        cfg.rollout.num_workers,
-    )
+    _positive(cfg, "rollout.chunk_prompts", "run.max_restarts", allow_zero=True)
+    auto = cfg.rollout.autoscale
+    if auto.max_workers:
+        if auto.cooldown_steps < 0:
+            raise ConfigError(
+                f"rollout.autoscale.cooldown_steps: must be >= 0, got {auto.cooldown_steps}"
+            )
+        if auto.max_workers < cfg.rollout.num_workers:
+            raise ConfigError(
+                f"rollout.autoscale.max_workers={auto.max_workers} is below "
+                f"rollout.num_workers={cfg.rollout.num_workers} (0 turns autoscaling off)"
+            )
+        if not 0 < auto.generate_frac < 1:
+            raise ConfigError(
+                f"rollout.autoscale.generate_frac: must be in (0, 1), got {auto.generate_frac}"
+            )
+    for section in ("rollout", "reward", "reference", "learner"):
+        for res, amount in getattr(cfg, section).resources.items():
+            if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
+                raise ConfigError(
+                    f"{section}.resources.{res}: must be a custom resource with an amount > 0 "
+                    f"(CPUs and GPUs are {section}.num_cpus / num_gpus), got {amount}"
+                )
     minibatches = _divides(
         "samples per step (rollout.prompts_per_step * rollout.samples_per_prompt)",
         samples,
@@ -573,7 +626,8 @@ def compute_sizes(cfg: Config) -> Sizes:
     )
     return Sizes(
         samples_per_step=samples,
-        prompts_per_generator=per_gen,
+        chunk_prompts=cfg.rollout.chunk_prompts
+        or math.ceil(cfg.rollout.prompts_per_step / (2 * cfg.rollout.num_workers)),
         minibatches_per_epoch=minibatches,
         minibatch_per_rank=per_rank,
         grad_accum_steps=accum,

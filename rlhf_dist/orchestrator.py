@@ -9,6 +9,7 @@ prompts ─▶ generators ─▶ rollouts ─┬▶ reward scorers ────�
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes, dump_config
 from rlhf_dist.data import PromptCursor
-from rlhf_dist.pools import Pool, check_cluster_resources
+from rlhf_dist.dispatch import LOST, Job, deal
+from rlhf_dist.pools import Pool, PoolError, bundle_of, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
 from rlhf_dist.roles.scorers import import_reward_function
@@ -43,10 +45,9 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
 
-def _chunks(n: int, k: int) -> list[range]:
-    """``k`` contiguous, nearly equal ranges covering ``range(n)`` (empty ones dropped)."""
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+def _chunks(n: int, size: int) -> list[range]:
+    """Contiguous ranges of ``size`` (the last may be shorter) covering ``range(n)``."""
+    return [range(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 class Orchestrator:
@@ -70,6 +71,13 @@ class Orchestrator:
         self.version = 0
         self.skipped_steps = 0
         self.bad_streak = 0
+        self.restarts = 0  # lost generators/scorers replaced
+        self.redone_chunks = 0  # chunks of work resubmitted after a loss
+        self.prompts_consumed = 0  # taken from the cursor by PPO steps
+        self.prompts_trained = 0  # in batches the learner trained on
+        self.last_scale_step = 0
+        # on_dispatch(pool name, slot, task index): called after each submission (fault tests)
+        self.on_dispatch = None
         self.last_checkpoint: Path | None = None
         self.gold = import_reward_function(cfg.eval.gold) if cfg.eval.gold else None
         self.pools: list[Pool] = []
@@ -153,8 +161,7 @@ class Orchestrator:
             name,
             cls,
             section.world_size if name == "learner" else section.num_workers,
-            section.num_cpus,
-            section.num_gpus,
+            bundle_of(section),
             make_args,
             timeout,
         )
@@ -182,9 +189,53 @@ class Orchestrator:
         """Grow the rollout pool between two steps: the new membership forms a new sync group
         and every generator, new ones included, receives the current weights."""
         self.generators.add(n)
+        self._regroup_generators()
+
+    def remove_generators(self, n: int = 1) -> None:
+        """Shrink the rollout pool between two steps (at least one generator stays)."""
+        if not 0 < n < len(self.generators):
+            raise ValueError(f"cannot remove {n} of {len(self.generators)} generators")
+        for _ in range(n):
+            self.generators.remove(len(self.generators) - 1)
+        self._regroup_generators()
+
+    def _regroup_generators(self) -> None:
         if self.sync_backend() != "object_store":
             self._form_sync_group()
         self.sync_weights(self.version)
+
+    # ----------------------------------------------------------------- lost workers
+
+    def _replace(self, pool: Pool, slots: list[int]) -> list[int]:
+        """Start new actors in place of lost ones (counted in ``fault/restarts``)."""
+        for slot in slots:
+            self.restarts += 1
+            if self.restarts > self.cfg.run.max_restarts:
+                raise TrainingError(
+                    f"{pool.name} worker {slot} was lost and run.max_restarts="
+                    f"{self.cfg.run.max_restarts} replacements are used up; "
+                    f"{self._checkpoint_hint()}"
+                )
+            try:
+                pool.replace(slot)
+            except PoolError as e:
+                raise TrainingError(
+                    f"{pool.name} worker {slot} was lost and cannot be replaced: {e}; "
+                    f"{self._checkpoint_hint()}"
+                ) from e
+        return list(slots)
+
+    def _heal_scorers(self, pool: Pool):
+        return lambda lost, busy: self._replace(pool, lost)
+
+    def _heal_generators(self, lost: list[int], busy: bool) -> list[int]:
+        """Lost generators are replaced once no generator call is in flight: the new members
+        form a new sync group with every generator, and all receive the current weights."""
+        if busy:
+            return []
+        self._replace(self.generators, lost)
+        self._regroup_generators()
+        return list(lost)
 
     # ----------------------------------------------------------------- the step blocks
 
@@ -192,30 +243,76 @@ class Orchestrator:
         self, prompt_ids: list[int], prompts: list[str] | None = None, tag: str = "rollout"
     ) -> RolloutBatch:
         """Sample responses for ``prompt_ids`` (indices into ``prompts``, by default the
-        training prompts), dealt to the generators in equal chunks."""
+        training prompts). The prompts are cut into chunks, each with a seed of its own, and
+        dealt to the generators by load; a lost generator's chunk is redone elsewhere."""
         cfg = self.cfg
         prompts = self.inputs.prompts if prompts is None else prompts
         samples = cfg.rollout.samples_per_prompt if tag == "rollout" else 1
         # Evaluation uses the same seeds every time, so evaluations differ by the policy only.
         step = self.step_idx if tag == "rollout" else 0
-        refs = []
-        for g, (gen, part) in enumerate(
-            zip(self.generators.actors, _chunks(len(prompt_ids), len(self.generators)))
-        ):
-            ids = [prompt_ids[i] for i in part]
-            seed = derive_seed(cfg.run.seed, tag, step, g)
-            refs.append(gen.generate.remote([prompts[i] for i in ids], ids, samples, seed))
-        batches = ray.get(refs)
-        batch = RolloutBatch.concat(batches, self.inputs.pad_token_id)
-        batch.extra["compute_s"] = max(b.extra["compute_s"] for b in batches)
-        batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in batches)
+        size = (
+            self.sizes.chunk_prompts
+            if tag == "rollout"
+            else math.ceil(len(prompt_ids) / (2 * cfg.rollout.num_workers))
+        )
+        chunks = [
+            ([prompt_ids[i] for i in part], derive_seed(cfg.run.seed, tag, step, c))
+            for c, part in enumerate(_chunks(len(prompt_ids), size))
+        ]
+
+        def submit(gen, chunk):
+            ids, seed = chunk
+            return gen.generate.remote([prompts[i] for i in ids], ids, samples, seed)
+
+        job = Job(self.generators, chunks, submit, self._heal_generators)
+        deal(job, on_dispatch=self.on_dispatch)
+        self.redone_chunks += job.redone
+        batch = RolloutBatch.concat(job.results, self.inputs.pad_token_id)
+        expected = sorted(i for ids, _ in chunks for i in ids for _ in range(samples))
+        if sorted(batch.prompt_ids) != expected:  # the dealing must neither lose nor repeat
+            raise RuntimeError("generate: the batch's prompts differ from the prompts dealt")
+        batch.extra["compute_s"] = self._critical_path(job)
+        batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in job.results)
+        batch.extra["chunks_per_worker"] = [job.owner.count(s) for s in range(len(self.generators))]
         return batch
 
-    def _rewards(self, batch: RolloutBatch) -> list[ray.ObjectRef]:
-        return [
-            a.score.remote(batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop])
-            for a, p in zip(self.rewards.actors, _chunks(len(batch), len(self.rewards)))
+    @staticmethod
+    def _critical_path(job: Job) -> float:
+        """The busiest worker's compute: the sum over the tasks it returned."""
+        per_slot: dict[int, float] = {}
+        for slot, r in zip(job.owner, job.results):
+            c = r.extra["compute_s"] if isinstance(r, RolloutBatch) else r["compute_s"]
+            per_slot[slot] = per_slot.get(slot, 0.0) + c
+        return max(per_slot.values(), default=0.0)
+
+    def _score_jobs(self, batch: RolloutBatch, references: bool = True) -> list[Job]:
+        """Reward (and reference) scoring of ``batch`` in chunks, dealt by load."""
+
+        def parts(pool: Pool) -> list[range]:
+            return _chunks(len(batch), math.ceil(len(batch) / (2 * len(pool))))
+
+        jobs = [
+            Job(
+                self.rewards,
+                parts(self.rewards),
+                lambda a, p: a.score.remote(
+                    batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop]
+                ),
+                self._heal_scorers(self.rewards),
+            )
         ]
+        if references:
+            jobs.append(
+                Job(
+                    self.references,
+                    parts(self.references),
+                    lambda a, p: a.ref_logprobs.remote(batch.select(list(p))),
+                    self._heal_scorers(self.references),
+                )
+            )
+        deal(*jobs, on_dispatch=self.on_dispatch)
+        self.redone_chunks += sum(j.redone for j in jobs)
+        return jobs
 
     def evaluate(self) -> dict:
         """Gold score (mean and standard error) of the current policy on held-out prompts,
@@ -223,7 +320,8 @@ class Orchestrator:
         prompts = self.inputs.eval_prompts
         batch = self.generate(list(range(len(prompts))), prompts, tag="eval")
         gold = torch.tensor(self.gold(batch.prompts, batch.responses), dtype=torch.float64)
-        proxy = torch.cat([r["scores"] for r in ray.get(self._rewards(batch))])
+        (rewards,) = self._score_jobs(batch, references=False)
+        proxy = torch.cat([r["scores"] for r in rewards.results])
         n = len(gold)
         return {
             "eval/gold_score": gold.mean().item(),
@@ -235,15 +333,10 @@ class Orchestrator:
 
     def score(self, batch: RolloutBatch) -> float:
         """Reward and reference scores, computed concurrently; returns the slowest compute."""
-        reward_refs = self._rewards(batch)
-        ref_refs = [
-            a.ref_logprobs.remote(batch.select(list(p)))
-            for a, p in zip(self.references.actors, _chunks(len(batch), len(self.references)))
-        ]
-        rewards, refs = ray.get(reward_refs), ray.get(ref_refs)
-        batch.scores = torch.cat([r["scores"] for r in rewards])
-        batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs])
-        return max(r["compute_s"] for r in rewards + refs)
+        rewards, refs = self._score_jobs(batch)
+        batch.scores = torch.cat([r["scores"] for r in rewards.results])
+        batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs.results])
+        return max(self._critical_path(rewards), self._critical_path(refs))
 
     def train(self, batch: RolloutBatch) -> dict:
         seed = derive_seed(self.cfg.run.seed, self.step_idx, "ppo")
@@ -259,7 +352,20 @@ class Orchestrator:
         return metrics
 
     def sync_weights(self, version: int) -> float:
-        """Broadcast the learner's policy to every generator as ``version``; verify."""
+        """Broadcast the learner's policy to every generator as ``version``; verify. A
+        generator lost during the sync, or left waiting on the broken group, is replaced; the
+        group is re-formed and the sync redone."""
+        while True:
+            lost = self._sync_once(version)
+            if isinstance(lost, float):
+                self.version = version
+                return lost
+            self._replace(self.generators, lost)
+            if self.sync_backend() != "object_store":
+                self._form_sync_group()
+
+    def _sync_once(self, version: int) -> float | list[int]:
+        """One sync attempt: its slowest compute, or the generator slots to replace."""
         bucket = int(self.cfg.sync.bucket_mb * (1 << 20))
         verify = self.cfg.sync.verify
         if self.sync_backend() == "object_store":
@@ -276,7 +382,18 @@ class Orchestrator:
         else:
             send = self.learners.call("broadcast_weights", bucket, version, verify)
             recv = self.generators.call("receive_weights", self.manifest, bucket, version, verify)
-        sent, got = ray.get(send)[0], ray.get(recv)
+        if self.on_dispatch is not None:
+            for slot in range(len(recv)):
+                self.on_dispatch("weight_sync", slot, 0)
+        got, lost, hung = self._wait_receivers(recv, send)
+        if lost:
+            # The learner's send fails or ends with the group; a dead learner ends the run.
+            try:
+                ray.get(send)
+            except ray.exceptions.RayTaskError:
+                pass
+            return sorted(lost | hung)
+        sent = ray.get(send)[0]
         if verify:
             for i, g in enumerate(got):
                 if g["checksum"] != sent["checksum"] or g["version"] != version:
@@ -284,8 +401,39 @@ class Orchestrator:
                         f"generator {i} holds version {g['version']} checksum {g['checksum']}, "
                         f"learner sent version {version} checksum {sent['checksum']}"
                     )
-        self.version = version
         return max([sent["compute_s"]] + [g["compute_s"] for g in got])
+
+    def _wait_receivers(self, recv: list, send: list) -> tuple[list, set[int], set[int]]:
+        """Results of the generators' receive calls, the slots lost, and (once one is lost)
+        the slots left waiting on the broken group: those still receiving a moment after the
+        learner's send has ended (it fails, or gloo times out after ``sync.timeout_s``)."""
+        slot = {ref: i for i, ref in enumerate(recv)}
+        got: list = [None] * len(recv)
+        lost: set[int] = set()
+        errors: list = []
+        pending = list(recv)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                got[slot[ready[0]]] = ray.get(ready[0])
+            except LOST:
+                lost.add(slot[ready[0]])
+                break
+            except ray.exceptions.RayTaskError:
+                errors.append(ready[0])  # the group broke under it: a loss shows next
+        if lost:
+            ray.wait(send, num_returns=len(send), timeout=self.cfg.sync.timeout_s + 10)
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except LOST:
+                    lost.add(slot[ref])
+                except ray.exceptions.RayTaskError:
+                    pass
+        elif errors:
+            ray.get(errors[0])  # a failure with no member lost: a real error, raise it
+        return got, lost, {slot[r] for r in pending}
 
     # ----------------------------------------------------------------- the loop
 
@@ -300,6 +448,7 @@ class Orchestrator:
 
         t_step = time.perf_counter()
         prompt_ids = self.cursor.take(self.cfg.rollout.prompts_per_step)
+        self.prompts_consumed += len(prompt_ids)
         with timed("generate"):
             batch = self.generate(prompt_ids)
         with timed("score"):
@@ -310,6 +459,7 @@ class Orchestrator:
         if train.get("skipped"):
             return self._skipped_step(batch, train, times, time.perf_counter() - t_step)
         self.bad_streak = 0
+        self.prompts_trained += len(batch) // self.cfg.rollout.samples_per_prompt
         with timed("weight_sync"):
             sync_compute = self.sync_weights(self.version + 1)
         step_time = time.perf_counter() - t_step
@@ -335,7 +485,10 @@ class Orchestrator:
             "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
             "sync/version": self.version,
             "fault/skipped_steps": self.skipped_steps,
+            **self._fault_metrics(),
             "pool/num_generators": len(self.generators),
+            "pool/chunks_per_generator_min": min(batch.extra["chunks_per_worker"]),
+            "pool/chunks_per_generator_max": max(batch.extra["chunks_per_worker"]),
             "data/epoch": self.cursor.epoch,
         }
         metrics.update(self.system_metrics())
@@ -354,6 +507,31 @@ class Orchestrator:
         self.metrics.log(metrics)
         return metrics
 
+    def _fault_metrics(self) -> dict:
+        return {
+            "fault/restarts": self.restarts,
+            "fault/redone_chunks": self.redone_chunks,
+            "data/prompts_consumed": self.prompts_consumed,
+            "data/prompts_trained": self.prompts_trained,
+        }
+
+    def autoscale(self, metrics: dict) -> bool:
+        """Add one generator when generation took more than ``rollout.autoscale.generate_frac``
+        of the step, below ``max_workers``, out of cooldown, and the cluster has room."""
+        auto = self.cfg.rollout.autoscale
+        if (
+            not auto.max_workers
+            or "time/generate" not in metrics
+            or len(self.generators) >= auto.max_workers
+            or self.step_idx - self.last_scale_step < auto.cooldown_steps
+            or metrics["time/generate"] <= auto.generate_frac * metrics["time/step"]
+            or not self.generators.has_room()
+        ):
+            return False
+        self.add_generators(1)
+        self.last_scale_step = self.step_idx
+        return True
+
     def _skipped_step(self, batch: RolloutBatch, train: dict, times: dict, step_time: float):
         """A step whose numbers were not finite: no update, no sync; counted, and the run stops
         after ``run.max_bad_steps`` in a row."""
@@ -368,6 +546,7 @@ class Orchestrator:
             "sync/version": self.version,
             "fault/skipped_steps": self.skipped_steps,
             "fault/skip_reason": ",".join(train["reason"]),
+            **self._fault_metrics(),
         }
         self.metrics.log(metrics)
         if self.bad_streak >= self.cfg.run.max_bad_steps:
@@ -403,6 +582,10 @@ class Orchestrator:
             "kl_controller": self.kl_ctl.state_dict(),
             "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak,
+            "restarts": self.restarts,
+            "redone_chunks": self.redone_chunks,
+            "prompts_consumed": self.prompts_consumed,
+            "prompts_trained": self.prompts_trained,
         }
         self.last_checkpoint = checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
         return self.last_checkpoint
@@ -423,6 +606,8 @@ class Orchestrator:
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.skipped_steps = state.get("skipped_steps", 0)
             self.bad_streak = state.get("bad_streak", 0)
+            for key in ("restarts", "redone_chunks", "prompts_consumed", "prompts_trained"):
+                setattr(self, key, state.get(key, 0))
             self.sync_weights(self.version)
             dropped = self.metrics.rollback(self.step_idx)
             self.last_checkpoint = ckpt
@@ -440,10 +625,20 @@ class Orchestrator:
         return str(out_dir)
 
     def system_metrics(self) -> dict:
-        """Memory and CPU (and GPU) use of each pool's actors: the largest RSS, mean CPU."""
+        """Memory and CPU (and GPU) use of each pool's actors: the largest RSS, mean CPU. A
+        worker lost since its last call is left out (it is replaced when next given work)."""
         refs = {name: p.call("system_stats") for name, p in self._named_pools().items()}
         out = {}
-        for name, stats in ((n, ray.get(r)) for n, r in refs.items()):
+        for name, pending in refs.items():
+            stats = []
+            for ref in pending:
+                try:
+                    stats.append(ray.get(ref))
+                except LOST:
+                    if name == "learner":
+                        raise
+            if not stats:
+                continue
             out[f"pool/{name}_rss_mb"] = max(s["rss_mb"] for s in stats)
             out[f"pool/{name}_cpu_percent"] = sum(s["cpu_percent"] for s in stats) / len(stats)
             if all("gpu_mem_mb" in s for s in stats):
@@ -485,11 +680,18 @@ class Orchestrator:
         for _ in range(self.step_idx, self.cfg.run.steps):
             try:
                 m = self.step()
-            except ray.exceptions.RayActorError as e:
+                scaled = self.autoscale(m)
+            except LOST as e:
+                # Generators and scorers are replaced as they go; a learner rank cannot be.
                 raise TrainingError(
-                    f"a worker died at step {self.step_idx + 1} ({e.__class__.__name__}); "
+                    f"a learner rank died at step {self.step_idx + 1} ({e.__class__.__name__}); "
                     f"{self._checkpoint_hint()}"
                 ) from e
+            if scaled:
+                log(
+                    f"autoscale: generation took {m['time/generate'] / m['time/step']:.0%} of "
+                    f"the step; now {len(self.generators)} generators"
+                )
             history.append(m)
             skipped = "fault/skip_reason" in m
             # a skipped step changed no weights: the previous checkpoint stays the newest

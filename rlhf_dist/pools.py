@@ -23,91 +23,130 @@ def _node_ip(_self) -> str:
     return ray.util.get_node_ip_address()
 
 
-def pool_requests(cfg: Config) -> dict[str, tuple[int, float, float]]:
-    """Each pool's (workers, CPUs per worker, GPUs per worker), keyed by config section."""
+def bundle_of(section) -> dict[str, float]:
+    """One worker's placement-group bundle: CPUs, GPUs and custom resources of a pool section."""
+    out = {"CPU": section.num_cpus} | ({"GPU": section.num_gpus} if section.num_gpus > 0 else {})
+    return out | dict(section.resources)
+
+
+def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
+    """Each pool's (workers, bundle per worker), keyed by config section."""
     return {
-        "learner": (cfg.learner.world_size, cfg.learner.num_cpus, cfg.learner.num_gpus),
-        "rollout": (cfg.rollout.num_workers, cfg.rollout.num_cpus, cfg.rollout.num_gpus),
-        "reward": (cfg.reward.num_workers, cfg.reward.num_cpus, cfg.reward.num_gpus),
-        "reference": (cfg.reference.num_workers, cfg.reference.num_cpus, cfg.reference.num_gpus),
+        "learner": (cfg.learner.world_size, bundle_of(cfg.learner)),
+        "rollout": (cfg.rollout.num_workers, bundle_of(cfg.rollout)),
+        "reward": (cfg.reward.num_workers, bundle_of(cfg.reward)),
+        "reference": (cfg.reference.num_workers, bundle_of(cfg.reference)),
     }
 
 
 def total_cpus(cfg: Config) -> float:
-    return sum(n * c for n, c, _ in pool_requests(cfg).values())
+    return sum(n * b["CPU"] for n, b in pool_requests(cfg).values())
+
+
+def _key(name: str, res: str) -> str:
+    return f"{name}.num_{res.lower()}s" if res in ("CPU", "GPU") else f"{name}.resources.{res}"
 
 
 def check_cluster_resources(cfg: Config, only: tuple[str, ...] | None = None) -> None:
     """Refuse a job whose pools cannot fit the cluster, naming the first pool that does not."""
     have = ray.cluster_resources()
-    used = {"CPU": 0.0, "GPU": 0.0}
-    for name, (n, cpus, gpus) in pool_requests(cfg).items():
+    used: dict[str, float] = {}
+    for name, (n, bundle) in pool_requests(cfg).items():
         if only is not None and name not in only:
             continue
-        for res, per in (("CPU", cpus), ("GPU", gpus)):
-            used[res] += n * per
+        for res, per in bundle.items():
+            used[res] = used.get(res, 0.0) + n * per
             if used[res] > have.get(res, 0.0) + 1e-9:
                 raise PoolError(
-                    f"{name}: {n} workers x {name}.num_{res.lower()}s={per} need "
+                    f"{name}: {n} workers x {_key(name, res)}={per:g} need "
                     f"{used[res]:g} {res} in total with the pools before it, but the cluster "
                     f"has {have.get(res, 0.0):g} {res}"
                 )
 
 
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor)
+    except ValueError:  # not an actor handle any more (already gone)
+        pass
+
+
 class Pool:
     """Actors of one role class. Each actor has a placement group of its own (one bundle), so
-    a pool can grow and shrink at runtime and a worker that cannot be placed fails clearly."""
+    a pool can grow, shrink and replace a lost worker at runtime, and a worker that cannot be
+    placed fails clearly."""
 
     def __init__(
         self,
         name: str,
         role_cls: type,
         num_workers: int,
-        num_cpus: float,
-        num_gpus: float,
+        bundle: dict[str, float],
         make_args: Callable[[int], tuple[tuple, dict]],
         placement_timeout_s: float,
     ):
-        self.name, self.num_cpus, self.num_gpus = name, num_cpus, num_gpus
+        self.name, self.bundle = name, dict(bundle)
         self.make_args, self.timeout = make_args, placement_timeout_s
         self.remote_cls = ray.remote(role_cls)
         self.actors: list = []
         self.pgs: list = []
         self.add(num_workers)
 
-    def add(self, n: int) -> list:
-        """Start ``n`` more actors; returns them."""
-        bundle = {"CPU": self.num_cpus} | ({"GPU": self.num_gpus} if self.num_gpus > 0 else {})
-        pgs = [placement_group([dict(bundle)]) for _ in range(n)]
+    def _place(self, n: int) -> list:
+        pgs = [placement_group([dict(self.bundle)]) for _ in range(n)]
         ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=n, timeout=self.timeout)
         if len(ready) < n:
             for pg in pgs:
                 remove_placement_group(pg)
             raise PoolError(
-                f"{self.name}: {n} more workers x {bundle} could not be placed within "
+                f"{self.name}: {n} more workers x {self.bundle} could not be placed within "
                 f"{self.timeout:g}s (ray.placement_timeout_s); cluster resources "
                 f"available: {ray.available_resources()}"
             )
-        threads = str(max(1, math.floor(self.num_cpus)))
+        return pgs
+
+    def _start(self, i: int, pg):
+        args, kwargs = self.make_args(i)
+        extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
+        return self.remote_cls.options(
+            num_cpus=self.bundle["CPU"],
+            num_gpus=self.bundle.get("GPU", 0),
+            resources=extra or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
+            # OMP/torch threads follow the CPUs a worker was given.
+            runtime_env={
+                "env_vars": {"OMP_NUM_THREADS": str(max(1, math.floor(self.bundle["CPU"])))}
+            },
+        ).remote(*args, **kwargs)
+
+    def add(self, n: int) -> list:
+        """Start ``n`` more actors; returns them."""
         new = []
-        for pg in pgs:
-            args, kwargs = self.make_args(len(self.actors))
-            actor = self.remote_cls.options(
-                num_cpus=self.num_cpus,
-                num_gpus=self.num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-                # OMP/torch threads follow the CPUs a worker was given.
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
-            ).remote(*args, **kwargs)
+        for pg in self._place(n):
+            actor = self._start(len(self.actors), pg)
             self.actors.append(actor)
             self.pgs.append(pg)
             new.append(actor)
         return new
 
+    def has_room(self) -> bool:
+        """Whether the cluster has the resources for one more worker right now."""
+        free = ray.available_resources()
+        return all(free.get(k, 0.0) + 1e-9 >= v for k, v in self.bundle.items())
+
+    def replace(self, i: int):
+        """Stop actor ``i`` (lost or hung) and start a new one in its place, on a new placement
+        group (the old one may be on a node that is gone). Returns the new actor."""
+        _kill(self.actors[i])
+        remove_placement_group(self.pgs[i])
+        (pg,) = self._place(1)
+        self.actors[i], self.pgs[i] = self._start(i, pg), pg
+        return self.actors[i]
+
     def remove(self, i: int) -> None:
         """Stop actor ``i`` and free its resources."""
         actor, pg = self.actors.pop(i), self.pgs.pop(i)
-        ray.kill(actor)
+        _kill(actor)
         remove_placement_group(pg)
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 
 from rlhf_dist.config import Config
-from rlhf_dist.pools import Pool, check_cluster_resources
+from rlhf_dist.pools import Pool, bundle_of, check_cluster_resources
 from rlhf_dist.preflight import SupervisedInputs
 from rlhf_dist.roles.supervised import RewardLearner, SFTLearner
 from rlhf_dist.tracking import Tracker
@@ -55,8 +55,7 @@ def run_supervised_stage(
         f"{stage} learner",
         role,
         world,
-        cfg.learner.num_cpus,
-        cfg.learner.num_gpus,
+        bundle_of(cfg.learner),
         lambda i: ((cfg, i, world), {}),
         cfg.ray.placement_timeout_s,
     )

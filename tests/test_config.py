@@ -56,7 +56,7 @@ def test_defaults_sizes():
     # defaults: 8 prompts x 1 sample, 2 generators, minibatch 8, 1 rank, micro 4
     assert compute_sizes(Config()) == Sizes(
         samples_per_step=8,
-        prompts_per_generator=4,
+        chunk_prompts=2,  # about two chunks per generator
         minibatches_per_epoch=1,
         minibatch_per_rank=8,
         grad_accum_steps=2,
@@ -251,13 +251,59 @@ def test_literal_accepted():
 # ----------------------------------------------------------------------------- sizes
 
 
+def test_prompts_need_not_divide_among_generators():
+    """Prompts are dealt in chunks by load, so any pool size works with any step size."""
+    cfg = load_config(
+        None,
+        [
+            "rollout.prompts_per_step=9",
+            "rollout.num_workers=2",
+            "ppo.minibatch_size=3",
+            "ppo.micro_batch_size=3",
+        ],
+    )
+    assert compute_sizes(cfg).chunk_prompts == 3  # ceil(9 / 4)
+    cfg = load_config(
+        None,
+        [
+            "rollout.prompts_per_step=9",
+            "rollout.chunk_prompts=4",
+            "ppo.minibatch_size=9",
+            "ppo.micro_batch_size=3",
+        ],
+    )
+    assert compute_sizes(cfg).chunk_prompts == 4
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("rollout.autoscale.max_workers=1", r"rollout.autoscale.max_workers=1 is below"),
+        ("rollout.autoscale={max_workers: 4, generate_frac: 1.5}", "generate_frac"),
+        ("rollout.autoscale={max_workers: 4, cooldown_steps: -1}", "cooldown_steps"),
+        ("reward.resources={CPU: 1}", "reward.resources.CPU: must be a custom resource"),
+        ("rollout.resources={rollout_node: 0}", r"rollout.resources.rollout_node: .*> 0"),
+        ("learner.resources=[a]", "learner.resources: expected a mapping"),
+        ("reference.resources={node: fast}", "reference.resources.node: expected a number"),
+        ("rollout.chunk_prompts=-1", "rollout.chunk_prompts"),
+    ],
+)
+def test_pool_placement_and_autoscale_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_custom_resources_load():
+    cfg = load_config(
+        None, ["rollout.resources={rollout_node: 1}", "learner.resources={gpu_a: 0.5}"]
+    )
+    assert cfg.rollout.resources == {"rollout_node": 1.0}
+    assert cfg.learner.resources == {"gpu_a": 0.5}
+
+
 @pytest.mark.parametrize(
     "overrides, names",
     [
-        (
-            ["rollout.prompts_per_step=9", "rollout.num_workers=2"],
-            ["rollout.prompts_per_step=9", "rollout.num_workers=2"],
-        ),
         (
             ["rollout.prompts_per_step=6", "rollout.num_workers=2", "ppo.minibatch_size=4"],
             ["rollout.prompts_per_step", "rollout.samples_per_prompt", "ppo.minibatch_size=4"],
@@ -296,11 +342,11 @@ def test_compute_sizes_hand_computed():
             "ppo.micro_batch_size=4",
         ],
     )
-    # 12 * 4 = 48 samples; 12 / 3 = 4 prompts per generator; 48 / 16 = 3 minibatches;
+    # 12 * 4 = 48 samples; 48 / 16 = 3 minibatches;
     # 16 / 2 = 8 per rank; 8 / 4 = 2 accumulation steps
     assert compute_sizes(cfg) == Sizes(
         samples_per_step=48,
-        prompts_per_generator=4,
+        chunk_prompts=2,  # ceil(12 / (2 * 3))
         minibatches_per_epoch=3,
         minibatch_per_rank=8,
         grad_accum_steps=2,
