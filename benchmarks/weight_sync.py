@@ -122,7 +122,9 @@ class Member:
         import torch
 
         if fill:
-            self.limit_buf = self.ws.flat_bucket(self._params())
+            self.limit_buf = torch.cat(
+                [p.detach().view(-1).view(torch.uint8) for p in self._params()]
+            )
         elif self.limit_buf is None:
             n = sum(s.nbytes for s in self.manifest)
             self.limit_buf = torch.empty(n, dtype=torch.uint8)
@@ -137,7 +139,7 @@ class Member:
     def send_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
         params = self._params()
         buckets = (
-            [params[i] for i in idx] for idx in self.ws.plan_buckets(self.manifest, bucket_bytes)
+            (b, params[b.start : b.stop]) for b in self.ws.plan_buckets(self.manifest, bucket_bytes)
         )
         return self.ws.send(self.group, buckets, verify)
 
@@ -163,7 +165,7 @@ class Member:
     def object_store_buckets(self, bucket_bytes: int) -> dict:
         params = self._params()
         plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
-        return {"buckets": [self.ws.flat_bucket([params[i] for i in idx]) for idx in plan]}
+        return {"buckets": [self.ws.flat_bucket(b, params[b.start : b.stop]) for b in plan]}
 
     def load_object_store(self, bucket_bytes: int, sent: dict) -> None:
         self.ws.load_buckets(self.model, self.manifest, bucket_bytes, sent["buckets"])

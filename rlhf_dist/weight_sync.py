@@ -4,18 +4,26 @@ The group (learner rank 0 = rank 0, generator ``i`` = rank ``i + 1``) is separat
 DeepSpeed's: it rendezvous through a ``TCPStore`` that learner rank 0 hosts, under a prefix
 of its own, so a new membership forms a new group without touching the learner's.
 
-Parameters travel as raw bytes in flat buckets of about ``bucket_mb`` (dtypes are kept: a
-bf16 tensor travels as bf16), in the order of a *manifest* that both sides agree on. Tied
-weights appear once (``named_parameters`` de-duplicates shared ``Parameter`` objects).
+Parameters travel as raw bytes in flat uint8 buckets of at most ``bucket_bytes`` (a larger
+parameter gets a bucket of its own), in the order of a *manifest* that both sides agree on;
+dtypes are kept (a bf16 tensor travels as bf16). Tied weights appear once
+(``named_parameters`` de-duplicates shared ``Parameter`` objects). ``plan_buckets`` lays the
+buckets out for both sides: each parameter starts at a multiple of ``ALIGN`` bytes, so its
+slice of a bucket can be viewed as its dtype and shape; the padding between parameters
+carries nothing.
 
-Each side keeps two bucket buffers for the life of the group and alternates between them, so
-packing (or unpacking) one bucket overlaps the transfer of the next, and no sync allocates.
+The learner packs each bucket into one of two reusable buffers and alternates between them,
+so packing bucket k+1 overlaps the transfer of bucket k. A generator receives in place: the
+first time it sees a layout it moves its parameters into one persistent buffer per bucket
+(each parameter's ``.data`` becomes a view of its slice), and from then on every bucket is
+broadcast straight into them, with no unpacking copy and no allocation.
 
-The checksum is an XXH3-128 digest of the parameters' bytes in manifest order. The learner
-hashes the buckets it sends; a generator hashes the parameters it holds after loading. The
-two digests are equal exactly when the generator holds the learner's weights bit for bit
-(barring a 2^-128 collision; XXH3 is not cryptographic, and needs not be: it checks a transfer,
-and it is ~40x faster than BLAKE2b, which mattered at 100M parameters).
+The checksum is an XXH3-128 digest of the parameters' bytes in manifest order (never the
+padding). The learner hashes the parameter slices of the buckets it sends; a generator
+hashes the parameters it holds after loading. The two digests are equal exactly when the
+generator holds the learner's weights bit for bit (barring a 2^-128 collision; XXH3 is not
+cryptographic, and needs not be: it checks a transfer, and it is ~40x faster than BLAKE2b,
+which mattered at 100M parameters).
 """
 
 from __future__ import annotations
@@ -57,20 +65,48 @@ def manifest_of(model: nn.Module) -> list[ParamSpec]:
     return [ParamSpec(n, full_shape(p), str(p.dtype)) for n, p in model.named_parameters()]
 
 
-def plan_buckets(manifest: list[ParamSpec], bucket_bytes: int) -> list[list[int]]:
-    """Consecutive parameter indices grouped into buckets of at most ``bucket_bytes``
-    (a single larger parameter gets a bucket of its own)."""
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
+ALIGN = 64  # bytes; a multiple of every dtype's element size
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Manifest entries ``start`` to ``stop - 1`` in one flat buffer of ``nbytes`` bytes,
+    entry ``i`` at byte ``offsets[i]``."""
+
+    start: int
+    specs: tuple[ParamSpec, ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.specs)
+
+    def slices(self, flat: Tensor) -> list[Tensor]:
+        """Each parameter's bytes in ``flat`` (this bucket's buffer), padding left out."""
+        return [flat[o : o + s.nbytes] for o, s in zip(self.offsets, self.specs)]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Each parameter's slice of ``flat`` seen as its dtype and shape."""
+        return [
+            b.view(_dtype(s.dtype)).view(s.shape) for b, s in zip(self.slices(flat), self.specs)
+        ]
+
+
+def plan_buckets(manifest: list[ParamSpec], bucket_bytes: int) -> list[Bucket]:
+    """The bucket layout both sides use: consecutive parameters, each at an ``ALIGN``-ed
+    offset, in buckets of at most ``bucket_bytes`` (a larger parameter gets its own)."""
+    buckets: list[Bucket] = []
+    start, offsets, end = 0, [], 0
     for i, spec in enumerate(manifest):
-        if cur and size + spec.nbytes > bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += spec.nbytes
-    if cur:
-        buckets.append(cur)
+        offset = -(-end // ALIGN) * ALIGN  # the end so far, rounded up
+        if offsets and offset + spec.nbytes > bucket_bytes:
+            buckets.append(Bucket(start, tuple(manifest[start:i]), tuple(offsets), end))
+            start, offsets, offset = i, [], 0
+        offsets.append(offset)
+        end = offset + spec.nbytes
+    if offsets:
+        buckets.append(Bucket(start, tuple(manifest[start:]), tuple(offsets), end))
     return buckets
 
 
@@ -138,31 +174,45 @@ class SyncGroup:
         return self.pg.broadcast(tensor, 0)
 
 
-def send(group: SyncGroup, buckets: Iterable[list[Tensor]], verify: bool) -> str | None:
-    """Broadcast each bucket (a list of full tensors, in manifest order) from rank 0, packing
-    bucket k+1 while bucket k is on the wire. Each list is packed before the next is asked
-    for (under ZeRO-3 the caller gathers a bucket only for that long). Returns the checksum."""
+def _pack(bucket: Bucket, tensors: list[Tensor], flat: Tensor) -> Tensor:
+    """Copy ``tensors`` (the bucket's full parameters) into their slices of ``flat``."""
+    for b, t in zip(bucket.slices(flat), tensors):
+        b.copy_(_as_bytes(t))
+    return flat
+
+
+def send(
+    group: SyncGroup, buckets: Iterable[tuple[Bucket, list[Tensor]]], verify: bool
+) -> str | None:
+    """Broadcast each bucket (its layout and its full tensors, in manifest order) from rank 0,
+    packing bucket k+1 while bucket k is on the wire. Each bucket is packed before the next
+    is asked for (under ZeRO-3 the caller gathers a bucket only for that long). Returns the
+    checksum."""
     h = _new_hash() if verify else None
     works = [None, None]
-    for k, tensors in enumerate(buckets):
+    for k, (bucket, tensors) in enumerate(buckets):
         slot = k % 2
         if works[slot] is not None:
             works[slot].wait()  # this buffer's previous bucket has left
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        flat = group.buffer(slot, nbytes)
-        torch.cat([_as_bytes(t).to(flat.device) for t in tensors], out=flat)
+        flat = _pack(bucket, tensors, group.buffer(slot, bucket.nbytes))
         works[slot] = group.broadcast(flat)
-        if h is not None:
-            _update_hash(h, flat)  # overlaps the transfer
+        if h is not None:  # overlaps the transfer
+            for b in bucket.slices(flat.cpu()):
+                _update_hash(h, b)
     for w in works:
         if w is not None:
             w.wait()
     return h.hexdigest() if h is not None else None
 
 
-def flat_bucket(tensors: Iterable[Tensor]) -> Tensor:
-    """The raw bytes of ``tensors`` back to back (a new tensor, for the object store)."""
-    return torch.cat([_as_bytes(t) for t in tensors])
+def flat_bucket(bucket: Bucket, tensors: list[Tensor]) -> Tensor:
+    """One bucket packed into a new CPU tensor (for the object store)."""
+    return _pack(bucket, tensors, torch.zeros(bucket.nbytes, dtype=torch.uint8))
+
+
+def buckets_checksum(plan: list[Bucket], flats: list[Tensor]) -> str:
+    """The checksum of the parameters that flat buckets hold."""
+    return checksum(b for bucket, flat in zip(plan, flats) for b in bucket.slices(flat))
 
 
 def _check_manifest(params: dict[str, Tensor], manifest: list[ParamSpec]) -> None:
@@ -176,46 +226,50 @@ def _check_manifest(params: dict[str, Tensor], manifest: list[ParamSpec]) -> Non
             )
 
 
-def _unpack(params: dict[str, Tensor], specs: list[ParamSpec], flat: Tensor) -> None:
-    """Copy one bucket's bytes into the parameters it holds."""
-    offset = 0
-    for s in specs:
-        p = params[s.name]
-        p.data.copy_(flat[offset : offset + s.nbytes].view(p.dtype).view(p.shape).to(p.device))
-        offset += s.nbytes
+@torch.no_grad()
+def bucket_buffers(model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int) -> list[Tensor]:
+    """The persistent buffers (one per bucket) that ``model``'s parameters live in. The first
+    call for a layout (or after a parameter was moved out of them) allocates them on the
+    model's device, copies the parameters in and makes each parameter's ``.data`` a view of
+    its slice; later calls return the same buffers."""
+    params = dict(model.named_parameters())
+    _check_manifest(params, manifest)
+    ptrs = [params[s.name].data_ptr() for s in manifest]
+    key, held = (tuple(manifest), bucket_bytes), getattr(model, "_weight_sync_buffers", None)
+    if held is not None and held[0] == key and held[1] == ptrs:
+        return held[2]
+    buffers = []
+    for bucket in plan_buckets(manifest, bucket_bytes):
+        ps = [params[s.name] for s in bucket.specs]
+        flat = torch.zeros(bucket.nbytes, dtype=torch.uint8, device=ps[0].device)
+        for p, view in zip(ps, bucket.views(flat)):
+            view.copy_(p.data)
+            p.data = view  # a tied Parameter is one object: every module sees the view
+        buffers.append(flat)
+    ptrs = [params[s.name].data_ptr() for s in manifest]
+    model._weight_sync_buffers = (key, ptrs, buffers)
+    return buffers
 
 
 @torch.no_grad()
 def receive(
     group: SyncGroup, model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int
 ) -> None:
-    """Receive every bucket broadcast by rank 0 into ``model``'s parameters, unpacking
-    bucket k while bucket k+1 arrives."""
-    params = dict(model.named_parameters())
-    _check_manifest(params, manifest)
-    plan = [[manifest[i] for i in idx] for idx in plan_buckets(manifest, bucket_bytes)]
-
-    def post(k: int):
-        flat = group.buffer(k % 2, sum(s.nbytes for s in plan[k]))
-        return flat, group.broadcast(flat)
-
-    pending = post(0) if plan else None
-    for k in range(len(plan)):
-        flat, work = pending
-        work.wait()
-        pending = post(k + 1) if k + 1 < len(plan) else None
-        _unpack(params, plan[k], flat)
+    """Receive every bucket broadcast by rank 0 straight into ``model``'s parameters (all
+    buckets posted at once, then waited on)."""
+    works = [group.broadcast(flat) for flat in bucket_buffers(model, manifest, bucket_bytes)]
+    for w in works:
+        w.wait()
 
 
 @torch.no_grad()
 def load_buckets(
     model: nn.Module, manifest: list[ParamSpec], bucket_bytes: int, buckets: list[Tensor]
 ) -> None:
-    """Fallback transport: load buckets that came through Ray's object store."""
-    params = dict(model.named_parameters())
-    _check_manifest(params, manifest)
-    plan = plan_buckets(manifest, bucket_bytes)
-    if len(plan) != len(buckets):
-        raise ValueError(f"weight sync: expected {len(plan)} buckets, got {len(buckets)}")
-    for idx, flat in zip(plan, buckets):
-        _unpack(params, [manifest[i] for i in idx], flat)
+    """Fallback transport: load buckets that came through Ray's object store (one copy each
+    into the parameters' buffers)."""
+    buffers = bucket_buffers(model, manifest, bucket_bytes)
+    if len(buffers) != len(buckets):
+        raise ValueError(f"weight sync: expected {len(buffers)} buckets, got {len(buckets)}")
+    for buf, flat in zip(buffers, buckets):
+        buf.copy_(flat)

@@ -231,15 +231,15 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         return weight_sync.manifest_of(self.policy.module)
 
     def _buckets(self, bucket_bytes: int):
-        """Yield each bucket's full parameters on rank 0 (None elsewhere), gathered only while
-        the consumer handles that bucket. Under ZeRO-3 every rank takes part in gathering, so
-        every rank must iterate this."""
+        """Yield (layout, full parameters) for each bucket on rank 0 (parameters None
+        elsewhere), gathered only while the consumer handles that bucket. Under ZeRO-3 every
+        rank takes part in gathering, so every rank must iterate this."""
         manifest = self.sync_manifest()
         params = [p for _, p in self.policy.module.named_parameters()]
-        for idx in weight_sync.plan_buckets(manifest, bucket_bytes):
-            ps = [params[i] for i in idx]
+        for bucket in weight_sync.plan_buckets(manifest, bucket_bytes):
+            ps = params[bucket.start : bucket.stop]
             with self.gathered(ps):
-                yield ps if self.rank == 0 else None
+                yield bucket, ps if self.rank == 0 else None
 
     def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
         assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
@@ -265,19 +265,19 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         store; called with ``num_returns=2`` so the driver never fetches the weights. Call on
         every rank; rank 0 returns the buckets."""
         t0 = time.perf_counter()
-        buckets = [
-            weight_sync.flat_bucket(ps).cpu()
-            for ps in self._buckets(bucket_bytes)
-            if ps is not None
-        ]
+        plan, buckets = [], []
+        for bucket, ps in self._buckets(bucket_bytes):
+            if ps is not None:
+                plan.append(bucket)
+                buckets.append(weight_sync.flat_bucket(bucket, ps))
         self.version = version
-        digest = weight_sync.checksum(buckets) if verify and self.rank == 0 else None
+        digest = weight_sync.buckets_checksum(plan, buckets) if verify and self.rank == 0 else None
         meta = {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
         return meta, buckets
 
     def policy_checksum(self) -> str | None:
         """Checksum of the full policy (collective under ZeRO-3; the value is on rank 0)."""
-        tensors = (t for ps in self._buckets(64 << 20) if ps is not None for t in ps)
+        tensors = (t for _, ps in self._buckets(64 << 20) if ps is not None for t in ps)
         digest = weight_sync.checksum(tensors)  # hashed while each bucket is gathered
         return digest if self.rank == 0 else None
 

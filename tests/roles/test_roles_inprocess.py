@@ -10,7 +10,7 @@ from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
 from rlhf_dist.roles.common import free_port
-from rlhf_dist.tasks.tiny import WARM
+from rlhf_dist.tasks.tiny import WARM, build_policy, build_tokenizer
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
 
@@ -205,6 +205,104 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     theirs = plain.generate(PROMPTS, [0, 1, 2, 3], seed=11)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert ours.versions.tolist() == [1] * 4
+
+
+def _sender_and(join):
+    """A stand-in for learner rank 0 (rank 0 of a gloo group) and ``join`` as rank 1."""
+    port = free_port()
+    group, _ = _in_threads(
+        lambda: weight_sync.SyncGroup("127.0.0.1", port, 0, 2, "t", "gloo", 60),
+        lambda: join("127.0.0.1", port, 1, 2, "t", "gloo", 60),
+    )
+    return group
+
+
+def _send(group, model, bucket_bytes):
+    params = [p for _, p in model.named_parameters()]
+    plan = weight_sync.plan_buckets(weight_sync.manifest_of(model), bucket_bytes)
+    return weight_sync.send(group, ((b, params[b.start : b.stop]) for b in plan), verify=True)
+
+
+def _perturb(model, delta):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(delta)
+
+
+def test_generator_receives_in_place_into_persistent_buffers(tiny_policy):
+    """After a receive every parameter lives in a bucket buffer; the next sync reuses them
+    (no allocation) and the tied embedding stays one tensor that holds the new weights."""
+    sender = load_policy(tiny_policy).eval()
+    gen = Generator(tiny_policy, max_new_tokens=4)
+    group = _sender_and(gen.join_weight_sync)
+    manifest, bucket_bytes = weight_sync.manifest_of(sender), 4096
+    first = None
+    for version, delta in [(1, 0.5), (2, -0.25)]:
+        _perturb(sender, delta)
+        sent, got = _in_threads(
+            lambda: _send(group, sender, bucket_bytes),
+            lambda v=version: gen.receive_weights(manifest, bucket_bytes, v, verify=True),
+        )
+        assert sent == got["checksum"] == weight_sync.model_checksum(sender)
+
+        spans = [
+            (b.data_ptr(), b.data_ptr() + b.numel())
+            for b in weight_sync.bucket_buffers(gen.model, manifest, bucket_bytes)
+        ]
+        ptrs = [p.data_ptr() for p in gen.model.parameters()]
+        assert all(any(lo <= x < hi for lo, hi in spans) for x in ptrs)
+        if first is None:
+            first = spans, ptrs
+        assert (spans, ptrs) == first
+
+        model = gen.model
+        assert model.lm_head.weight is model.transformer.wte.weight
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, sender(ids).logits)
+
+
+@pytest.mark.parametrize("dtypes", ["bfloat16", "mixed"])
+def test_weight_sync_round_trips_bf16_and_mixed_dtypes_exactly(tmp_path, dtypes):
+    """With n_embd=33 a block's MLP output projection holds 132 * 33 + 33 numbers: in bf16 or
+    fp16 it ends 2 bytes off a 4-byte boundary, so the fp32 tensor after it would be
+    misaligned if packed back to back. Every parameter must still arrive bit for bit."""
+    build_policy(tmp_path, build_tokenizer(tmp_path), n_embd=33, n_head=3)
+
+    def load():
+        model = load_policy(str(tmp_path), "bfloat16" if dtypes == "bfloat16" else "float32")
+        if dtypes == "mixed":
+            model.transformer.h[0].mlp.c_proj.to(torch.bfloat16)
+            model.transformer.h[1].mlp.c_proj.to(torch.float16)
+        return model
+
+    sender, receiver = load(), load()
+    _perturb(sender, 0.5)
+    manifest = weight_sync.manifest_of(sender)
+    assert len({s.dtype for s in manifest}) == (3 if dtypes == "mixed" else 1)
+    port = free_port()
+    group_0, group_1 = _in_threads(
+        lambda: weight_sync.SyncGroup("127.0.0.1", port, 0, 2, "t", "gloo", 60),
+        lambda: weight_sync.SyncGroup("127.0.0.1", port, 1, 2, "t", "gloo", 60),
+    )
+    sent, _ = _in_threads(
+        lambda: _send(group_0, sender, 4096),
+        lambda: weight_sync.receive(group_1, receiver, manifest, 4096),
+    )
+    assert sent == weight_sync.model_checksum(receiver) == weight_sync.model_checksum(sender)
+    for (name, a), b in zip(sender.named_parameters(), receiver.parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_object_store_sync_checksums_agree(learner, tiny_policy):
+    """The object-store path packs the same aligned layout: the learner's checksum of its
+    buckets equals the generator's checksum of its model after loading them."""
+    gen = Generator(tiny_policy, max_new_tokens=4)
+    _perturb(gen.model, 1.0)
+    meta, buckets = learner.weight_buckets(4096, version=3, verify=True)
+    got = gen.load_weight_buckets(learner.sync_manifest(), 4096, buckets, 3, verify=True)
+    assert meta["checksum"] == got["checksum"] == learner.policy_checksum()
+    assert gen.model.lm_head.weight is gen.model.transformer.wte.weight
 
 
 class _Evil:
