@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import re
 import types
@@ -273,6 +274,21 @@ class SyncConfig:
 
 
 @dataclass
+class AsyncConfig:
+    max_staleness: int = 1
+    """How many policy versions a trained sample may lag the learner. Generators are given a
+    chunk only while it will be trained within this bound; a sample older than it is dropped
+    (counted in ``async/dropped_stale``) and its prompt sampled again. 0 learns exactly like
+    ``mode=sync``."""
+    is_cap: float = 2.0
+    """Decoupled PPO: a stale token's loss is weighted by pi_proximal / pi_behaviour,
+    truncated at this value."""
+    queue_samples: int = 0
+    """Bound on samples generated (or being generated) and not yet trained; 0 = two steps'
+    worth."""
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 10
     """Save a checkpoint every this many PPO steps (0 = never), and after the last step."""
@@ -318,6 +334,9 @@ class RayConfig:
 
 @dataclass
 class Config:
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, score, train, sync in turn. async: generators sample continuously into
+    a bounded queue while the learner trains (see the ``async`` section)."""
     run: RunConfig = field(default_factory=RunConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -330,6 +349,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)  # ``async:`` in YAML
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -341,6 +361,7 @@ class Sizes:
 
     samples_per_step: int
     chunk_prompts: int
+    queue_samples: int
     minibatches_per_epoch: int
     minibatch_per_rank: int
     grad_accum_steps: int
@@ -392,11 +413,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+def _yaml_key(attr: str) -> str:
+    """A field named after a Python keyword carries a trailing underscore (``async_``)."""
+    return attr.removesuffix("_")
+
+
+def _attr(key: str) -> str:
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [_yaml_key(f.name) for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -406,12 +436,13 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for name in names:
         if name not in data:
             continue
-        tp = hints[name]
+        attr = _attr(name)
+        tp = hints[attr]
         if dataclasses.is_dataclass(tp):
             section = {} if data[name] is None else data[name]  # "rollout:" left empty
-            kwargs[name] = _build(tp, section, f"{prefix}{name}.")
+            kwargs[attr] = _build(tp, section, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(f"{prefix}{name}", data[name], tp)
+            kwargs[attr] = _coerce(f"{prefix}{name}", data[name], tp)
     return cls(**kwargs)
 
 
@@ -468,7 +499,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, keyed as in YAML (``async``, not ``async_``)."""
+
+    return {_yaml_key(k): v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
@@ -602,6 +635,22 @@ def compute_sizes(cfg: Config) -> Sizes:
             raise ConfigError(
                 f"rollout.autoscale.generate_frac: must be in (0, 1), got {auto.generate_frac}"
             )
+    a = cfg.async_
+    if a.max_staleness < 0:
+        raise ConfigError(f"async.max_staleness: must be >= 0, got {a.max_staleness}")
+    if not a.is_cap >= 1 or not math.isfinite(a.is_cap):
+        raise ConfigError(f"async.is_cap: must be >= 1 (a finite cap), got {a.is_cap}")
+    if a.queue_samples and a.queue_samples < samples:
+        raise ConfigError(
+            f"async.queue_samples={a.queue_samples} cannot hold one step's samples "
+            f"(rollout.prompts_per_step * rollout.samples_per_prompt = {samples}); "
+            f"0 means two steps' worth"
+        )
+    if cfg.sync.backend == "nccl" and not (cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0):
+        raise ConfigError(
+            "sync.backend=nccl needs GPUs on both sides (learner.num_gpus and "
+            "rollout.num_gpus > 0); use gloo or auto on CPUs"
+        )
     for section in ("rollout", "reward", "reference", "learner"):
         for res, amount in getattr(cfg, section).resources.items():
             if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
@@ -628,6 +677,7 @@ def compute_sizes(cfg: Config) -> Sizes:
         samples_per_step=samples,
         chunk_prompts=cfg.rollout.chunk_prompts
         or math.ceil(cfg.rollout.prompts_per_step / (2 * cfg.rollout.num_workers)),
+        queue_samples=cfg.async_.queue_samples or 2 * samples,
         minibatches_per_epoch=minibatches,
         minibatch_per_rank=per_rank,
         grad_accum_steps=accum,

@@ -76,6 +76,7 @@ class Orchestrator:
         self.prompts_consumed = 0  # taken from the cursor by PPO steps
         self.prompts_trained = 0  # in batches the learner trained on
         self.last_scale_step = 0
+        self.trained_view: dict | None = None  # async mode: cursor as of the last trained step
         # on_dispatch(pool name, slot, task index): called after each submission (fault tests)
         self.on_dispatch = None
         self.last_checkpoint: Path | None = None
@@ -463,12 +464,23 @@ class Orchestrator:
         with timed("weight_sync"):
             sync_compute = self.sync_weights(self.version + 1)
         step_time = time.perf_counter() - t_step
+        compute = batch.extra["compute_s"] + score_compute + train.pop("compute_s") + sync_compute
+        extra = {
+            "perf/generate_tokens_per_s": batch.extra["num_tokens"] / max(times["generate"], 1e-9),
+            "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
+        }
+        return self._finish_step(batch, train, times, step_time, extra)
 
+    def _finish_step(
+        self, batch: RolloutBatch, train: dict, times: dict, step_time: float, extra: dict
+    ) -> dict:
+        """The metrics of a step that updated the policy (sync or async mode): logged, with the
+        samples table and the gold evaluation when they are due."""
         kl_coef = self.kl_ctl.value
         self.kl_ctl.update(train["train/kl_per_sequence"], len(batch))
-        compute = batch.extra["compute_s"] + score_compute + train.pop("compute_s") + sync_compute
+        train.pop("compute_s", None)
         lengths = batch.response_mask.sum(-1)
-        tokens = batch.extra["num_tokens"]
+        staleness = (self.version - 1 - batch.versions).float()  # versions behind the learner
         metrics = {
             "stage": "ppo",
             "step": self.step_idx,
@@ -480,10 +492,12 @@ class Orchestrator:
             "train/kl_coef": kl_coef,
             **{f"time/{k}": v for k, v in times.items()},
             "time/step": step_time,
-            "perf/tokens_per_s": tokens / step_time,
-            "perf/generate_tokens_per_s": tokens / max(times["generate"], 1e-9),
-            "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
+            "perf/tokens_per_s": batch.extra["num_tokens"] / step_time,
+            "perf/samples_per_s": len(batch) / step_time,
+            **extra,
             "sync/version": self.version,
+            "sync/staleness_mean": staleness.mean().item(),
+            "sync/staleness_max": staleness.max().item(),
             "fault/skipped_steps": self.skipped_steps,
             **self._fault_metrics(),
             "pool/num_generators": len(self.generators),
@@ -501,9 +515,9 @@ class Orchestrator:
         if self.gold and (
             self.step_idx % self.cfg.eval.every == 0 or self.step_idx == self.cfg.run.steps
         ):
-            with timed("eval"):
-                metrics.update(self.evaluate())
-            metrics["time/eval"] = times["eval"]
+            t0 = time.perf_counter()
+            metrics.update(self.evaluate())
+            metrics["time/eval"] = time.perf_counter() - t0
         self.metrics.log(metrics)
         return metrics
 
@@ -587,6 +601,9 @@ class Orchestrator:
             "prompts_consumed": self.prompts_consumed,
             "prompts_trained": self.prompts_trained,
         }
+        # Async mode has taken the prompts of steps not trained yet: it saves the cursor as it
+        # was after the last trained step's prompts (a resumed run samples the rest again).
+        state.update(self.trained_view or {})
         self.last_checkpoint = checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
         return self.last_checkpoint
 
@@ -656,6 +673,17 @@ class Orchestrator:
             "reference": self.references,
         }
 
+    def _steps(self):
+        """Each step's metrics, after the step is logged and before the next one starts (so a
+        checkpoint taken in between holds exactly the steps before it)."""
+        if self.cfg.mode == "async":
+            from rlhf_dist.async_loop import AsyncLoop
+
+            yield from AsyncLoop(self).steps()
+            return
+        for _ in range(self.step_idx, self.cfg.run.steps):
+            yield self.step()
+
     def run(self, log=print) -> list[dict]:
         history = []
         bar = tqdm(
@@ -677,16 +705,19 @@ class Orchestrator:
                 f"step 0  gold {before['eval/gold_score']:.3f} +- "
                 f"{before['eval/gold_score_stderr']:.3f}  proxy {before['eval/proxy_reward']:.3f}"
             )
-        for _ in range(self.step_idx, self.cfg.run.steps):
+        steps = self._steps()
+        while True:
             try:
-                m = self.step()
-                scaled = self.autoscale(m)
+                m = next(steps, None)
+                scaled = m is not None and self.autoscale(m)
             except LOST as e:
                 # Generators and scorers are replaced as they go; a learner rank cannot be.
                 raise TrainingError(
                     f"a learner rank died at step {self.step_idx + 1} ({e.__class__.__name__}); "
                     f"{self._checkpoint_hint()}"
                 ) from e
+            if m is None:
+                break
             if scaled:
                 log(
                     f"autoscale: generation took {m['time/generate'] / m['time/step']:.0%} of "

@@ -27,13 +27,13 @@ def _write_yaml(tmp_path, data, name="cfg.yaml"):
     return p
 
 
-def _leaves(cfg):
-    """{'section.key': value} for every leaf of a Config."""
-    return {
-        f"{s.name}.{f.name}": getattr(getattr(cfg, s.name), f.name)
-        for s in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, s.name))
-    }
+def _leaves(obj, prefix=""):
+    """{'section.key': value} for every leaf of a Config (nested sections flattened)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), prefix + f.name
+        out.update(_leaves(v, key + ".") if dataclasses.is_dataclass(v) else {key: v})
+    return out
 
 
 # ----------------------------------------------------------------------------- defaults
@@ -57,6 +57,7 @@ def test_defaults_sizes():
     assert compute_sizes(Config()) == Sizes(
         samples_per_step=8,
         chunk_prompts=2,  # about two chunks per generator
+        queue_samples=16,  # two steps' worth
         minibatches_per_epoch=1,
         minibatch_per_rank=8,
         grad_accum_steps=2,
@@ -286,11 +287,25 @@ def test_prompts_need_not_divide_among_generators():
         ("learner.resources=[a]", "learner.resources: expected a mapping"),
         ("reference.resources={node: fast}", "reference.resources.node: expected a number"),
         ("rollout.chunk_prompts=-1", "rollout.chunk_prompts"),
+        ("async.max_staleness=-1", "async.max_staleness"),
+        ("async.is_cap=0.5", "async.is_cap"),
+        ("async.queue_samples=4", r"async.queue_samples=4 cannot hold one step's samples .* = 8"),
+        ("sync.backend=nccl", "sync.backend=nccl needs GPUs on both sides"),
     ],
 )
 def test_pool_placement_and_autoscale_checked(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_async_section_is_spelled_async_in_yaml(tmp_path):
+    cfg = load_config(None, ["mode=async", "async.max_staleness=2"])
+    assert cfg.mode == "async" and cfg.async_.max_staleness == 2
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert "async:" in (tmp_path / "c.yaml").read_text()
+    assert load_config(tmp_path / "c.yaml") == cfg
+    with pytest.raises(ConfigError, match="did you mean 'async.is_cap'"):
+        load_config(None, ["async.is_cp=2"])
 
 
 def test_custom_resources_load():
@@ -347,6 +362,7 @@ def test_compute_sizes_hand_computed():
     assert compute_sizes(cfg) == Sizes(
         samples_per_step=48,
         chunk_prompts=2,  # ceil(12 / (2 * 3))
+        queue_samples=96,
         minibatches_per_epoch=3,
         minibatch_per_rank=8,
         grad_accum_steps=2,

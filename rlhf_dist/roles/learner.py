@@ -6,6 +6,12 @@ Each rank receives its shard of the step's scored samples and
    advantages (whitened with statistics gathered across ranks),
 3. runs ``ppo.epochs`` passes of minibatches, each made of micro-batches whose gradients
    DeepSpeed accumulates (and averages across ranks) before one optimizer step.
+In async mode some samples come from an older policy than the learner's (their ``versions``
+are lower). Decoupled PPO (AReaL, arXiv 2505.24298) then takes the recomputed log-probs of
+step 1 as the *proximal* policy that the ratio is clipped against, and weights each stale
+token by pi_proximal / pi_behaviour, truncated at ``async.is_cap``. Samples of the learner's
+own version are on-policy: their weight is exactly 1, so a run without stale samples trains
+exactly as synchronous PPO does.
 Losses are token means per micro-batch; DeepSpeed averages them over accumulation steps.
 """
 
@@ -85,8 +91,11 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             adv, mask, mean=torch.tensor(mean), var=torch.tensor(max(var, 0.0))
         )
 
-    def ppo_update(self, batch: RolloutBatch, kl_coef: float, seed: int) -> dict:
-        """One PPO update on this rank's shard; returns metrics averaged over all ranks."""
+    def ppo_update(
+        self, batch: RolloutBatch, kl_coef: float, seed: int, is_cap: float | None = None
+    ) -> dict:
+        """One PPO update on this rank's shard; returns metrics averaged over all ranks.
+        ``is_cap`` (async mode) turns on the decoupled-PPO weights of stale samples."""
         t0 = time.perf_counter()
         cfg, dev = self.cfg.ppo, self.device
         P = batch.prompt_len
@@ -118,6 +127,12 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         raw_adv = adv
         if cfg.whiten_advantages:
             adv = self._whiten(adv, mask)
+        is_weights = None
+        stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
+        if is_cap is not None:
+            behaviour = batch.behaviour_logprobs.to(dev).float()
+            raw_w = torch.exp(torch.where(stale, old_logp - behaviour, 0.0))
+            is_weights = torch.where(stale, raw_w.clamp(max=is_cap), 1.0)
 
         sums: dict[str, float] = {}
 
@@ -138,7 +153,12 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         self.policy, s, a, P, self.cfg.rollout.temperature, with_entropy=True
                     )
                     pg_loss, st = algo.ppo_policy_loss(
-                        logp.float(), old_logp[i], adv[i], m, cfg.clip_eps
+                        logp.float(),
+                        old_logp[i],
+                        adv[i],
+                        m,
+                        cfg.clip_eps,
+                        importance_weights=None if is_weights is None else is_weights[i],
                     )
                     entropy = algo.masked_mean(ent, m)
                     boundary = self.policy.is_gradient_accumulation_boundary()
@@ -172,6 +192,10 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         add("optimizer_steps", 1)
 
         add("nonfinite_losses", 0)
+        add("stale_tokens", stale.sum())
+        if is_weights is not None:
+            add("is_weight_sum", (is_weights * stale).sum())
+            add("is_truncated", (stale & (raw_w > is_cap)).sum())
         num_tokens = mask.sum()
         add("kl_sum", (kl * mask).sum())
         add("tokens", num_tokens)
@@ -218,10 +242,17 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                 "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
                 "fault/nonfinite_losses": t["nonfinite_losses"],
                 "train/ratio_max": self.all_reduce_max(ratio_max),
+                "train/stale_token_frac": t["stale_tokens"] / tok,
                 "train/lr": self.policy.get_lr()[0],
                 "train/critic_lr": self.critic.get_lr()[0],
             }
         )
+        if is_cap is not None:
+            n_stale = max(t["stale_tokens"], 1.0)
+            metrics["train/is_weight_mean"] = (
+                t["is_weight_sum"] / n_stale if t["stale_tokens"] else 1.0
+            )
+            metrics["train/is_truncated_frac"] = t["is_truncated"] / n_stale
         metrics["compute_s"] = time.perf_counter() - t0
         return metrics
 

@@ -3,11 +3,13 @@ PYTHONPATH=tests/helpers)."""
 
 import math
 
-_calls = 0
+_scored = 0
 
 
-def nan_from_third_call(prompts, responses):
-    """Fine for two calls (two PPO steps with one reward scorer), then NaN for ever."""
-    global _calls
-    _calls += 1
-    return [math.nan if _calls >= 3 else 0.5] * len(responses)
+def nan_after_16_responses(prompts, responses):
+    """Fine for the first 16 responses (two PPO steps of configs/smoke.yaml, 8 prompts each,
+    with one reward scorer, however the batch is chunked), then NaN for ever."""
+    global _scored
+    out = [math.nan if _scored + i >= 16 else 0.5 for i in range(len(responses))]
+    _scored += len(responses)
+    return out

@@ -29,7 +29,7 @@ def test_nan_rewards_skip_steps_then_stop_cleanly(tiny_assets, tmp_path):
             "checkpoint.save_hf=true",
             "learner.world_size=1",
             "wandb.enabled=false",
-            "reward.function=faulty_reward:nan_from_third_call",
+            "reward.function=faulty_reward:nan_after_16_responses",
         ],
         cwd=ROOT,
         env=env,

@@ -1,0 +1,240 @@
+"""Asynchronous mode: generators sample continuously while the learner trains.
+
+The prompts of step ``b`` (0-based) are taken from the cursor as in synchronous mode, cut into
+the same chunks with the same seeds. Each generator has one chunk in flight and is handed the
+next as soon as it returns one, while the learner trains on the last complete batch. After each
+update the new weights are broadcast; a generator receives them between two chunks (its
+receive call queues behind the chunk it is sampling).
+
+Bounded staleness. Step ``b`` is trained by the policy of version ``v_b`` (``v_b = b`` when no
+step was skipped). A chunk of step ``b`` goes to a generator only when the version that
+generator will hold, ``g``, satisfies ``v_b - g <= async.max_staleness``, and only while the
+samples generated or being generated and not yet trained stay within ``async.queue_samples``.
+So generation runs at most ``max_staleness`` steps ahead of the learner, and with
+``max_staleness=0`` every chunk is sampled by the very weights synchronous mode would use: the
+two modes train on the same samples. Should a chunk still arrive too old (it cannot under this
+rule; the check guards it), its samples are dropped, counted in ``async/dropped_stale``, and
+its prompts sampled again.
+
+Lost generators: a chunk whose generator died goes back to the front of the queue; the dead
+generator is replaced just before the next weight sync (the learner is idle then), so the new
+one joins the sync group and receives the current weights before it samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.dispatch import LOST
+
+
+@dataclass
+class _Step:
+    """The chunks of one step's prompts and what became of them."""
+
+    prompt_ids: list[int]
+    chunks: list[tuple[list[int], int]]  # (prompt ids, seed)
+    cursor_state: dict  # the cursor, and the prompts consumed, once this step's were taken
+    consumed: int
+    results: list = field(default_factory=list)
+    owner: list = field(default_factory=list)  # generator slot that sampled each chunk
+
+    def __post_init__(self):
+        self.results = [None] * len(self.chunks)
+        self.owner = [-1] * len(self.chunks)
+
+    def complete(self) -> bool:
+        return all(r is not None for r in self.results)
+
+
+class AsyncLoop:
+    def __init__(self, orch):
+        from rlhf_dist.orchestrator import _chunks, derive_seed
+
+        self.orch, self.cfg = orch, orch.cfg
+        self._chunks, self._seed = _chunks, derive_seed
+        self.samples = self.cfg.rollout.samples_per_prompt
+        self.max_staleness = self.cfg.async_.max_staleness
+        self.queue_bound = orch.sizes.queue_samples
+        self.steps_open: dict[int, _Step] = {}  # step index -> its chunks
+        self.todo: deque[tuple[int, int]] = deque()  # (step, chunk) waiting for a generator
+        self.inflight: dict[ray.ObjectRef, tuple[int, object, int, int]] = {}
+        self.lost: set[int] = set()  # generator slots to replace before the next sync
+        self.next_open = orch.step_idx  # next step whose prompts are taken
+        self.next_prepare = orch.step_idx  # next step to assemble and score
+        self.dropped_stale = 0
+        self.queue_max = 0
+        self.holds = [orch.version] * len(orch.generators)  # version each slot will sample with
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def _open_step(self) -> None:
+        b = self.next_open
+        orch = self.orch
+        ids = orch.cursor.take(self.cfg.rollout.prompts_per_step)
+        orch.prompts_consumed += len(ids)
+        chunks = [
+            ([ids[i] for i in part], self._seed(self.cfg.run.seed, "rollout", b, c))
+            for c, part in enumerate(self._chunks(len(ids), orch.sizes.chunk_prompts))
+        ]
+        self.steps_open[b] = _Step(ids, chunks, orch.cursor.state_dict(), orch.prompts_consumed)
+        self.todo.extend((b, c) for c in range(len(chunks)))
+        self.next_open += 1
+
+    def _train_version(self, b: int) -> int:
+        """The policy version that will train step ``b``, if no step in between is skipped
+        (a skipped step only lowers it, so the bound holds): one more per step before it."""
+        return self.orch.version + (b - self.orch.step_idx)
+
+    def _outstanding(self) -> int:
+        """Samples generated or being generated and not yet trained (the queue's fill)."""
+        n = 0
+        for st in self.steps_open.values():
+            n += sum(len(r) for r in st.results if r is not None)
+        for _, _, b, c in self.inflight.values():
+            n += len(self.steps_open[b].chunks[c][0]) * self.samples
+        return n
+
+    def _chunk_samples(self, b: int, c: int) -> int:
+        return len(self.steps_open[b].chunks[c][0]) * self.samples
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        orch, gens = self.orch, self.orch.generators
+        busy = {slot for slot, _, _, _ in self.inflight.values()}
+        for slot in range(len(gens)):
+            if slot in busy or slot in self.lost:
+                continue
+            if not self.todo and self.next_open < self.cfg.run.steps:
+                self._open_step()
+            if not self.todo:
+                return
+            b, c = self.todo[0]
+            if self._train_version(b) - self.holds[slot] > self.max_staleness:
+                continue  # this generator's weights would be too old for step b
+            if self._outstanding() + self._chunk_samples(b, c) > self.queue_bound:
+                return
+            self.todo.popleft()
+            ids, seed = self.steps_open[b].chunks[c]
+            ref = gens.actors[slot].generate.remote(
+                [orch.inputs.prompts[i] for i in ids], ids, self.samples, seed
+            )
+            self.inflight[ref] = (slot, gens.actors[slot], b, c)
+            if orch.on_dispatch is not None:
+                orch.on_dispatch("rollout", slot, c)
+        self.queue_max = max(self.queue_max, self._outstanding())
+
+    def _collect(self, ref) -> None:
+        slot, actor, b, c = self.inflight.pop(ref)
+        try:
+            self.steps_open[b].results[c] = ray.get(ref)
+            self.steps_open[b].owner[c] = slot
+        except LOST:
+            self.todo.appendleft((b, c))
+            self.orch.redone_chunks += 1
+            if self.orch.generators.actors[slot] is actor:  # not replaced already
+                self.lost.add(slot)
+
+    # ----------------------------------------------------------------- sync
+
+    def _heal_and_sync(self, version: int) -> float:
+        """Replace lost generators (now: the learner is idle), then broadcast ``version``."""
+        orch = self.orch
+        if self.lost:
+            orch._replace(orch.generators, sorted(self.lost))
+            self.lost.clear()
+            if orch.sync_backend() != "object_store":
+                orch._form_sync_group()
+        t0 = time.perf_counter()
+        orch.sync_weights(version)
+        self.holds = [version] * len(orch.generators)
+        return time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- the loop
+
+    def _prepare(self) -> RolloutBatch | None:
+        """Step ``next_prepare``'s batch, scored, once every chunk of it is in and fresh
+        enough; ``None`` while chunks are missing."""
+        b = self.next_prepare
+        st = self.steps_open.get(b)
+        if st is None or not st.complete():
+            return None
+        for c, r in enumerate(st.results):
+            if self._train_version(b) - int(r.versions.min()) > self.max_staleness:
+                self.dropped_stale += len(r)
+                st.results[c] = None
+                self.todo.appendleft((b, c))
+        if not st.complete():
+            return None
+        batch = RolloutBatch.concat(st.results, self.orch.inputs.pad_token_id)
+        batch.extra["num_tokens"] = sum(r.extra["num_tokens"] for r in st.results)
+        batch.extra["chunks_per_worker"] = [
+            st.owner.count(s) for s in range(len(self.orch.generators))
+        ]
+        t0 = time.perf_counter()
+        self.orch.score(batch)
+        batch.extra["score_s"] = time.perf_counter() - t0
+        self.next_prepare += 1
+        return batch
+
+    def steps(self):
+        """Run until ``run.steps``; yields each step's metrics with no update in flight."""
+        orch, cfg = self.orch, self.cfg
+        prepared: RolloutBatch | None = None
+        training = None  # (step, batch, refs, start time)
+        t_last = time.perf_counter()
+        while orch.step_idx < cfg.run.steps:
+            self._dispatch()
+            if prepared is None and self.next_prepare < cfg.run.steps:
+                prepared = self._prepare()
+                if prepared is not None:
+                    continue
+            if training is None and prepared is not None:
+                b = self.next_prepare - 1
+                seed = self._seed(cfg.run.seed, b, "ppo")  # as synchronous mode seeds it
+                refs = [
+                    a.ppo_update.remote(s, orch.kl_ctl.value, seed, cfg.async_.is_cap)
+                    for a, s in zip(orch.learners.actors, prepared.split(cfg.learner.world_size))
+                ]
+                training, prepared = (b, prepared, refs, time.perf_counter()), None
+                continue
+            waits = list(self.inflight) + (training[2] if training else [])
+            if not waits:
+                if self.lost:  # every generator is gone and the learner is idle
+                    self._heal_and_sync(orch.version)
+                    continue
+                raise RuntimeError("async loop: nothing in flight and nothing to train")
+            ready, _ = ray.wait(waits, num_returns=1)
+            if ready[0] in self.inflight:
+                self._collect(ready[0])
+                continue
+            b, batch, refs, t_train = training
+            if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+                continue  # another rank is still training
+            train = dict(ray.get(refs)[0])
+            training = None
+            times = {"score": batch.extra["score_s"], "train": time.perf_counter() - t_train}
+            orch.step_idx = b + 1
+            st = self.steps_open.pop(b)
+            orch.trained_view = {"cursor": st.cursor_state, "prompts_consumed": st.consumed}
+            if train.get("skipped"):
+                m = orch._skipped_step(batch, train, times, time.perf_counter() - t_last)
+            else:
+                orch.bad_streak = 0
+                orch.prompts_trained += len(batch) // self.samples
+                times["weight_sync"] = self._heal_and_sync(orch.version + 1)
+                step_time = time.perf_counter() - t_last
+                extra = {
+                    "async/dropped_stale": self.dropped_stale,
+                    "async/queue_samples": self._outstanding(),
+                    "async/queue_max": self.queue_max,
+                }
+                m = orch._finish_step(batch, train, times, step_time, extra)
+            t_last = time.perf_counter()
+            yield m
