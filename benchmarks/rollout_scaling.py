@@ -1,0 +1,221 @@
+"""Rollout scaling: generation tokens/s with 1 and 2 generators, and step time per pool layout.
+
+    python benchmarks/rollout_scaling.py --size 10m --prompts 128 --repeats 3 --steps 3
+
+Everything runs on one local Ray cluster (``--cpus`` logical CPUs), with a GPT-2 policy of
+``--size`` on the tiny task's vocabulary, one thread per generator (``rollout.num_cpus=1``: the
+pool sets ``OMP_NUM_THREADS`` from it). An Orchestrator is started and shut down per layout.
+
+1. Generation scaling: for 1 and 2 generators, ``Orchestrator.generate`` on the same
+   ``--prompts`` prompts, once to warm up and then ``--repeats`` timed calls; tokens/s = the
+   batch's generated (non-padding) tokens / wall time of the call, median over the repeats.
+   Only generation runs; the other pools are idle.
+2. Step time with the pools at different sizes: for each (generators, reward scorers,
+   reference scorers) layout of ``--layouts`` with one learner rank, one warm-up
+   ``Orchestrator.step`` and then ``--steps`` steps of ``--step-prompts`` prompts; median
+   step time and its blocks (generate, score, train, weight sync).
+
+Target: 2 generators >= 1.8x one generator's tokens/s (needs two free cores: each generator
+is one thread). Rows are markdown, ready for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# name -> (n_layer, n_embd, n_head) of a GPT-2 on the tiny task's vocabulary
+SIZES = {"1m": (4, 128, 4), "10m": (6, 384, 6), "30m": (10, 512, 8)}
+TARGET = 1.8  # 2 generators' tokens/s over one generator's
+BLOCKS = ["generate", "score", "train", "weight_sync"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_config(assets: Path, layout: tuple[int, int, int], prompts_per_step: int, extra):
+    from rlhf_dist.config import load_config
+
+    gens, rewards, refs = layout
+    return load_config(
+        None,
+        [
+            f"model.policy={assets / 'policy'}",
+            f"data.prompts={assets / 'prompts.jsonl'}",
+            f"rollout.num_workers={gens}",
+            "rollout.num_cpus=1",
+            f"rollout.prompts_per_step={prompts_per_step}",
+            "rollout.max_new_tokens=32",
+            f"reward.num_workers={rewards}",
+            f"reference.num_workers={refs}",
+            "learner.world_size=1",
+            "ppo.minibatch_size=16",
+            "ppo.micro_batch_size=8",
+            "checkpoint.every=0",
+            "wandb.enabled=false",
+            "wandb.table_every=0",
+            *extra,
+        ],
+    )
+
+
+def generation(cfg, run_dir: Path, prompts: int, repeats: int) -> dict:
+    from rlhf_dist.orchestrator import Orchestrator
+    from rlhf_dist.preflight import resolve_inputs
+
+    orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
+    try:
+        ids = list(range(prompts))
+        orch.generate(ids)  # warm-up
+        rows = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            batch = orch.generate(ids)
+            wall = time.perf_counter() - t0
+            rows.append((batch.extra["num_tokens"], wall, batch.extra["compute_s"]))
+    finally:
+        orch.shutdown()
+    return {
+        "tokens": statistics.median(r[0] for r in rows),
+        "wall": statistics.median(r[1] for r in rows),
+        "compute": statistics.median(r[2] for r in rows),
+        "tokens/s": statistics.median(r[0] / r[1] for r in rows),
+    }
+
+
+def steps(cfg, run_dir: Path, n: int) -> dict:
+    from rlhf_dist.orchestrator import Orchestrator
+    from rlhf_dist.preflight import resolve_inputs
+
+    orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
+    try:
+        orch.step()  # warm-up
+        rows = [orch.step() for _ in range(n)]
+    finally:
+        orch.shutdown()
+    rows = [r for r in rows if "fault/skip_reason" not in r] or rows
+    out = {b: statistics.median(r.get(f"time/{b}", 0.0) for r in rows) for b in BLOCKS}
+    out["step"] = statistics.median(r["time/step"] for r in rows)
+    out["tokens/s"] = statistics.median(r.get("perf/tokens_per_s", 0.0) for r in rows)
+    out["n"] = len(rows)
+    return out
+
+
+def parse_layouts(text: str) -> list[tuple[int, int, int]]:
+    layouts = []
+    for item in text.split(","):
+        parts = tuple(int(x) for x in item.split(":"))
+        if len(parts) != 3 or min(parts) < 1:
+            raise SystemExit(f"--layouts: {item!r} is not generators:rewards:references")
+        layouts.append(parts)
+    return layouts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", default="10m", choices=list(SIZES), help="policy size")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts per generate call (part 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generate calls per layout")
+    ap.add_argument("--steps", type=int, default=3, help="timed PPO steps per layout (part 2)")
+    ap.add_argument("--step-prompts", type=int, default=32, help="rollout.prompts_per_step")
+    ap.add_argument(
+        "--layouts",
+        default="1:1:1,2:1:1,2:2:2",
+        help="part 2 layouts, generators:reward scorers:reference scorers, comma separated",
+    )
+    ap.add_argument("--cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--skip-steps", action="store_true", help="run part 1 only")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. rollout.max_new_tokens=64")
+    args = ap.parse_args()
+    if args.prompts < 2 or args.prompts % 2:
+        raise SystemExit("--prompts: an even number >= 2 (it is split between 2 generators)")
+    layouts = [] if args.skip_steps else parse_layouts(args.layouts)
+
+    import ray
+
+    from rlhf_dist.launch import init_ray
+    from rlhf_dist.tasks.tiny import build_assets
+
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    gen_rows: dict[int, dict] = {}
+    step_rows: dict[tuple[int, int, int], dict] = {}
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        n_layer, n_embd, n_head = SIZES[args.size]
+        assets = build_assets(work / args.size, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+        cluster = make_config(assets, (1, 1, 1), 16, [f"ray.num_cpus={args.cpus}"])
+        started = init_ray(cluster, "")
+        try:
+            for g in (1, 2):
+                cfg = make_config(assets, (g, 1, 1), args.prompts, args.overrides)
+                log(f"generation: {g} generator(s), {args.prompts} prompts")
+                gen_rows[g] = generation(cfg, work / f"gen-{g}", args.prompts, args.repeats)
+            for layout in layouts:
+                cfg = make_config(
+                    assets,
+                    layout,
+                    args.step_prompts,
+                    [f"run.steps={args.steps + 1}", *args.overrides],
+                )
+                log(f"steps: layout {layout}")
+                name = "-".join(map(str, layout))
+                step_rows[layout] = steps(cfg, work / f"step-{name}", args.steps)
+        finally:
+            if started:
+                ray.shutdown()
+    wall = time.perf_counter() - t_start
+
+    print("`" + " ".join(["python benchmarks/rollout_scaling.py", *sys.argv[1:]]) + "`")
+    print(
+        f"\nPolicy {args.size}, {os.cpu_count()} cores, Ray cluster of {args.cpus} CPUs, one "
+        f"thread per generator; load average {load_start:.1f} at the start; whole run "
+        f"{wall / 60:.1f} min.\n"
+    )
+    print(
+        f"Generation: {args.prompts} prompts per call, median of {args.repeats} calls after a "
+        "warm-up.\n"
+    )
+    head = ["generators", "tokens", "wall s", "slowest generator s", "tokens/s", "vs 1"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    base = gen_rows[1]["tokens/s"]
+    for g, r in gen_rows.items():
+        cells = [str(g), f"{r['tokens']:.0f}", f"{r['wall']:.3f}", f"{r['compute']:.3f}"]
+        cells += [f"{r['tokens/s']:.0f}", f"{r['tokens/s'] / base:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    if step_rows:
+        print(
+            f"\nStep time: {args.step_prompts} prompts per step, learner world size 1, median "
+            f"of {args.steps} steps after a warm-up (seconds); tokens/s = generated tokens / step "
+            "time.\n"
+        )
+        head = ["generators", "reward", "reference", "step s"]
+        head += [f"{b} s" for b in BLOCKS] + ["tokens/s"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for (g, rw, rf), r in step_rows.items():
+            cells = [str(g), str(rw), str(rf), f"{r['step']:.3f}"]
+            cells += [f"{r[b]:.3f}" for b in BLOCKS] + [f"{r['tokens/s']:.0f}"]
+            print("| " + " | ".join(cells) + " |")
+    ratio = gen_rows[2]["tokens/s"] / base
+    verdict = "PASS" if ratio >= TARGET else "MISS"
+    print(
+        f"\nTarget: 2 generators >= {TARGET:g}x one generator's tokens/s: {ratio:.2f}x, {verdict}."
+    )
+
+
+if __name__ == "__main__":
+    main()
