@@ -7,7 +7,9 @@ Everything runs on one local Ray cluster (``--cpus`` logical CPUs), with a GPT-2
 pool sets ``OMP_NUM_THREADS`` from it). An Orchestrator is started and shut down per layout.
 
 1. Generation scaling: for 1 and 2 generators, ``Orchestrator.generate`` on the same
-   ``--prompts`` prompts, once to warm up and then ``--repeats`` timed calls; tokens/s = the
+   ``--prompts`` prompts, in 8 chunks dealt by load (each chunk has its own seed, so both
+   layouts sample the very same tokens), once to warm up and then ``--repeats`` timed calls;
+   tokens/s = the
    batch's generated (non-padding) tokens / wall time of the call, median over the repeats.
    Only generation runs; the other pools are idle.
 2. Step time with the pools at different sizes: for each (generators, reward scorers,
@@ -58,6 +60,8 @@ def make_config(assets: Path, layout: tuple[int, int, int], prompts_per_step: in
             f"rollout.num_workers={gens}",
             "rollout.num_cpus=1",
             f"rollout.prompts_per_step={prompts_per_step}",
+            # a fixed chunk size: every layout samples the same chunks with the same seeds
+            f"rollout.chunk_prompts={max(1, prompts_per_step // 8)}",
             "rollout.max_new_tokens=32",
             f"reward.num_workers={rewards}",
             f"reference.num_workers={refs}",

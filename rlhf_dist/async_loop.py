@@ -108,6 +108,8 @@ class AsyncLoop:
     def _dispatch(self) -> None:
         orch, gens = self.orch, self.orch.generators
         busy = {slot for slot, _, _, _ in self.inflight.values()}
+        # generators added since the last sync were given the current weights
+        self.holds += [orch.version] * (len(gens) - len(self.holds))
         for slot in range(len(gens)):
             if slot in busy or slot in self.lost:
                 continue

@@ -76,6 +76,7 @@ class Orchestrator:
         self.prompts_consumed = 0  # taken from the cursor by PPO steps
         self.prompts_trained = 0  # in batches the learner trained on
         self.last_scale_step = 0
+        self.t_started = time.perf_counter()
         self.trained_view: dict | None = None  # async mode: cursor as of the last trained step
         # on_dispatch(pool name, slot, task index): called after each submission (fault tests)
         self.on_dispatch = None
@@ -492,6 +493,7 @@ class Orchestrator:
             "train/kl_coef": kl_coef,
             **{f"time/{k}": v for k, v in times.items()},
             "time/step": step_time,
+            "time/elapsed": self.elapsed(),
             "perf/tokens_per_s": batch.extra["num_tokens"] / step_time,
             "perf/samples_per_s": len(batch) / step_time,
             **extra,
@@ -520,6 +522,10 @@ class Orchestrator:
             metrics["time/eval"] = time.perf_counter() - t0
         self.metrics.log(metrics)
         return metrics
+
+    def elapsed(self) -> float:
+        """Seconds since this process started PPO (gold score against wall-clock time)."""
+        return time.perf_counter() - self.t_started
 
     def _fault_metrics(self) -> dict:
         return {
@@ -557,6 +563,7 @@ class Orchestrator:
             "rollout/reward_mean": batch.scores.float().nanmean().item(),
             **{f"time/{k}": v for k, v in times.items()},
             "time/step": step_time,
+            "time/elapsed": self.elapsed(),
             "sync/version": self.version,
             "fault/skipped_steps": self.skipped_steps,
             "fault/skip_reason": ",".join(train["reason"]),
@@ -686,6 +693,7 @@ class Orchestrator:
 
     def run(self, log=print) -> list[dict]:
         history = []
+        self.t_started = time.perf_counter()
         bar = tqdm(
             total=self.cfg.run.steps,
             initial=self.step_idx,
@@ -698,7 +706,7 @@ class Orchestrator:
             log = bar.write
         every = self.cfg.checkpoint.every
         if self.gold and self.step_idx == 0:
-            before = {"stage": "ppo", "step": 0, **self.evaluate()}
+            before = {"stage": "ppo", "step": 0, **self.evaluate(), "time/elapsed": self.elapsed()}
             self.metrics.log(before)
             history.append(before)
             log(

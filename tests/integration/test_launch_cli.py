@@ -50,7 +50,7 @@ def test_bad_input_fails_before_any_actor_with_the_key_named(tiny_assets, tmp_pa
     empty.write_text("")
     cases = {
         "rollout.temprature=0.7": "rollout.temprature: unknown key; did you mean 'rollout.temperature'",
-        "rollout.prompts_per_step=7": "rollout.prompts_per_step=7 must be divisible by rollout.num_workers=2",
+        "rollout.prompts_per_step=7": "samples per step (rollout.prompts_per_step * rollout.samples_per_prompt)=7 must be divisible by ppo.minibatch_size=8",
         f"model.policy={tmp_path}/nope": "model.policy: model path",
         f"data.prompts={empty}": "holds no prompts",
         "reward.function=no_such_module:score": "reward.function: cannot import module 'no_such_module'",

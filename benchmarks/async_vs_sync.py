@@ -1,0 +1,139 @@
+"""The built-in task's PPO stage in synchronous and asynchronous mode, side by side in one run.
+
+    python benchmarks/async_vs_sync.py --steps 30 --staleness 1 [config overrides ...]
+
+SFT and the reward model are trained once (``launch.py run.stage=sft``, then ``rm``, default
+config); each mode then runs the PPO stage from those same models in a copy of that run
+directory (``run.stage=ppo``), as a ``launch.py`` subprocess on its own local Ray cluster.
+The pools are sized so that overlap can pay on 2 cores: one generator and one learner rank,
+one thread each (``num_cpus=1``), so in synchronous mode one core idles while the other
+generates or trains.
+
+Printed per mode: samples/s over the PPO steps (trained samples / summed step time, the gold
+evaluations left out), median step time, generate and train time per step (sync mode: the
+blocks; async mode: the time the learner trained and the largest staleness), and the gold score
+at each evaluation against the seconds since PPO started. Target: async >= 1.5x sync's
+samples/s where generation and training take similar time, with a final gold score within
+noise (2 combined standard errors) of sync's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 1.5
+POOLS = [
+    "rollout.num_workers=1",
+    "rollout.num_cpus=1",
+    "learner.num_cpus=1",
+    "reward.num_cpus=0.25",
+    "reference.num_cpus=0.25",
+    "wandb.enabled=false",
+    "checkpoint.every=0",
+]
+
+
+def launch(run_dir: Path, *overrides: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), f"run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def ppo_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("stage") == "ppo"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    steps = [r for r in rows if "time/step" in r]
+    evals = [r for r in rows if "eval/gold_score" in r]
+    busy = sum(r["time/step"] for r in steps)
+    return {
+        "samples/s": sum(r["perf/samples_per_s"] * r["time/step"] for r in steps) / busy,
+        "step": statistics.median(r["time/step"] for r in steps),
+        "generate": statistics.median(r.get("time/generate", math.nan) for r in steps),
+        "train": statistics.median(r["time/train"] for r in steps),
+        "staleness": max(r["sync/staleness_max"] for r in steps),
+        "evals": [
+            (r["time/elapsed"], r["step"], r["eval/gold_score"], r["eval/gold_score_stderr"])
+            for r in evals
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30, help="PPO steps per mode")
+    ap.add_argument("--staleness", type=int, default=1, help="async.max_staleness")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="config overrides for both modes")
+    args = ap.parse_args()
+    common = [f"run.seed={args.seed}", *POOLS, *args.overrides]
+    modes = {
+        "sync": ["mode=sync"],
+        "async": ["mode=async", f"async.max_staleness={args.staleness}"],
+    }
+    results, walls = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d) / "base"
+        for stage in ("sft", "rm"):
+            print(f"training {stage} once for both modes", file=sys.stderr, flush=True)
+            launch(base, f"run.stage={stage}", *common)
+        for mode, extra in modes.items():
+            run_dir = Path(d) / mode
+            shutil.copytree(base, run_dir)
+            print(f"PPO, {mode} mode", file=sys.stderr, flush=True)
+            walls[mode] = launch(
+                run_dir, "run.stage=ppo", f"run.steps={args.steps}", *common, *extra
+            )
+            results[mode] = summarise(ppo_rows(run_dir))
+
+    print("`" + " ".join(["python benchmarks/async_vs_sync.py", *sys.argv[1:]]) + "`\n")
+    head = ["mode", "samples/s", "vs sync", "step s", "generate s", "train s", "max staleness"]
+    head += ["PPO wall s (with evals)", "final gold"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    base_rate = results["sync"]["samples/s"]
+    for mode, r in results.items():
+        _, _, gold, se = r["evals"][-1]
+        cells = [mode, f"{r['samples/s']:.1f}", f"{r['samples/s'] / base_rate:.2f}x"]
+        cells += [f"{r['step']:.2f}", f"{r['generate']:.2f}", f"{r['train']:.2f}"]
+        cells += [f"{r['staleness']:.0f}", f"{walls[mode]:.0f}", f"{gold:.3f} ± {se:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nGold score against seconds since PPO started (evaluation time included):\n")
+    print("| mode | step | seconds | gold |")
+    print("|---|---|---|---|")
+    for mode, r in results.items():
+        for elapsed, step, gold, se in r["evals"]:
+            print(f"| {mode} | {step} | {elapsed:.0f} | {gold:.3f} ± {se:.3f} |")
+    ratio = results["async"]["samples/s"] / base_rate
+    (_, _, g_sync, se_sync), (_, _, g_async, se_async) = (
+        results["sync"]["evals"][-1],
+        results["async"]["evals"][-1],
+    )
+    within = abs(g_async - g_sync) <= 2 * math.hypot(se_sync, se_async)
+    verdict = "PASS" if ratio >= TARGET and within else "MISS"
+    print(
+        f"\nTarget: async >= {TARGET:g}x sync's samples/s: {ratio:.2f}x; final gold within "
+        f"2 combined standard errors: {'yes' if within else 'no'} "
+        f"({g_async:.3f} vs {g_sync:.3f}). {verdict}."
+    )
+
+
+if __name__ == "__main__":
+    main()
