@@ -1,0 +1,80 @@
+"""Dealing by load on real Ray actors: a slow worker takes fewer tasks, results come back in
+task order whoever computed them, and a worker that dies mid-task has its task redone."""
+
+import os
+import time
+from types import SimpleNamespace
+
+import ray
+
+from rlhf_dist.dispatch import Job, deal
+
+
+def make_worker_class():
+    # defined inside a function so that Ray pickles it by value (tests/ is not importable there)
+    class Worker:
+        def __init__(self, delay: float, die_on: int = -1):
+            self.delay, self.die_on = delay, die_on
+
+        def work(self, x: int) -> int:
+            if x == self.die_on:
+                os._exit(1)  # the process dies mid-task, as a killed worker does
+            time.sleep(self.delay)
+            return x * x
+
+    return ray.remote(num_cpus=0)(Worker)
+
+
+def test_slow_worker_gets_fewer_tasks_and_results_keep_task_order(ray_cluster):
+    Worker = make_worker_class()
+    pool = SimpleNamespace(name="toy", actors=[Worker.remote(0.3), Worker.remote(0.01)])
+    tasks = list(range(20))
+    job = Job(pool, tasks, lambda a, x: a.work.remote(x), heal=lambda lost, busy: [])
+    seen = []
+    deal(job, on_dispatch=lambda name, slot, t: seen.append((name, slot, t)))
+    assert job.results == [x * x for x in tasks]
+    slow, fast = job.owner.count(0), job.owner.count(1)
+    assert slow + fast == 20 and fast >= 3 * slow, (slow, fast)
+    assert sorted(t for _, _, t in seen) == tasks and job.redone == 0
+
+
+def test_lost_worker_is_healed_and_its_task_redone(ray_cluster):
+    Worker = make_worker_class()
+    # whichever worker is handed task 3 dies; its replacement does not
+    pool = SimpleNamespace(
+        name="toy", actors=[Worker.remote(0.05, die_on=3), Worker.remote(0.05, die_on=3)]
+    )
+    healed = []
+
+    def heal(lost, busy):
+        for slot in lost:
+            pool.actors[slot] = Worker.remote(0.05)  # a replacement that does not die
+            healed.append((slot, busy))
+        return list(lost)
+
+    job = Job(pool, list(range(10)), lambda a, x: a.work.remote(x), heal)
+    deal(job)
+    assert job.results == [x * x for x in range(10)]
+    assert job.redone == 1 and len(healed) == 1
+    assert -1 not in job.owner  # every task was computed by some worker (task 3 twice)
+
+
+def test_heal_deferred_while_busy_runs_once_the_pool_is_idle(ray_cluster):
+    """Generators' healing re-forms the sync group, so it waits until no call is in flight."""
+    Worker = make_worker_class()
+    pool = SimpleNamespace(name="toy", actors=[Worker.remote(0.01, die_on=0), Worker.remote(0.2)])
+    calls = []
+
+    def heal(lost, busy):
+        calls.append((list(lost), busy))
+        if busy:
+            return []
+        for slot in lost:
+            pool.actors[slot] = Worker.remote(0.01)
+        return list(lost)
+
+    job = Job(pool, list(range(6)), lambda a, x: a.work.remote(x), heal)
+    deal(job)
+    assert job.results == [x * x for x in range(6)]
+    assert calls[0] == ([0], True)  # task 0 died while worker 1 was busy: deferred
+    assert calls[-1][1] is False  # healed once nothing was in flight
