@@ -13,9 +13,12 @@ pool sets ``OMP_NUM_THREADS`` from it). An Orchestrator is started and shut down
    the ratio is the median of the per-round ratios; tokens/s = the batch's generated
    (non-padding) tokens / wall time of the call, median over the rounds.
    Only generation runs; the other pools are idle.
+   Side by side, the ceiling: the same generate calls (the roles' ``Generator``, one thread)
+   in two plain processes without Ray, all chunks in one, or half in each.
 2. Step time with the pools at different sizes: for each (generators, reward scorers,
    reference scorers) layout of ``--layouts`` with one learner rank, one warm-up
-   ``Orchestrator.step`` and then ``--steps`` steps of ``--step-prompts`` prompts; median
+   ``Orchestrator.step`` and then ``--steps`` steps of ``--step-prompts`` prompts (in
+   ``--chunks`` / 2 chunks, the same for every layout); median
    step time and its blocks (generate, score, train, weight sync).
 
 Target: 2 generators >= 1.8x one generator's tokens/s (needs two free cores: each generator
@@ -79,27 +82,91 @@ def make_config(
     )
 
 
-def generation(cfgs: dict, work: Path, prompts: int, repeats: int) -> dict[int, dict]:
-    """Both layouts' orchestrators stay up and take turns, so drift in the machine's load
-    hits both alike; returns per layout the medians and the per-round tokens/s."""
-    from rlhf_dist.orchestrator import Orchestrator
+def _plain_worker(conn, policy: str, tokenizer: str, max_new_tokens: int) -> None:
+    """A process without Ray: the roles' Generator with one thread, sampling the chunks sent."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from rlhf_dist.roles import Generator
+
+    gen = Generator(policy, tokenizer, max_new_tokens=max_new_tokens)
+    while (chunks := conn.recv()) is not None:
+        t0, tokens = time.perf_counter(), 0
+        for texts, ids, seed in chunks:
+            tokens += gen.generate(texts, ids, 1, seed).extra["num_tokens"]
+        conn.send((tokens, time.perf_counter() - t0))
+
+
+class PlainProcesses:
+    """Two plain processes: the same generate calls without Ray, the ceiling for the ratio."""
+
+    def __init__(self, inputs, max_new_tokens: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(2):
+            here, there = ctx.Pipe()
+            args = (there, inputs.policy, inputs.tokenizer, max_new_tokens)
+            self.procs.append(ctx.Process(target=_plain_worker, args=args, daemon=True))
+            self.procs[-1].start()
+            self.conns.append(here)
+
+    def run(self, parts: list[list]) -> tuple[int, float]:
+        """Each part to its own process at once; (tokens, wall seconds)."""
+        t0 = time.perf_counter()
+        for conn, part in zip(self.conns, parts):
+            conn.send(part)
+        tokens = sum(conn.recv()[0] for conn in self.conns[: len(parts)])
+        return tokens, time.perf_counter() - t0
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            conn.send(None)
+            proc.join(timeout=30)
+
+
+def generation(cfgs: dict, work: Path, prompts: int, repeats: int) -> dict:
+    """Both layouts' orchestrators, and the two plain processes, stay up and take turns, so
+    drift in the machine's load hits all alike; returns per layout the medians and the
+    per-round tokens/s (layouts 1 and 2, and "plain 1" / "plain 2")."""
+    from rlhf_dist.orchestrator import Orchestrator, _chunks, derive_seed
     from rlhf_dist.preflight import resolve_inputs
 
-    orchs = {}
+    orchs, plain = {}, None
     try:
         for g, cfg in cfgs.items():
             orchs[g] = Orchestrator(cfg, resolve_inputs(cfg), work / f"gen-{g}")
         ids = list(range(prompts))
-        rows: dict[int, list] = {g: [] for g in orchs}
-        for orch in orchs.values():
-            orch.generate(ids)  # warm-up
+        inp, cfg = orchs[1].inputs, cfgs[1]
+        # the chunks Orchestrator.generate deals, with their seeds: the plain processes
+        # sample exactly the same tokens
+        chunks = [
+            ([inp.prompts[i] for i in part], list(part), derive_seed(cfg.run.seed, "rollout", 0, c))
+            for c, part in enumerate(_chunks(prompts, cfg.rollout.chunk_prompts))
+        ]
+        plain = PlainProcesses(inp, cfg.rollout.max_new_tokens)
+        layouts = {
+            **{g: (lambda o=o: o.generate(ids)) for g, o in orchs.items()},
+            "plain 1": lambda: plain.run([chunks]),
+            "plain 2": lambda: plain.run([chunks[0::2], chunks[1::2]]),
+        }
+        rows: dict = {g: [] for g in layouts}
+        for call in layouts.values():
+            call()  # warm-up
         for _ in range(repeats):
-            for g, orch in orchs.items():
+            for g, call in layouts.items():
                 t0 = time.perf_counter()
-                batch = orch.generate(ids)
+                out = call()
                 wall = time.perf_counter() - t0
-                rows[g].append((batch.extra["num_tokens"], wall, batch.extra["compute_s"]))
+                if isinstance(out, tuple):  # plain processes: (tokens, seconds)
+                    rows[g].append((out[0], wall, out[1]))
+                else:
+                    rows[g].append((out.extra["num_tokens"], wall, out.extra["compute_s"]))
     finally:
+        if plain is not None:
+            plain.close()
         for orch in orchs.values():
             orch.shutdown()
     return {
@@ -146,7 +213,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", default="10m", choices=list(SIZES), help="policy size")
     ap.add_argument("--prompts", type=int, default=128, help="prompts per generate call (part 1)")
-    ap.add_argument("--chunks", type=int, default=16, help="chunks per step / generate call")
+    ap.add_argument(
+        "--chunks", type=int, default=8, help="chunks per generate call (part 2: half as many)"
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds of generate calls")
     ap.add_argument("--steps", type=int, default=3, help="timed PPO steps per layout (part 2)")
     ap.add_argument("--step-prompts", type=int, default=32, help="rollout.prompts_per_step")
@@ -189,7 +258,7 @@ def main() -> None:
                     assets,
                     layout,
                     args.step_prompts,
-                    args.chunks // 4,  # 8 prompts per chunk at the default --step-prompts 32
+                    max(1, args.chunks // 2),
                     [f"run.steps={args.steps + 1}", *args.overrides],
                 )
                 log(f"steps: layout {layout}")
@@ -213,9 +282,10 @@ def main() -> None:
     head = ["generators", "tokens", "wall s", "slowest generator s", "tokens/s", "vs 1"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    base = gen_rows[1]["tokens/s"]
     for g, r in gen_rows.items():
-        cells = [str(g), f"{r['tokens']:.0f}", f"{r['wall']:.3f}", f"{r['compute']:.3f}"]
+        base = gen_rows["plain 1" if str(g).startswith("plain") else 1]["tokens/s"]
+        name = f"{g} (no Ray)" if str(g).startswith("plain") else str(g)
+        cells = [name, f"{r['tokens']:.0f}", f"{r['wall']:.3f}", f"{r['compute']:.3f}"]
         cells += [f"{r['tokens/s']:.0f}", f"{r['tokens/s'] / base:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     if step_rows:
@@ -233,9 +303,12 @@ def main() -> None:
             cells += [f"{r[b]:.3f}" for b in BLOCKS] + [f"{r['tokens/s']:.0f}"]
             print("| " + " | ".join(cells) + " |")
     rounds = [b / a for a, b in zip(gen_rows[1]["rounds"], gen_rows[2]["rounds"])]
+    ceiling = [b / a for a, b in zip(gen_rows["plain 1"]["rounds"], gen_rows["plain 2"]["rounds"])]
     ratio = statistics.median(rounds)
     print(
-        f"\nPer-round ratios (2 generators / 1, same round): {', '.join(f'{x:.2f}' for x in rounds)}"
+        "\nPer-round ratios, 2 / 1 in the same round: generators "
+        f"{', '.join(f'{x:.2f}' for x in rounds)}; plain processes without Ray (the same "
+        f"generate calls, split 50/50) {', '.join(f'{x:.2f}' for x in ceiling)}"
     )
     verdict = "PASS" if ratio >= TARGET else "MISS"
     print(

@@ -65,6 +65,7 @@ class AsyncLoop:
         self.todo: deque[tuple[int, int]] = deque()  # (step, chunk) waiting for a generator
         self.inflight: dict[ray.ObjectRef, tuple[int, object, int, int]] = {}
         self.lost: set[int] = set()  # generator slots to replace before the next sync
+        self.redo: set[tuple[int, int]] = set()  # chunks lost with their generator
         self.next_open = orch.step_idx  # next step whose prompts are taken
         self.next_prepare = orch.step_idx  # next step to assemble and score
         self.dropped_stale = 0
@@ -120,8 +121,12 @@ class AsyncLoop:
             b, c = self.todo[0]
             if self._train_version(b) - self.holds[slot] > self.max_staleness:
                 continue  # this generator's weights would be too old for step b
-            if self._outstanding() + self._chunk_samples(b, c) > self.queue_bound:
+            # A lost chunk is redone whatever the fill: the queue may hold later steps' samples
+            # that cannot be trained before it (waiting would never end).
+            full = self._outstanding() + self._chunk_samples(b, c) > self.queue_bound
+            if full and (b, c) not in self.redo:
                 return
+            self.redo.discard((b, c))
             self.todo.popleft()
             ids, seed = self.steps_open[b].chunks[c]
             ref = gens.actors[slot].generate.remote(
@@ -139,6 +144,7 @@ class AsyncLoop:
             self.steps_open[b].owner[c] = slot
         except LOST:
             self.todo.appendleft((b, c))
+            self.redo.add((b, c))
             self.orch.redone_chunks += 1
             if self.orch.generators.actors[slot] is actor:  # not replaced already
                 self.lost.add(slot)
@@ -172,6 +178,7 @@ class AsyncLoop:
                 self.dropped_stale += len(r)
                 st.results[c] = None
                 self.todo.appendleft((b, c))
+                self.redo.add((b, c))
         if not st.complete():
             return None
         batch = RolloutBatch.concat(st.results, self.orch.inputs.pad_token_id)

@@ -57,6 +57,7 @@ LOSS_KEYS = (
     "train/clipfrac",
 )
 STEP_TIME = "time/step"
+ELAPSED = "time/elapsed"
 TIME_ORDER = ("time/generate", "time/score", "time/train", "time/weight_sync")
 TOKENS_PER_S = "perf/tokens_per_s"
 
@@ -153,12 +154,13 @@ def _has(steps: list[tuple[float, dict[str, Any]]], key: str) -> bool:
 
 
 def _time_components(steps: list[tuple[float, dict[str, Any]]]) -> list[str]:
-    """``time/*`` keys except ``time/step``: the known phases first, then the rest sorted."""
+    """``time/*`` keys except ``time/step`` and ``time/elapsed`` (a clock, not a phase): the
+    known phases first, then the rest sorted."""
     keys = {
         k
         for _, row in steps
         for k, v in row.items()
-        if k.startswith("time/") and k != STEP_TIME and _num(v) is not None
+        if k.startswith("time/") and k not in (STEP_TIME, ELAPSED) and _num(v) is not None
     }
     return [k for k in TIME_ORDER if k in keys] + sorted(keys - set(TIME_ORDER))
 

@@ -276,3 +276,12 @@ def test_report_works_without_heavy_dependencies(run_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(len(FIGURES) + 1)
     assert _pngs(run_dir / "report") == set(FIGURES)
+
+
+def test_elapsed_clock_is_not_a_time_phase():
+    from rlhf_dist.report import _time_components
+
+    rows = [
+        (s, {"time/train": 1.0, "time/wait_batch": 0.2, "time/elapsed": 3.0 * s}) for s in (1, 2)
+    ]
+    assert _time_components(rows) == ["time/train", "time/wait_batch"]

@@ -178,6 +178,24 @@ def test_autoscale_adds_generators_that_hold_current_weights(
     assert_same_training(rows, undisturbed)  # the pool's size does not change the samples
 
 
+def test_remove_generators_between_steps(cluster, tiny_assets, tmp_path):
+    cfg = make_cfg(tiny_assets, "rollout.num_workers=3", "run.steps=2")
+    orch = Orchestrator(cfg, resolve_inputs(cfg), tmp_path / "run")
+    try:
+        orch.step()
+        orch.remove_generators(2)
+        m = orch.step()
+        assert m["pool/num_generators"] == 1 and m["pool/chunks_per_generator_min"] == 4
+        learner = ray.get(orch.learners.call("policy_checksum"))[0]
+        assert [(s["version"], s["checksum"]) for s in ray.get(orch.generators.call("status"))] == [
+            (2, learner)
+        ]
+        with pytest.raises(ValueError, match="cannot remove 1 of 1 generators"):
+            orch.remove_generators(1)
+    finally:
+        orch.shutdown()
+
+
 def test_learner_death_stops_the_run_naming_the_last_checkpoint(cluster, tiny_assets, tmp_path):
     cfg = make_cfg(tiny_assets, "run.steps=2", "checkpoint.every=1")
     orch = Orchestrator(cfg, resolve_inputs(cfg), tmp_path / "run")

@@ -207,6 +207,29 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     assert ours.versions.tolist() == [1] * 4
 
 
+def test_decoupled_ppo_weights_stale_samples_only(learner, batch, tiny_policy):
+    """Async mode: tokens of samples older than the learner are weighted by
+    pi_proximal / pi_behaviour truncated at is_cap; samples of its own version weigh exactly 1."""
+    scored = batch.select(list(range(len(batch))))
+    scored.scores = torch.linspace(0, 1, len(scored))
+    scored.ref_logprobs = ReferenceScorer(tiny_policy).ref_logprobs(scored)["ref_logprobs"]
+    learner.version = 3
+
+    fresh = scored.select(list(range(len(scored))))
+    fresh.versions = torch.full((len(fresh),), 3)
+    m = learner.ppo_update(fresh, kl_coef=0.05, seed=0, is_cap=2.0)
+    assert m["train/stale_token_frac"] == 0.0 and m["train/is_weight_mean"] == 1.0
+
+    stale = scored.select(list(range(len(scored))))
+    stale.versions = torch.full((len(stale),), 2)
+    # the behaviour policy found these tokens 5 nats less likely: weights e^5 > cap
+    stale.behaviour_logprobs = (stale.behaviour_logprobs - 5.0) * stale.response_mask
+    m = learner.ppo_update(stale, kl_coef=0.05, seed=0, is_cap=2.0)
+    assert m["train/stale_token_frac"] == 1.0
+    assert m["train/is_truncated_frac"] > 0.9 and m["train/is_weight_mean"] <= 2.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+
+
 def _sender_and(join):
     """A stand-in for learner rank 0 (rank 0 of a gloo group) and ``join`` as rank 1."""
     port = free_port()
