@@ -19,6 +19,10 @@ its prompts sampled again.
 Lost generators: a chunk whose generator died goes back to the front of the queue; the dead
 generator is replaced just before the next weight sync (the learner is idle then), so the new
 one joins the sync group and receives the current weights before it samples.
+
+A weight sync (and a new sync group) is entered while generators may still be sampling a
+chunk: each joins once its chunk is done, so a chunk must take well under ``sync.timeout_s``.
+Autoscaling is a sync-mode rule (it reads the share of the step spent generating).
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ class AsyncLoop:
         self.steps_open: dict[int, _Step] = {}  # step index -> its chunks
         self.todo: deque[tuple[int, int]] = deque()  # (step, chunk) waiting for a generator
         self.inflight: dict[ray.ObjectRef, tuple[int, object, int, int]] = {}
-        self.lost: set[int] = set()  # generator slots to replace before the next sync
-        self.redo: set[tuple[int, int]] = set()  # chunks lost with their generator
+        # generator slot -> its dead actor, replaced before the next sync (unless a replacement
+        # already took its place, e.g. during an evaluation)
+        self.lost: dict[int, object] = {}
+        self.redo: set[tuple[int, int]] = set()  # chunks to sample again (lost or too old)
         self.next_open = orch.step_idx  # next step whose prompts are taken
         self.next_prepare = orch.step_idx  # next step to assemble and score
         self.dropped_stale = 0
@@ -112,7 +118,7 @@ class AsyncLoop:
         # generators added since the last sync were given the current weights
         self.holds += [orch.version] * (len(gens) - len(self.holds))
         for slot in range(len(gens)):
-            if slot in busy or slot in self.lost:
+            if slot in busy or self.lost.get(slot) is gens.actors[slot]:
                 continue
             if not self.todo and self.next_open < self.cfg.run.steps:
                 self._open_step()
@@ -139,6 +145,7 @@ class AsyncLoop:
 
     def _collect(self, ref) -> None:
         slot, actor, b, c = self.inflight.pop(ref)
+        gens = self.orch.generators
         try:
             self.steps_open[b].results[c] = ray.get(ref)
             self.steps_open[b].owner[c] = slot
@@ -146,17 +153,19 @@ class AsyncLoop:
             self.todo.appendleft((b, c))
             self.redo.add((b, c))
             self.orch.redone_chunks += 1
-            if self.orch.generators.actors[slot] is actor:  # not replaced already
-                self.lost.add(slot)
+            if slot < len(gens) and gens.actors[slot] is actor:  # not replaced already
+                self.lost[slot] = actor
 
     # ----------------------------------------------------------------- sync
 
     def _heal_and_sync(self, version: int) -> float:
         """Replace lost generators (now: the learner is idle), then broadcast ``version``."""
         orch = self.orch
-        if self.lost:
-            orch._replace(orch.generators, sorted(self.lost))
-            self.lost.clear()
+        gens = orch.generators
+        lost = sorted(s for s, a in self.lost.items() if s < len(gens) and gens.actors[s] is a)
+        self.lost.clear()
+        if lost:
+            orch._replace(gens, lost)
             if orch.sync_backend() != "object_store":
                 orch._form_sync_group()
         t0 = time.perf_counter()
@@ -197,6 +206,7 @@ class AsyncLoop:
         orch, cfg = self.orch, self.cfg
         prepared: RolloutBatch | None = None
         training = None  # (step, batch, refs, start time)
+        trained: set = set()  # refs of the ranks done with the update in flight
         t_last = time.perf_counter()
         while orch.step_idx < cfg.run.steps:
             self._dispatch()
@@ -213,7 +223,10 @@ class AsyncLoop:
                 ]
                 training, prepared = (b, prepared, refs, time.perf_counter()), None
                 continue
-            waits = list(self.inflight) + (training[2] if training else [])
+            # ranks that finished are left out: waiting on them would return at once, again
+            waits = list(self.inflight) + [
+                r for r in (training[2] if training else []) if r not in trained
+            ]
             if not waits:
                 if self.lost:  # every generator is gone and the learner is idle
                     self._heal_and_sync(orch.version)
@@ -224,10 +237,11 @@ class AsyncLoop:
                 self._collect(ready[0])
                 continue
             b, batch, refs, t_train = training
-            if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+            trained.add(ready[0])
+            if len(trained) < len(refs):
                 continue  # another rank is still training
             train = dict(ray.get(refs)[0])
-            training = None
+            training, trained = None, set()
             times = {"score": batch.extra["score_s"], "train": time.perf_counter() - t_train}
             orch.step_idx = b + 1
             st = self.steps_open.pop(b)
@@ -245,5 +259,5 @@ class AsyncLoop:
                     "async/queue_max": self.queue_max,
                 }
                 m = orch._finish_step(batch, train, times, step_time, extra)
-            t_last = time.perf_counter()
             yield m
+            t_last = time.perf_counter()  # a checkpoint taken in between is not the step's time

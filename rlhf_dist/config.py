@@ -415,7 +415,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _yaml_key(attr: str) -> str:
     """A field named after a Python keyword carries a trailing underscore (``async_``)."""
-    return attr.removesuffix("_")
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
 
 
 def _attr(key: str) -> str:
@@ -636,6 +636,11 @@ def compute_sizes(cfg: Config) -> Sizes:
                 f"rollout.autoscale.generate_frac: must be in (0, 1), got {auto.generate_frac}"
             )
     a = cfg.async_
+    if cfg.mode == "async" and auto.max_workers:
+        raise ConfigError(
+            "rollout.autoscale.max_workers: autoscaling reads the share of a synchronous step "
+            "spent generating; with mode=async set it to 0 and size rollout.num_workers"
+        )
     if a.max_staleness < 0:
         raise ConfigError(f"async.max_staleness: must be >= 0, got {a.max_staleness}")
     if not a.is_cap >= 1 or not math.isfinite(a.is_cap):

@@ -4,8 +4,8 @@ A *job* is a list of tasks for one pool. Each worker has one task in flight and 
 one from the queue when it returns, so a slow or busy worker takes fewer. When a worker is lost
 (its process killed, its node gone) its task goes back to the front of the queue and the job's
 ``heal`` decides what happens to the worker's slot: replaced at once (scorers), or later, when
-none of the pool's calls is in flight (generators, whose replacement re-forms the weight-sync
-group with every generator). Results come back in task order, whoever computed them, so a lost
+none of the job's calls is in flight (generators, whose replacement re-forms the weight-sync
+group with every generator; the caller runs one generator job at a time). Results come back in task order, whoever computed them, so a lost
 worker changes nothing but the time.
 """
 

@@ -50,6 +50,10 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(a, min(a + size, n)) for a in range(0, n, size)]
 
 
+def _noop(_self) -> None:
+    return None
+
+
 class Orchestrator:
     def __init__(
         self, cfg: Config, inputs: Inputs, run_dir: str | Path, tracker: Tracker | None = None
@@ -177,15 +181,42 @@ class Orchestrator:
         return "nccl" if on_gpu else "gloo"
 
     def _form_sync_group(self) -> None:
-        """Learner rank 0 (rank 0, store host) plus every generator, under a fresh prefix."""
-        host = self.learners.node_ip(0)
-        port = ray.get(self.learners.actors[0].free_port.remote())
-        members = [self.learners.actors[0], *self.generators.actors]
-        prefix = f"wsync-{time.time_ns()}"
-        args = (len(members), prefix, self.sync_backend(), self.cfg.sync.timeout_s)
-        ray.get(
-            [m.join_weight_sync.remote(host, port, rank, *args) for rank, m in enumerate(members)]
-        )
+        """Learner rank 0 (rank 0, store host) plus every generator, under a fresh prefix. A
+        generator found dead (before, or while joining) is replaced and the group formed again."""
+        while True:
+            self._replace(self.generators, self._dead(self.generators))
+            host = self.learners.node_ip(0)
+            port = ray.get(self.learners.actors[0].free_port.remote())
+            members = [self.learners.actors[0], *self.generators.actors]
+            prefix = f"wsync-{time.time_ns()}"
+            args = (len(members), prefix, self.sync_backend(), self.cfg.sync.timeout_s)
+            joins = [m.join_weight_sync.remote(host, port, r, *args) for r, m in enumerate(members)]
+            try:
+                ray.get(joins[1:])
+            except LOST:  # the learner's join fails at sync.timeout_s without it: try again
+                try:
+                    ray.get(joins[0])
+                except ray.exceptions.RayTaskError:
+                    pass
+                continue
+            ray.get(joins[0])
+            return
+
+    @staticmethod
+    def _dead(pool: Pool, timeout_s: float = 30.0) -> list[int]:
+        """Slots of ``pool`` whose actor is gone (a no-op call on each; idle actors answer at
+        once, busy ones when their current call ends)."""
+        refs = [a.__ray_call__.remote(_noop) for a in pool.actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0)
+            except LOST:
+                dead.append(i)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
 
     def add_generators(self, n: int = 1) -> None:
         """Grow the rollout pool between two steps: the new membership forms a new sync group
@@ -391,9 +422,15 @@ class Orchestrator:
         if lost:
             # The learner's send fails or ends with the group; a dead learner ends the run.
             try:
-                ray.get(send)
+                ray.get(send, timeout=self.cfg.sync.timeout_s + 60)
             except ray.exceptions.RayTaskError:
                 pass
+            except ray.exceptions.GetTimeoutError:
+                raise TrainingError(
+                    f"weight sync: a generator was lost and the learner's send did not end "
+                    f"within sync.timeout_s={self.cfg.sync.timeout_s:g}; "
+                    f"{self._checkpoint_hint()}"
+                ) from None
             return sorted(lost | hung)
         sent = ray.get(send)[0]
         if verify:
@@ -425,7 +462,9 @@ class Orchestrator:
                 errors.append(ready[0])  # the group broke under it: a loss shows next
         if lost:
             ray.wait(send, num_returns=len(send), timeout=self.cfg.sync.timeout_s + 10)
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            # Over the object store a receiver does not depend on the others: wait for all.
+            grace = None if self.sync_backend() == "object_store" else 1.0
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=grace)
             for ref in done:
                 try:
                     ray.get(ref)
@@ -548,8 +587,11 @@ class Orchestrator:
             or not self.generators.has_room()
         ):
             return False
-        self.add_generators(1)
-        self.last_scale_step = self.step_idx
+        self.last_scale_step = self.step_idx  # a failed attempt waits out the cooldown too
+        try:
+            self.add_generators(1)
+        except PoolError:  # the room was spread over nodes that cannot hold one more
+            return False
         return True
 
     def _skipped_step(self, batch: RolloutBatch, train: dict, times: dict, step_time: float):
@@ -720,8 +762,10 @@ class Orchestrator:
                 scaled = m is not None and self.autoscale(m)
             except LOST as e:
                 # Generators and scorers are replaced as they go; a learner rank cannot be.
+                dead = self._dead(self.learners)
+                who = f"learner rank {dead[0]}" if dead else "a worker that could not be replaced"
                 raise TrainingError(
-                    f"a learner rank died at step {self.step_idx + 1} ({e.__class__.__name__}); "
+                    f"{who} died at step {self.step_idx + 1} ({e.__class__.__name__}); "
                     f"{self._checkpoint_hint()}"
                 ) from e
             if m is None:

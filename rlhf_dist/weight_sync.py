@@ -155,7 +155,9 @@ class SyncGroup:
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         elif backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(store, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout  # a lost member fails the sync instead of hanging it
+            self.pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
         else:
             raise ValueError(f"sync.backend: unknown backend {backend!r}")
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")

@@ -11,6 +11,8 @@ from rlhf_dist.config import (
     Config,
     ConfigError,
     Sizes,
+    _attr,
+    _yaml_key,
     compute_sizes,
     dump_config,
     load_config,
@@ -28,11 +30,24 @@ def _write_yaml(tmp_path, data, name="cfg.yaml"):
 
 
 def _leaves(obj, prefix=""):
-    """{'section.key': value} for every leaf of a Config (nested sections flattened)."""
+    """{'section.key': value} for every leaf of a Config, keyed as in YAML (``async``, not
+    ``async_``; nested sections flattened)."""
     out = {}
     for f in dataclasses.fields(obj):
-        v, key = getattr(obj, f.name), prefix + f.name
+        v, key = getattr(obj, f.name), prefix + _yaml_key(f.name)
         out.update(_leaves(v, key + ".") if dataclasses.is_dataclass(v) else {key: v})
+    return out
+
+
+def _yaml_leaves(raw: dict, obj, prefix="") -> dict:
+    """The same for a YAML mapping, flattened where the config has a section."""
+    out = {}
+    for key, value in raw.items():
+        held = getattr(obj, _attr(key))
+        if dataclasses.is_dataclass(held):
+            out.update(_yaml_leaves(value or {}, held, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
     return out
 
 
@@ -291,11 +306,12 @@ def test_prompts_need_not_divide_among_generators():
         ("async.is_cap=0.5", "async.is_cap"),
         ("async.queue_samples=4", r"async.queue_samples=4 cannot hold one step's samples .* = 8"),
         ("sync.backend=nccl", "sync.backend=nccl needs GPUs on both sides"),
+        (["mode=async", "rollout.autoscale.max_workers=4"], "with mode=async set it to 0"),
     ],
 )
 def test_pool_placement_and_autoscale_checked(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, [override])
+        load_config(None, override if isinstance(override, list) else [override])
 
 
 def test_async_section_is_spelled_async_in_yaml(tmp_path):
@@ -577,7 +593,6 @@ def test_shipped_config_loads_and_validates(path):
     # every value the file sets is what the loaded config holds
     raw = yaml.safe_load(path.read_text()) or {}
     leaves = _leaves(cfg)
-    for section, values in raw.items():
-        for key, value in (values or {}).items():
-            assert leaves[f"{section}.{key}"] == value
-            assert not (isinstance(value, float) and math.isnan(value))
+    for key, value in _yaml_leaves(raw, cfg).items():
+        assert leaves[key] == value
+        assert not (isinstance(value, float) and math.isnan(value))

@@ -62,6 +62,29 @@ def ppo_policy_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def decoupled_importance_weights(
+    proximal_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    stale: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights of decoupled PPO (AReaL, Fu et al. 2025, arXiv 2505.24298).
+
+    Formula: w_t = min(exp(proximal_logp_t - behaviour_logp_t), cap) where ``stale_t``, else 1.
+    A token sampled by the policy the learner holds (not stale) is on-policy: its behaviour and
+    proximal policies are the same weights, so its weight is exactly 1, whatever small numerical
+    difference the two log-prob computations have. Returns (weights, truncated) where
+    ``truncated`` marks the stale tokens whose raw weight exceeded ``cap``. No gradient.
+    Shapes: proximal_logp, behaviour_logp, stale (B, T) -> ((B, T), (B, T) bool).
+    """
+    with torch.no_grad():
+        stale = _as_bool(stale)
+        log_w = torch.where(stale, proximal_logp - behaviour_logp, 0.0)
+        raw = torch.exp(log_w)
+        weights = torch.where(stale, raw.clamp(max=cap), 1.0)
+        return weights, stale & (raw > cap)
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

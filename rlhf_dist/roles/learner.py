@@ -131,8 +131,9 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
         if is_cap is not None:
             behaviour = batch.behaviour_logprobs.to(dev).float()
-            raw_w = torch.exp(torch.where(stale, old_logp - behaviour, 0.0))
-            is_weights = torch.where(stale, raw_w.clamp(max=is_cap), 1.0)
+            is_weights, truncated = algo.decoupled_importance_weights(
+                old_logp, behaviour, stale, is_cap
+            )
 
         sums: dict[str, float] = {}
 
@@ -195,7 +196,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         add("stale_tokens", stale.sum())
         if is_weights is not None:
             add("is_weight_sum", (is_weights * stale).sum())
-            add("is_truncated", (stale & (raw_w > is_cap)).sum())
+            add("is_truncated", truncated.sum())
         num_tokens = mask.sum()
         add("kl_sum", (kl * mask).sum())
         add("tokens", num_tokens)
@@ -283,7 +284,14 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         t0 = time.perf_counter()
         buckets = self._buckets(bucket_bytes)
         if self.rank == 0:
-            digest = weight_sync.send(self.sync_group, buckets, verify)
+            try:
+                digest = weight_sync.send(self.sync_group, buckets, verify)
+            except Exception:
+                # The group broke (a generator was lost): still take part in gathering the
+                # remaining buckets, or the other ranks would wait in the all-gather for ever.
+                for _ in buckets:
+                    pass
+                raise
         else:
             for _ in buckets:
                 pass

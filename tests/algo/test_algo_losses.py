@@ -178,3 +178,32 @@ def test_explained_variance():
     assert explained_variance(torch.zeros(1, 3), torch.ones(1, 3), torch.ones(1, 3)).item() == 0.0
     assert explained_variance(values, returns, torch.tensor([[1, 0, 0, 0, 0]])).item() == 0.0
     assert explained_variance(values, returns, torch.zeros(1, 5)).item() == 0.0
+
+
+def test_decoupled_weights_hand_case():
+    from rlhf_dist.algo import decoupled_importance_weights
+
+    prox = torch.tensor([[-1.0, -1.0, -1.0, -2.0]])
+    behav = torch.tensor([[-1.5, -0.5, -4.0, -2.0]])
+    stale = torch.tensor([[1, 1, 1, 0]])
+    w, truncated = decoupled_importance_weights(prox, behav, stale, cap=2.0)
+    # e^0.5 = 1.65 (kept), e^-0.5 = 0.61 (kept), e^3 = 20.1 (capped at 2), fresh token: 1
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-0.5), 2.0, 1.0]]))
+    assert truncated.tolist() == [[False, False, True, False]]
+
+
+def test_decoupled_weights_are_exactly_one_on_policy_and_scale_the_loss():
+    from rlhf_dist.algo import decoupled_importance_weights
+
+    g = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    behav = old + 0.3 * torch.randn(3, 5, generator=g)  # numerically a bit off
+    adv, mask = torch.randn(3, 5, generator=g), torch.ones(3, 5)
+    fresh, _ = decoupled_importance_weights(old, behav, torch.zeros(3, 5), cap=2.0)
+    assert torch.equal(fresh, torch.ones(3, 5))
+    plain, _ = ppo_policy_loss(logp, old, adv, mask, 0.2)
+    same, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, importance_weights=fresh)
+    assert torch.equal(plain, same)
+    stale_w, _ = decoupled_importance_weights(old, behav, torch.ones(3, 5), cap=2.0)
+    weighted, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, importance_weights=stale_w)
+    assert not torch.allclose(weighted, plain)

@@ -80,6 +80,8 @@ def test_async_generator_killed_loses_no_sample(ray_cluster, tiny_assets, tmp_pa
         dispatched = []
 
         def hook(name, slot, task):
+            if name != "rollout":
+                return
             dispatched.append(slot)
             if len(dispatched) == 6:  # a chunk of step 2, handed out while step 1 trains
                 ray.kill(orch.generators.actors[slot])
