@@ -1,14 +1,16 @@
 """Asynchronous mode on a real local Ray cluster: bounded staleness, the queue bound, exact
 equivalence with synchronous mode at max_staleness=0, and a generator lost mid-run."""
 
-import json
+import sys
+from pathlib import Path
 
 import pytest
 import ray
 
 from rlhf_dist.config import load_config
-from rlhf_dist.orchestrator import Orchestrator
-from rlhf_dist.preflight import resolve_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from ppo_runs import run_checked  # noqa: E402
 
 STEPS = 4
 PROMPTS = 8
@@ -34,26 +36,11 @@ def make_cfg(tiny_assets, *extra):
     )
 
 
-def run(cfg, run_dir, on_dispatch=None):
-    orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
-    try:
-        orch.on_dispatch = on_dispatch(orch) if on_dispatch else None
-        rows = orch.run(log=lambda _: None)
-        learner = ray.get(orch.learners.call("policy_checksum"))[0]
-        held = [(s["version"], s["checksum"]) for s in ray.get(orch.generators.call("status"))]
-        assert held == [(orch.version, learner)] * len(orch.generators)
-    finally:
-        orch.shutdown()
-    saved = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in saved] == list(range(1, STEPS + 1))
-    last = rows[-1]
-    assert last["data/prompts_consumed"] == last["data/prompts_trained"] == STEPS * PROMPTS
-    return rows
-
-
 def test_async_with_zero_staleness_learns_exactly_like_sync(ray_cluster, tiny_assets, tmp_path):
-    sync = run(make_cfg(tiny_assets), tmp_path / "sync")
-    async0 = run(make_cfg(tiny_assets, "mode=async", "async.max_staleness=0"), tmp_path / "a0")
+    sync = run_checked(make_cfg(tiny_assets), tmp_path / "sync")
+    async0 = run_checked(
+        make_cfg(tiny_assets, "mode=async", "async.max_staleness=0"), tmp_path / "a0"
+    )
     assert [r["sync/staleness_max"] for r in async0] == [0] * STEPS
     for got, want in zip(async0, sync):
         for key in COMPARED:
@@ -64,7 +51,7 @@ def test_async_overlaps_generation_within_staleness_and_queue_bounds(
     ray_cluster, tiny_assets, tmp_path
 ):
     cfg = make_cfg(tiny_assets, "mode=async", "async.max_staleness=1")
-    rows = run(cfg, tmp_path / "run")
+    rows = run_checked(cfg, tmp_path / "run")
     assert all(r["sync/staleness_max"] <= 1 for r in rows)
     # step 2's samples were drawn while step 1 trained: generation overlapped training
     assert rows[1]["sync/staleness_max"] == 1
@@ -89,7 +76,7 @@ def test_async_generator_killed_loses_no_sample(ray_cluster, tiny_assets, tmp_pa
         return hook
 
     cfg = make_cfg(tiny_assets, "mode=async", "async.max_staleness=1")
-    rows = run(cfg, tmp_path / "run", make)  # checks consumed == trained == every prompt
+    rows = run_checked(cfg, tmp_path / "run", make)  # checks consumed == trained == every prompt
     assert rows[-1]["fault/restarts"] == 1
     assert rows[-1]["fault/redone_chunks"] >= 1
     assert all(r["sync/staleness_max"] <= 1 for r in rows)

@@ -4,10 +4,11 @@ redone; since each chunk of prompts is sampled with a seed of its own, a run tha
 trains on exactly the samples an undisturbed run does, so its metrics must equal the
 undisturbed run's."""
 
-import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -16,6 +17,9 @@ from rlhf_dist.config import load_config
 from rlhf_dist.orchestrator import Orchestrator, TrainingError
 from rlhf_dist.pools import PoolError
 from rlhf_dist.preflight import resolve_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from ppo_runs import run_checked  # noqa: E402
 
 STEPS = 3
 PROMPTS = 8
@@ -72,25 +76,9 @@ def make_cfg(tiny_assets, *extra):
     )
 
 
-def run(cfg, run_dir, on_dispatch=None):
-    """Run every step; return the metric rows and the generators' final (version, checksum)."""
-    orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
-    try:
-        orch.on_dispatch = on_dispatch(orch) if on_dispatch else None
-        rows = orch.run(log=lambda _: None)
-        learner = ray.get(orch.learners.call("policy_checksum"))[0]
-        held = [(s["version"], s["checksum"]) for s in ray.get(orch.generators.call("status"))]
-        assert held == [(orch.version, learner)] * len(orch.generators)
-    finally:
-        orch.shutdown()
-    saved = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in saved] == list(range(1, STEPS + 1))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def undisturbed(cluster, tiny_assets, tmp_path_factory):
-    rows = run(make_cfg(tiny_assets), tmp_path_factory.mktemp("undisturbed"))
+    rows = run_checked(make_cfg(tiny_assets), tmp_path_factory.mktemp("undisturbed"))
     assert [r["fault/restarts"] for r in rows] == [0] * STEPS
     return rows
 
@@ -142,7 +130,7 @@ def kill_once(pool_name: str, at_step: int, how: str):
 def test_generator_killed_mid_step_is_replaced_and_its_chunk_redone(
     cluster, tiny_assets, tmp_path, undisturbed, how
 ):
-    rows = run(make_cfg(tiny_assets), tmp_path / "run", kill_once("rollout", 2, how))
+    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", kill_once("rollout", 2, how))
     assert [r["fault/restarts"] for r in rows] == [0, 1, 1]
     assert rows[1]["fault/redone_chunks"] >= 1
     assert_same_training(rows, undisturbed)
@@ -152,14 +140,14 @@ def test_generator_killed_during_weight_sync(cluster, tiny_assets, tmp_path, und
     # 10 KB buckets: the receive takes long enough for the kill to land in it (were it to lose
     # the race, the loss would show at step 3's generate and rows[1] would say 0 restarts).
     cfg = make_cfg(tiny_assets, "sync.bucket_mb=0.01")
-    rows = run(cfg, tmp_path / "run", kill_once("weight_sync", 2, "ray.kill"))
+    rows = run_checked(cfg, tmp_path / "run", kill_once("weight_sync", 2, "ray.kill"))
     # the killed generator, and any left waiting on the broken group, were replaced
     assert rows[0]["fault/restarts"] == 0 and rows[1]["fault/restarts"] >= 1
     assert_same_training(rows, undisturbed)
 
 
 def test_reward_scorer_killed_mid_step(cluster, tiny_assets, tmp_path, undisturbed):
-    rows = run(make_cfg(tiny_assets), tmp_path / "run", kill_once("reward", 1, "ray.kill"))
+    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", kill_once("reward", 1, "ray.kill"))
     assert [r["fault/restarts"] for r in rows] == [1, 1, 1]
     assert_same_training(rows, undisturbed)
 
@@ -171,7 +159,9 @@ def test_autoscale_adds_generators_that_hold_current_weights(
         tiny_assets,
         "rollout.autoscale={max_workers: 3, generate_frac: 0.01, cooldown_steps: 0}",
     )
-    rows = run(cfg, tmp_path / "run")  # run() checks every generator holds the final weights
+    rows = run_checked(
+        cfg, tmp_path / "run"
+    )  # run() checks every generator holds the final weights
     assert [r["pool/num_generators"] for r in rows] == [2, 3, 3]
     # 4 chunks dealt to 3 idle generators: the new one sampled part of step 2's batch
     assert rows[1]["pool/chunks_per_generator_min"] >= 1
@@ -247,7 +237,7 @@ def test_node_holding_the_reward_scorer_is_lost(cluster, tiny_assets, tmp_path, 
 
         return hook
 
-    rows = run(make_cfg(tiny_assets), tmp_path / "run", make)
+    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", make)
     # The scorer, and whatever else ran on that node, were replaced on the other nodes: in
     # step 2, or in step 3 where the node went down after its step-2 results came back.
     assert rows[0]["fault/restarts"] == 0 and rows[-1]["fault/restarts"] >= 1
