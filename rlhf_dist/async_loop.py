@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import ray
 
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.dispatch import LOST
+from rlhf_dist.dispatch import LOST, failed_to_start
 
 
 @dataclass
@@ -149,7 +149,9 @@ class AsyncLoop:
         try:
             self.steps_open[b].results[c] = ray.get(ref)
             self.steps_open[b].owner[c] = slot
-        except LOST:
+        except LOST as e:
+            if failed_to_start(e):
+                raise
             self.todo.appendleft((b, c))
             self.redo.add((b, c))
             self.orch.redone_chunks += 1

@@ -23,6 +23,12 @@ import ray
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
+def failed_to_start(e: BaseException) -> bool:
+    """An actor whose constructor raised is broken, not lost: a replacement would fail the
+    same way, so the error is raised instead of healed."""
+    return bool(getattr(e, "actor_init_failed", False))
+
+
 @dataclass
 class Job:
     pool: Any  # rlhf_dist.pools.Pool
@@ -67,7 +73,9 @@ def deal(*jobs: Job, on_dispatch: Callable[[str, int, int], None] | None = None)
         job, slot, t = inflight.pop(ref)
         try:
             job.results[t] = ray.get(ref)
-        except LOST:
+        except LOST as e:
+            if failed_to_start(e):
+                raise
             queues[id(job)].appendleft(t)
             job.redone += 1
             job.lost.append(slot)

@@ -24,7 +24,7 @@ from rlhf_dist.algo import AdaptiveKLController, FixedKLController
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, compute_sizes, dump_config
 from rlhf_dist.data import PromptCursor
-from rlhf_dist.dispatch import LOST, Job, deal
+from rlhf_dist.dispatch import LOST, Job, deal, failed_to_start
 from rlhf_dist.pools import Pool, PoolError, bundle_of, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
@@ -212,7 +212,9 @@ class Orchestrator:
         for i, ref in enumerate(refs):
             try:
                 ray.get(ref, timeout=0)
-            except LOST:
+            except LOST as e:
+                if failed_to_start(e):
+                    raise
                 dead.append(i)
             except ray.exceptions.GetTimeoutError:
                 pass
@@ -762,6 +764,11 @@ class Orchestrator:
                 scaled = m is not None and self.autoscale(m)
             except LOST as e:
                 # Generators and scorers are replaced as they go; a learner rank cannot be.
+                if failed_to_start(e):
+                    raise TrainingError(
+                        f"a worker failed to start at step {self.step_idx + 1}: {e}; "
+                        f"{self._checkpoint_hint()}"
+                    ) from e
                 dead = self._dead(self.learners)
                 who = f"learner rank {dead[0]}" if dead else "a worker that could not be replaced"
                 raise TrainingError(

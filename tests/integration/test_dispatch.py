@@ -5,6 +5,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import pytest
 import ray
 
 from rlhf_dist.dispatch import Job, deal
@@ -13,7 +14,9 @@ from rlhf_dist.dispatch import Job, deal
 def make_worker_class():
     # defined inside a function so that Ray pickles it by value (tests/ is not importable there)
     class Worker:
-        def __init__(self, delay: float, die_on: int = -1):
+        def __init__(self, delay: float, die_on: int = -1, broken: bool = False):
+            if broken:
+                raise RuntimeError("cannot load the model")
             self.delay, self.die_on = delay, die_on
 
         def work(self, x: int) -> int:
@@ -78,3 +81,14 @@ def test_heal_deferred_while_busy_runs_once_the_pool_is_idle(ray_cluster):
     assert job.results == [x * x for x in range(6)]
     assert calls[0] == ([0], True)  # task 0 died while worker 1 was busy: deferred
     assert calls[-1][1] is False  # healed once nothing was in flight
+
+
+def test_worker_that_fails_to_start_is_raised_not_healed(ray_cluster):
+    """A replacement would fail the same way: the error surfaces instead of a restart loop."""
+    Worker = make_worker_class()
+    pool = SimpleNamespace(name="toy", actors=[Worker.remote(0.01, broken=True)])
+    healed = []
+    job = Job(pool, [1, 2], lambda a, x: a.work.remote(x), lambda lost, busy: healed.append(lost))
+    with pytest.raises(ray.exceptions.RayActorError, match="cannot load the model"):
+        deal(job)
+    assert healed == []
