@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_dist.checkpoint import checkpoint_dirs, read_state
+
 ROOT = Path(__file__).resolve().parents[2]
 VOLATILE = ("time/", "perf/", "pool/")  # timings and resource use differ run to run
 
@@ -33,9 +35,16 @@ def _args(tiny_assets, run_dir, *extra):
     ]
 
 
-def _rows(run_dir):
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+def _rows(run_dir, name="metrics.jsonl"):
+    """The complete rows (a kill may cut the last line short)."""
+    path = run_dir / name
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
 
 
 def _same(a: dict, b: dict) -> list[str]:
@@ -78,6 +87,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     assert any(r.get("step") == 3 for r in _rows(killed)), "the run never reached step 3"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait(timeout=60)
+    # The kill lands after step 3's row: usually before step 4's checkpoint, sometimes after.
+    newest = checkpoint_dirs(killed)[-1]
+    k = read_state(newest)["step"]
+    assert k in (2, 4), k
+    written_after = [r["step"] for r in _rows(killed) if r["step"] > k]
 
     p = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "--resume", str(killed)],
@@ -87,16 +101,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from" in p.stdout and "step-00000002" in p.stdout
+    assert "resumed from" in p.stdout and newest.name in p.stdout
 
     a, b = _rows(straight), _rows(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # step 3 (after the checkpoint) redone once
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]  # steps after the checkpoint redone once
     for ra, rb in zip(a, b):
         assert not _same(ra, rb), (ra["step"], _same(ra, rb))
-    rolled_back = [
-        json.loads(x) for x in (killed / "metrics.rolled_back.jsonl").read_text().splitlines()
-    ]
-    assert [r["step"] for r in rolled_back][:1] == [3]  # kept, not lost
+    if written_after:  # rows written after the checkpoint are kept aside, not lost
+        rolled_back = _rows(killed, "metrics.rolled_back.jsonl")
+        assert [r["step"] for r in rolled_back] == written_after
 
     # the exported final policies are identical and load with plain transformers
     from safetensors.torch import load_file
