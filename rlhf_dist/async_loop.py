@@ -41,7 +41,6 @@ from rlhf_dist.dispatch import LOST, failed_to_start
 class _Step:
     """The chunks of one step's prompts and what became of them."""
 
-    prompt_ids: list[int]
     chunks: list[tuple[list[int], int]]  # (prompt ids, seed)
     cursor_state: dict  # the cursor, and the prompts consumed, once this step's were taken
     consumed: int
@@ -89,7 +88,7 @@ class AsyncLoop:
             ([ids[i] for i in part], self._seed(self.cfg.run.seed, "rollout", b, c))
             for c, part in enumerate(self._chunks(len(ids), orch.sizes.chunk_prompts))
         ]
-        self.steps_open[b] = _Step(ids, chunks, orch.cursor.state_dict(), orch.prompts_consumed)
+        self.steps_open[b] = _Step(chunks, orch.cursor.state_dict(), orch.prompts_consumed)
         self.todo.extend((b, c) for c in range(len(chunks)))
         self.next_open += 1
 
