@@ -1,0 +1,73 @@
+"""Fixed-seed runs whose metrics pin the driver's behaviour (issue #13's refactor guard).
+
+Each run writes ``metrics.jsonl`` through the public path (``launch.train``). Every value of
+every row is compared with the values recorded before the driver redesign, except the keys
+that measure time, speed or the machine (``time/``, ``perf/``, ``pool/``).
+
+Regenerate the recorded values only when a change is *meant* to change what the runs learn:
+``python tests/helpers/pinned_runs.py --write`` (then say why in the commit message).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "pinned_metrics.json"
+UNPINNED = ("time/", "perf/", "pool/")
+
+# name -> (config file, overrides); short runs of the configs the issue names
+RUNS = {
+    "smoke": ("configs/smoke.yaml", []),
+    "tiny": ("configs/tiny.yaml", ["run.steps=3"]),
+    "async0": ("configs/smoke.yaml", ["mode=async", "async.max_staleness=0"]),
+}
+
+
+def pinned(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(UNPINNED)}
+
+
+def run(name: str, assets_dir: Path, run_dir: Path) -> list[dict]:
+    from rlhf_dist.config import load_config
+    from rlhf_dist.launch import train
+
+    config, overrides = RUNS[name]
+    cfg = load_config(
+        ROOT / config,
+        [
+            *overrides,
+            f"model.assets_dir={assets_dir}",
+            f"run.dir={run_dir}",
+            "wandb.enabled=false",
+        ],
+    )
+    train(cfg, log=lambda _: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [pinned(r) for r in rows]
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    import ray
+
+    sys.path.insert(0, str(ROOT))
+    from rlhf_dist.launch import WORKER_ENV  # noqa: E402
+
+    ray.init(
+        num_cpus=8,
+        object_store_memory=512 << 20,
+        include_dashboard=False,
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        from rlhf_dist.tasks.tiny import build_assets
+
+        assets = build_assets(Path(tmp) / "assets" / "tiny").parent
+        out = {name: run(name, assets, Path(tmp) / name) for name in RUNS}
+    ray.shutdown()
+    FIXTURE.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {FIXTURE}: " + ", ".join(f"{k} {len(v)} rows" for k, v in out.items()))
