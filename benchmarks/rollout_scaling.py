@@ -71,7 +71,7 @@ def make_config(
             "rollout.max_new_tokens=32",
             f"reward.num_workers={rewards}",
             f"reference.num_workers={refs}",
-            "learner.world_size=1",
+            "learner.num_workers=1",
             "ppo.minibatch_size=16",
             "ppo.micro_batch_size=8",
             "checkpoint.every=0",

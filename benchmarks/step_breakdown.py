@@ -47,7 +47,7 @@ def run_size(name: str, steps: int, overrides: list[str], workdir: Path) -> dict
             "rollout.num_workers=2",
             "rollout.prompts_per_step=16",
             "rollout.max_new_tokens=32",
-            "learner.world_size=1",
+            "learner.num_workers=1",
             "ppo.minibatch_size=16",
             "ppo.micro_batch_size=8",
             *overrides,
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="1m,10m,30m", help=f"comma list of {list(SIZES)}")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. learner.world_size=2")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. learner.num_workers=2")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as d:

@@ -50,13 +50,15 @@ class RunConfig:
 
 
 @dataclass
-class SFTConfig:
+class SupervisedConfig:
+    """What the two supervised stages (SFT and reward-model training) share."""
+
     data: str = "builtin:describe"
-    """Demonstrations: a JSONL file of ``{"prompt": ..., "response": ...}``, or a built-in task."""
+    """Training data: a JSONL file, or a built-in task."""
     init: str = "builtin:describe"
-    """Model SFT starts from (``AutoModelForCausalLM`` path or hub id, or a built-in task)."""
+    """Model the stage starts from (path or hub id, a built-in task, or ``run:<stage>``)."""
     epochs: int = 3
-    """Passes over the demonstrations."""
+    """Passes over the data."""
     batch_size: int = 64
     """Examples per optimizer step, across all learner ranks."""
     micro_batch_size: int = 32
@@ -64,13 +66,25 @@ class SFTConfig:
     lr: float = 1e-3
     """AdamW learning rate."""
     eval_frac: float = 0.05
-    """Fraction of the demonstrations held out to report ``sft/eval_loss``."""
+    """Fraction of the data held out for evaluation."""
     skip_bad_lines: bool = False
     """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
 
 
 @dataclass
-class RMConfig:
+class SFTConfig(SupervisedConfig):
+    data: str = "builtin:describe"
+    """Demonstrations: a JSONL file of ``{"prompt": ..., "response": ...}``, or a built-in task."""
+    init: str = "builtin:describe"
+    """Model SFT starts from (``AutoModelForCausalLM`` path or hub id, or a built-in task)."""
+    epochs: int = 3
+    """Passes over the demonstrations."""
+    eval_frac: float = 0.05
+    """Fraction of the demonstrations held out to report ``sft/eval_loss``."""
+
+
+@dataclass
+class RMConfig(SupervisedConfig):
     data: str = "builtin:describe"
     """Comparisons: a JSONL file of ``{"prompt": ..., "chosen": ..., "rejected": ...}``, or a
     built-in task (its gold labeler labels pairs of demonstrations, with noise)."""
@@ -86,8 +100,6 @@ class RMConfig:
     """AdamW learning rate."""
     eval_frac: float = 0.1
     """Fraction of the comparisons held out to report ``rm/eval_accuracy``."""
-    skip_bad_lines: bool = False
-    """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
 
 
 @dataclass
@@ -139,8 +151,27 @@ class AutoscaleConfig:
     """Steps to wait after a change before the rule is applied again."""
 
 
+POOL_SECTIONS = ("learner", "rollout", "reward", "reference")
+"""The config sections that are pools of Ray actors (each a :class:`PoolConfig`)."""
+
+
 @dataclass
-class RolloutConfig:
+class PoolConfig:
+    """A pool of identical Ray actors: how many, and what each one is given."""
+
+    num_workers: int = 1
+    """Number of actors in the pool."""
+    num_cpus: float = 1.0
+    """CPUs per actor."""
+    num_gpus: float = 0.0
+    """GPUs per actor."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources per actor, e.g. ``{rollout_node: 1}``: places the pool on the
+    nodes that offer them (``ray start --resources '{"rollout_node": 8}'``)."""
+
+
+@dataclass
+class RolloutConfig(PoolConfig):
     num_workers: int = 2
     """Number of generator actors."""
     num_cpus: float = 0.5
@@ -175,12 +206,7 @@ class RolloutConfig:
 
 
 @dataclass
-class RewardConfig:
-    model: str = ""
-    """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
-    function: str = "rlhf_dist.tasks.tiny:reward"
-    """Reward function ``module:function(prompts, responses) -> list[float]``; used when
-    ``model`` is empty."""
+class RewardConfig(PoolConfig):
     num_workers: int = 1
     """Number of reward scorer actors."""
     num_cpus: float = 0.25
@@ -189,10 +215,15 @@ class RewardConfig:
     """GPUs per reward scorer."""
     resources: dict[str, float] = field(default_factory=dict)
     """Ray custom resources per reward scorer (node placement)."""
+    model: str = ""
+    """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
+    function: str = "rlhf_dist.tasks.tiny:reward"
+    """Reward function ``module:function(prompts, responses) -> list[float]``; used when
+    ``model`` is empty."""
 
 
 @dataclass
-class ReferenceConfig:
+class ReferenceConfig(PoolConfig):
     num_workers: int = 1
     """Number of reference scorer actors (frozen copy of the initial policy)."""
     num_cpus: float = 0.25
@@ -204,9 +235,9 @@ class ReferenceConfig:
 
 
 @dataclass
-class LearnerConfig:
-    world_size: int = 1
-    """Data-parallel DeepSpeed ranks (one Ray actor each)."""
+class LearnerConfig(PoolConfig):
+    num_workers: int = 1
+    """Data-parallel DeepSpeed ranks (one Ray actor each); called ``learner.world_size`` before."""
     num_cpus: float = 1.0
     """CPUs per learner rank."""
     num_gpus: float = 0.0
@@ -422,12 +453,21 @@ def _attr(key: str) -> str:
     return f"{key}_" if keyword.iskeyword(key) else key
 
 
+_RENAMED = {
+    "learner.world_size": "learner.num_workers (the data-parallel DeepSpeed ranks)",
+}
+"""Keys that were renamed: dotted old key -> the new key (with a word on what it is). A file or
+override that still uses an old key is refused with a message naming the new one."""
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [_yaml_key(f.name) for f in dataclasses.fields(cls)]
     for key in data:
+        if f"{prefix}{key}" in _RENAMED:
+            raise ConfigError(f"{prefix}{key}: renamed to {_RENAMED[f'{prefix}{key}']}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
@@ -494,7 +534,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(Config, data, "")
-    compute_sizes(cfg)
+    validate(cfg)
     return cfg
 
 
@@ -527,21 +567,36 @@ def _divides(key: str, value: int, by_key: str, by: int) -> int:
     return value // by
 
 
-def compute_sizes(cfg: Config) -> Sizes:
-    """Validate ranges and exact divisions; return the derived sizes."""
+def _check_pool(cfg: Config, section: str) -> None:
+    """A pool section: a positive number of workers, each asking for something Ray can place."""
+    pool: PoolConfig = getattr(cfg, section)
+    _positive(cfg, f"{section}.num_workers")
+    _positive(cfg, f"{section}.num_cpus", f"{section}.num_gpus", allow_zero=True)
+    for res, amount in pool.resources.items():
+        if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
+            raise ConfigError(
+                f"{section}.resources.{res}: must be a custom resource with an amount > 0 "
+                f"(CPUs and GPUs are {section}.num_cpus / num_gpus), got {amount}"
+            )
+    if not (pool.num_cpus > 0 or pool.num_gpus > 0 or pool.resources):
+        raise ConfigError(
+            f"{section}.num_cpus: a worker must be given some CPU, GPU or custom resource "
+            f"({section}.num_cpus, {section}.num_gpus and {section}.resources are all empty)"
+        )
+
+
+def validate(cfg: Config) -> Sizes:
+    """Refuse what is wrong, naming the key; return the derived sizes."""
+    for section in POOL_SECTIONS:
+        _check_pool(cfg, section)
     _positive(
         cfg,
         "run.steps",
-        "rollout.num_workers",
         "rollout.prompts_per_step",
         "rollout.samples_per_prompt",
         "rollout.max_prompt_tokens",
         "rollout.max_new_tokens",
         "rollout.temperature",
-        "rollout.num_cpus",
-        "reward.num_workers",
-        "reference.num_workers",
-        "learner.world_size",
         "learner.lr",
         "ppo.epochs",
         "ppo.minibatch_size",
@@ -552,13 +607,6 @@ def compute_sizes(cfg: Config) -> Sizes:
     _positive(
         cfg,
         "rollout.top_k",
-        "rollout.num_gpus",
-        "reward.num_cpus",
-        "reward.num_gpus",
-        "reference.num_cpus",
-        "reference.num_gpus",
-        "learner.num_cpus",
-        "learner.num_gpus",
         "learner.critic_lr",
         "learner.weight_decay",
         "learner.max_grad_norm",
@@ -590,10 +638,10 @@ def compute_sizes(cfg: Config) -> Sizes:
             continue  # sizes of a stage this run does not go through
         key = f"{section}.batch_size"
         per_rank = _divides(
-            key, getattr(cfg, section).batch_size, "learner.world_size", cfg.learner.world_size
+            key, getattr(cfg, section).batch_size, "learner.num_workers", cfg.learner.num_workers
         )
         _divides(
-            f"{key} / learner.world_size",
+            f"{key} / learner.num_workers",
             per_rank,
             f"{section}.micro_batch_size",
             getattr(cfg, section).micro_batch_size,
@@ -656,13 +704,6 @@ def compute_sizes(cfg: Config) -> Sizes:
             "sync.backend=nccl needs GPUs on both sides (learner.num_gpus and "
             "rollout.num_gpus > 0); use gloo or auto on CPUs"
         )
-    for section in ("rollout", "reward", "reference", "learner"):
-        for res, amount in getattr(cfg, section).resources.items():
-            if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
-                raise ConfigError(
-                    f"{section}.resources.{res}: must be a custom resource with an amount > 0 "
-                    f"(CPUs and GPUs are {section}.num_cpus / num_gpus), got {amount}"
-                )
     minibatches = _divides(
         "samples per step (rollout.prompts_per_step * rollout.samples_per_prompt)",
         samples,
@@ -670,10 +711,10 @@ def compute_sizes(cfg: Config) -> Sizes:
         cfg.ppo.minibatch_size,
     )
     per_rank = _divides(
-        "ppo.minibatch_size", cfg.ppo.minibatch_size, "learner.world_size", cfg.learner.world_size
+        "ppo.minibatch_size", cfg.ppo.minibatch_size, "learner.num_workers", cfg.learner.num_workers
     )
     accum = _divides(
-        "ppo.minibatch_size / learner.world_size",
+        "ppo.minibatch_size / learner.num_workers",
         per_rank,
         "ppo.micro_batch_size",
         cfg.ppo.micro_batch_size,

@@ -12,7 +12,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_dist.config import Config
+from rlhf_dist.config import POOL_SECTIONS, Config, PoolConfig
 
 
 class PoolError(RuntimeError):
@@ -23,7 +23,7 @@ def _node_ip(_self) -> str:
     return ray.util.get_node_ip_address()
 
 
-def bundle_of(section) -> dict[str, float]:
+def bundle_of(section: PoolConfig) -> dict[str, float]:
     """One worker's placement-group bundle: CPUs, GPUs and custom resources of a pool section."""
     out = {"CPU": section.num_cpus} | ({"GPU": section.num_gpus} if section.num_gpus > 0 else {})
     return out | dict(section.resources)
@@ -32,10 +32,8 @@ def bundle_of(section) -> dict[str, float]:
 def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
     """Each pool's (workers, bundle per worker), keyed by config section."""
     return {
-        "learner": (cfg.learner.world_size, bundle_of(cfg.learner)),
-        "rollout": (cfg.rollout.num_workers, bundle_of(cfg.rollout)),
-        "reward": (cfg.reward.num_workers, bundle_of(cfg.reward)),
-        "reference": (cfg.reference.num_workers, bundle_of(cfg.reference)),
+        name: (getattr(cfg, name).num_workers, bundle_of(getattr(cfg, name)))
+        for name in POOL_SECTIONS
     }
 
 

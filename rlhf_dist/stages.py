@@ -42,7 +42,7 @@ def run_supervised_stage(
 ) -> dict:
     """Train, evaluate on the held-out split, export; returns the final metrics."""
     sec = getattr(cfg, stage)
-    world = cfg.learner.world_size
+    world = cfg.learner.num_workers
     records = list(inputs.records)
     random.Random(cfg.run.seed).shuffle(records)
     n_eval = int(len(records) * sec.eval_frac)

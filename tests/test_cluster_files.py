@@ -48,7 +48,7 @@ def _gpus_needed(cfg) -> float:
     return sum(
         n * g
         for n, g in (
-            (cfg.learner.world_size, cfg.learner.num_gpus),
+            (cfg.learner.num_workers, cfg.learner.num_gpus),
             (cfg.rollout.num_workers, cfg.rollout.num_gpus),
             (cfg.reward.num_workers, cfg.reward.num_gpus if cfg.reward.model else 0.0),
             (cfg.reference.num_workers, cfg.reference.num_gpus),
@@ -60,7 +60,7 @@ def _cpus_needed(cfg) -> float:
     return sum(
         n * c
         for n, c in (
-            (cfg.learner.world_size, cfg.learner.num_cpus),
+            (cfg.learner.num_workers, cfg.learner.num_cpus),
             (cfg.rollout.num_workers, cfg.rollout.num_cpus),
             (cfg.reward.num_workers, cfg.reward.num_cpus),
             (cfg.reference.num_workers, cfg.reference.num_cpus),
@@ -82,7 +82,7 @@ def test_gpu_config_puts_every_role_on_gpus_with_bf16_and_zero(path):
     assert cfg.run.stage == "ppo"
     assert cfg.model.dtype == "bfloat16"
     assert cfg.learner.zero_stage in (2, 3)
-    assert cfg.learner.num_gpus == 1 and cfg.learner.world_size >= 4
+    assert cfg.learner.num_gpus == 1 and cfg.learner.num_workers >= 4
     assert cfg.rollout.num_gpus > 0 and cfg.reference.num_gpus > 0
     assert cfg.reward.model and cfg.reward.num_gpus > 0
     assert cfg.sync.backend in ("auto", "nccl")

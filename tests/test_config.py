@@ -1,5 +1,6 @@
 """Config tree: loading, overrides, strict type checks, size checks and round-trips."""
 
+import ast
 import dataclasses
 import math
 from pathlib import Path
@@ -7,16 +8,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_dist import config as config_module
 from rlhf_dist.config import (
+    POOL_SECTIONS,
     Config,
     ConfigError,
+    PoolConfig,
+    RMConfig,
+    SFTConfig,
     Sizes,
+    SupervisedConfig,
     _attr,
     _yaml_key,
-    compute_sizes,
     dump_config,
     load_config,
     parse_overrides,
+    validate,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -69,7 +76,7 @@ def test_defaults_load_and_equal_dataclass_defaults():
 
 def test_defaults_sizes():
     # defaults: 8 prompts x 1 sample, 2 generators, minibatch 8, 1 rank, micro 4
-    assert compute_sizes(Config()) == Sizes(
+    assert validate(Config()) == Sizes(
         samples_per_step=8,
         chunk_prompts=2,  # about two chunks per generator
         queue_samples=16,  # two steps' worth
@@ -77,6 +84,85 @@ def test_defaults_sizes():
         minibatch_per_rank=8,
         grad_accum_steps=2,
     )
+
+
+def test_pool_sections_share_pool_config_and_keep_their_defaults():
+    cfg = Config()
+    pools = {
+        f.name for f in dataclasses.fields(Config) if isinstance(getattr(cfg, f.name), PoolConfig)
+    }
+    assert pools == set(POOL_SECTIONS)
+    pool_keys = [f.name for f in dataclasses.fields(PoolConfig)]
+    assert pool_keys == ["num_workers", "num_cpus", "num_gpus", "resources"]
+    for name in POOL_SECTIONS:
+        # the shared keys come first in every pool section, in the same order
+        assert [f.name for f in dataclasses.fields(getattr(cfg, name))][:4] == pool_keys, name
+    expected = {  # (num_workers, num_cpus, num_gpus, resources)
+        "rollout": (2, 0.5, 0.0, {}),
+        "reward": (1, 0.25, 0.0, {}),
+        "reference": (1, 0.25, 0.0, {}),
+        "learner": (1, 1.0, 0.0, {}),
+    }
+    for name, values in expected.items():
+        section = getattr(cfg, name)
+        assert tuple(getattr(section, k) for k in pool_keys) == values, name
+    # each section's own resources dict (a default_factory, not one shared dict)
+    assert cfg.rollout.resources is not cfg.learner.resources
+
+
+def test_sft_and_rm_share_a_base_and_keep_their_defaults():
+    assert issubclass(SFTConfig, SupervisedConfig) and issubclass(RMConfig, SupervisedConfig)
+    keys = [f.name for f in dataclasses.fields(SupervisedConfig)]
+    assert keys == [
+        "data",
+        "init",
+        "epochs",
+        "batch_size",
+        "micro_batch_size",
+        "lr",
+        "eval_frac",
+        "skip_bad_lines",
+    ]
+    assert [f.name for f in dataclasses.fields(SFTConfig)] == keys
+    assert [f.name for f in dataclasses.fields(RMConfig)] == keys
+    sft, rm = Config().sft, Config().rm
+    assert (sft.data, sft.init, sft.epochs, sft.batch_size, sft.micro_batch_size) == (
+        "builtin:describe",
+        "builtin:describe",
+        3,
+        64,
+        32,
+    )
+    assert (sft.lr, sft.eval_frac, sft.skip_bad_lines) == (1e-3, 0.05, False)
+    assert (rm.data, rm.init, rm.epochs, rm.batch_size, rm.micro_batch_size) == (
+        "builtin:describe",
+        "run:sft",
+        2,
+        64,
+        32,
+    )
+    assert (rm.lr, rm.eval_frac, rm.skip_bad_lines) == (5e-4, 0.1, False)
+
+
+def test_every_section_field_has_a_docstring():
+    """The project documents each key with a string literal under its field; a subclass that
+    redeclares a field (to change its default) writes its own."""
+    tree = ast.parse(Path(config_module.__file__).read_text())
+    missing = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or node.name in ("Config", "Sizes"):
+            continue
+        for i, stmt in enumerate(node.body):
+            if isinstance(stmt, ast.AnnAssign):
+                nxt = node.body[i + 1] if i + 1 < len(node.body) else None
+                documented = (
+                    isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                )
+                if not documented:
+                    missing.append(f"{node.name}.{stmt.target.id}")
+    assert not missing
 
 
 # ----------------------------------------------------------------------------- merge
@@ -200,6 +286,40 @@ def test_falsy_scalar_section_refused(value):
         load_config(None, [f"ppo={value}"])
 
 
+RENAMED_MSG = (
+    "learner.world_size: renamed to learner.num_workers (the data-parallel DeepSpeed ranks)"
+)
+
+
+@pytest.mark.parametrize(
+    "overrides", [["learner.world_size=2"], ["learner.num_workers=2", "learner.world_size=2"]]
+)
+def test_renamed_key_in_override_names_the_new_key(overrides):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == RENAMED_MSG
+
+
+def test_renamed_key_in_file_names_the_new_key(tmp_path):
+    path = _write_yaml(tmp_path, {"learner": {"world_size": 4, "zero_stage": 3}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == RENAMED_MSG
+    # the same file with the new key loads, and dumps the new key only
+    path = _write_yaml(tmp_path, {"learner": {"num_workers": 4, "zero_stage": 3}})
+    cfg = load_config(path, ["ppo.minibatch_size=8", "ppo.micro_batch_size=2"])
+    assert cfg.learner.num_workers == 4
+    dump_config(cfg, tmp_path / "dumped.yaml")
+    dumped = yaml.safe_load((tmp_path / "dumped.yaml").read_text())
+    assert dumped["learner"]["num_workers"] == 4 and "world_size" not in dumped["learner"]
+
+
+def test_renamed_key_is_only_refused_where_it_was_a_key():
+    # a section that never had world_size gets the ordinary unknown-key message
+    with pytest.raises(ConfigError, match=r"^rollout.world_size: unknown key"):
+        load_config(None, ["rollout.world_size=2"])
+
+
 # ----------------------------------------------------------------------------- types
 
 
@@ -278,7 +398,7 @@ def test_prompts_need_not_divide_among_generators():
             "ppo.micro_batch_size=3",
         ],
     )
-    assert compute_sizes(cfg).chunk_prompts == 3  # ceil(9 / 4)
+    assert validate(cfg).chunk_prompts == 3  # ceil(9 / 4)
     cfg = load_config(
         None,
         [
@@ -288,7 +408,7 @@ def test_prompts_need_not_divide_among_generators():
             "ppo.micro_batch_size=3",
         ],
     )
-    assert compute_sizes(cfg).chunk_prompts == 4
+    assert validate(cfg).chunk_prompts == 4
 
 
 @pytest.mark.parametrize(
@@ -340,12 +460,12 @@ def test_custom_resources_load():
             ["rollout.prompts_per_step", "rollout.samples_per_prompt", "ppo.minibatch_size=4"],
         ),
         (
-            ["learner.world_size=3", "ppo.minibatch_size=8"],
-            ["ppo.minibatch_size=8", "learner.world_size=3"],
+            ["learner.num_workers=3", "ppo.minibatch_size=8"],
+            ["ppo.minibatch_size=8", "learner.num_workers=3"],
         ),
         (
-            ["learner.world_size=2", "ppo.minibatch_size=8", "ppo.micro_batch_size=3"],
-            ["ppo.minibatch_size / learner.world_size=4", "ppo.micro_batch_size=3"],
+            ["learner.num_workers=2", "ppo.minibatch_size=8", "ppo.micro_batch_size=3"],
+            ["ppo.minibatch_size / learner.num_workers=4", "ppo.micro_batch_size=3"],
         ),
         (
             # minibatch larger than the step's samples
@@ -361,7 +481,7 @@ def test_non_dividing_sizes_refused(overrides, names):
         assert name in str(e.value)
 
 
-def test_compute_sizes_hand_computed():
+def test_validate_sizes_hand_computed():
     cfg = load_config(
         None,
         [
@@ -369,13 +489,13 @@ def test_compute_sizes_hand_computed():
             "rollout.samples_per_prompt=4",
             "rollout.num_workers=3",
             "ppo.minibatch_size=16",
-            "learner.world_size=2",
+            "learner.num_workers=2",
             "ppo.micro_batch_size=4",
         ],
     )
     # 12 * 4 = 48 samples; 48 / 16 = 3 minibatches;
     # 16 / 2 = 8 per rank; 8 / 4 = 2 accumulation steps
-    assert compute_sizes(cfg) == Sizes(
+    assert validate(cfg) == Sizes(
         samples_per_step=48,
         chunk_prompts=2,  # ceil(12 / (2 * 3))
         queue_samples=96,
@@ -395,7 +515,7 @@ def test_compute_sizes_hand_computed():
         ("rollout.samples_per_prompt=-1", "rollout.samples_per_prompt"),
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
         ("rollout.temperature=0", "rollout.temperature"),
-        ("learner.world_size=0", "learner.world_size"),
+        ("learner.num_workers=0", "learner.num_workers"),
         ("learner.lr=-0.1", "learner.lr"),
         ("learner.weight_decay=-0.1", "learner.weight_decay"),
         ("ppo.epochs=0", "ppo.epochs"),
@@ -417,6 +537,34 @@ def test_out_of_range_refused_naming_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value).startswith(f"{key}:")
+
+
+@pytest.mark.parametrize("section", POOL_SECTIONS)
+@pytest.mark.parametrize(
+    "override, key, match",
+    [
+        ("num_workers=0", "num_workers", "must be > 0"),
+        ("num_workers=-1", "num_workers", "must be > 0"),
+        ("num_cpus=-0.5", "num_cpus", "must be >= 0"),
+        ("num_cpus=.nan", "num_cpus", "must be >= 0"),
+        ("num_gpus=-1", "num_gpus", "must be >= 0"),
+        ("resources={GPU: 1}", "resources.GPU", "must be a custom resource"),
+        ("resources={node: .inf}", "resources.node", "amount > 0"),
+        ("num_cpus=0", "num_cpus", "some CPU, GPU or custom resource"),  # Ray cannot place it
+    ],
+)
+def test_every_pool_section_checked_alike_naming_key(section, override, key, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [f"{section}.{override}"])
+    assert str(e.value).startswith(f"{section}.{key}:")
+
+
+@pytest.mark.parametrize("section", POOL_SECTIONS)
+def test_pool_worker_may_ask_for_gpus_or_custom_resources_only(section):
+    cfg = load_config(None, [f"{section}.num_cpus=0", f"{section}.num_gpus=1"])
+    assert getattr(cfg, section).num_cpus == 0
+    cfg = load_config(None, [f"{section}.num_cpus=0", f"{section}.resources={{node: 1}}"])
+    assert getattr(cfg, section).resources == {"node": 1.0}
 
 
 def test_zero_allowed_where_documented():
@@ -483,7 +631,7 @@ def test_validation_never_rewrites_user_values(tmp_path):
             "top_k": 5,
         },
         "reward": {"function": "my.mod:fn", "num_workers": 2},
-        "learner": {"world_size": 2, "zero_stage": 3, "lr": 3.0e-4, "max_grad_norm": 0},
+        "learner": {"num_workers": 2, "zero_stage": 3, "lr": 3.0e-4, "max_grad_norm": 0},
         "ppo": {
             "epochs": 4,
             "minibatch_size": 12,
@@ -588,7 +736,7 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
-    sizes = compute_sizes(cfg)
+    sizes = validate(cfg)
     assert sizes.samples_per_step > 0 and sizes.grad_accum_steps > 0
     # every value the file sets is what the loaded config holds
     raw = yaml.safe_load(path.read_text()) or {}

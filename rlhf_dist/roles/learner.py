@@ -24,7 +24,7 @@ import torch
 
 from rlhf_dist import algo, weight_sync
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.config import Config, compute_sizes
+from rlhf_dist.config import Config, validate
 from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
 from rlhf_dist.roles.common import WeightSyncMember
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
@@ -33,7 +33,7 @@ from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
 class Learner(DeepSpeedRank, WeightSyncMember):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size)
-        self.sizes = compute_sizes(cfg)
+        self.sizes = validate(cfg)
         self.policy = self.critic = None
         self.version = 0
 

@@ -27,7 +27,7 @@ def test_nan_rewards_skip_steps_then_stop_cleanly(tiny_assets, tmp_path):
             "run.max_bad_steps=3",
             "checkpoint.every=2",
             "checkpoint.save_hf=true",
-            "learner.world_size=1",
+            "learner.num_workers=1",
             "wandb.enabled=false",
             "reward.function=faulty_reward:nan_after_16_responses",
         ],

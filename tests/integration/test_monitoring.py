@@ -42,7 +42,7 @@ def test_wandb_offline_matches_metrics_jsonl(ray_cluster, tiny_assets, tmp_path)
         [
             f"model.assets_dir={tiny_assets.parent}",
             "run.steps=3",
-            "learner.world_size=1",
+            "learner.num_workers=1",
             "wandb.mode=offline",
             "wandb.table_every=2",
             "wandb.table_rows=4",

@@ -42,7 +42,7 @@ def test_two_ppo_steps_zero2_world_size_2(ray_cluster, tiny_assets, tmp_path):
             "rollout.max_new_tokens=8",
             "reward.num_workers=1",
             "reference.num_workers=1",
-            "learner.world_size=2",
+            "learner.num_workers=2",
             "learner.zero_stage=2",
             "learner.lr=1e-3",
             "ppo.minibatch_size=4",

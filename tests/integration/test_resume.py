@@ -29,7 +29,7 @@ def _args(tiny_assets, run_dir, *extra):
         "run.steps=5",
         "checkpoint.every=2",
         "checkpoint.keep=2",
-        "learner.world_size=1",
+        "learner.num_workers=1",
         "wandb.enabled=false",
         *extra,
     ]

@@ -82,7 +82,7 @@ def test_sync_after_a_ppo_step(
         assets,
         tmp_path,
         f"learner.zero_stage={zero_stage}",
-        f"learner.world_size={world_size}",
+        f"learner.num_workers={world_size}",
         f"rollout.num_workers={generators}",
         f"rollout.prompts_per_step={2 * generators}",
         f"ppo.minibatch_size={2 * generators}",
@@ -109,7 +109,7 @@ def test_mismatch_stops_with_a_clear_error_and_added_generator_gets_current_weig
     ray_cluster, tiny_assets, tmp_path
 ):
     cfg, orch = _orchestrator(
-        tiny_assets, tmp_path, "rollout.num_workers=1", "learner.world_size=1", "run.steps=1"
+        tiny_assets, tmp_path, "rollout.num_workers=1", "learner.num_workers=1", "run.steps=1"
     )
 
     # Defined here, not at module level, so Ray pickles it by value into the worker. It

@@ -149,7 +149,7 @@ def learner(tiny_policy):
     cfg = load_config(
         None,
         [
-            "learner.world_size=1",
+            "learner.num_workers=1",
             "learner.lr=1e-3",
             "rollout.num_workers=1",
             "rollout.prompts_per_step=4",
