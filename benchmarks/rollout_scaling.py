@@ -131,7 +131,8 @@ def generation(cfgs: dict, work: Path, prompts: int, repeats: int) -> dict:
     """Both layouts' orchestrators, and the two plain processes, stay up and take turns, so
     drift in the machine's load hits all alike; returns per layout the medians and the
     per-round tokens/s (layouts 1 and 2, and "plain 1" / "plain 2")."""
-    from rlhf_dist.orchestrator import Orchestrator, _chunks, derive_seed
+    from rlhf_dist.dispatch import chunk_plan
+    from rlhf_dist.orchestrator import Orchestrator
     from rlhf_dist.preflight import resolve_inputs
 
     orchs, plain = {}, None
@@ -140,15 +141,16 @@ def generation(cfgs: dict, work: Path, prompts: int, repeats: int) -> dict:
             orchs[g] = Orchestrator(cfg, resolve_inputs(cfg), work / f"gen-{g}")
         ids = list(range(prompts))
         inp, cfg = orchs[1].inputs, cfgs[1]
-        # the chunks Orchestrator.generate deals, with their seeds: the plain processes
-        # sample exactly the same tokens
-        chunks = [
-            ([inp.prompts[i] for i in part], list(part), derive_seed(cfg.run.seed, "rollout", 0, c))
-            for c, part in enumerate(_chunks(prompts, cfg.rollout.chunk_prompts))
-        ]
+        # the chunks a step-0 rollout deals, with their seeds: the plain processes sample
+        # exactly the same tokens
+        plan = chunk_plan(ids, cfg.rollout.chunk_prompts, cfg.run.seed, "rollout", 0)
+        chunks = [([inp.prompts[i] for i in c.prompt_ids], c.prompt_ids, c.seed) for c in plan]
         plain = PlainProcesses(inp, cfg.rollout.max_new_tokens)
         layouts = {
-            **{g: (lambda o=o: o.generate(ids)) for g, o in orchs.items()},
+            **{
+                g: (lambda o=o: o.generators.generate(plan, inp.prompts, 1))
+                for g, o in orchs.items()
+            },
             "plain 1": lambda: plain.run([chunks]),
             "plain 2": lambda: plain.run([chunks[0::2], chunks[1::2]]),
         }

@@ -11,10 +11,11 @@ worker changes nothing but the time.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -27,6 +28,32 @@ def failed_to_start(e: BaseException) -> bool:
     """An actor whose constructor raised is broken, not lost: a replacement would fail the
     same way, so the error is raised instead of healed."""
     return bool(getattr(e, "actor_init_failed", False))
+
+
+def derive_seed(*parts) -> int:
+    """A seed that depends only on ``parts`` (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+
+
+def split_ranges(n: int, size: int) -> list[range]:
+    """Contiguous ranges of ``size`` (the last may be shorter) covering ``range(n)``."""
+    return [range(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+class Chunk(NamedTuple):
+    """One ``generate`` call's work: prompt indices and the seed they are sampled with."""
+
+    prompt_ids: list[int]
+    seed: int
+
+
+def chunk_plan(prompt_ids: list[int], size: int, *seed_parts) -> list[Chunk]:
+    """``prompt_ids`` cut into chunks of ``size``; chunk ``c`` is seeded by ``(*seed_parts, c)``,
+    so a sample does not depend on which worker takes its chunk, or how many there are."""
+    return [
+        Chunk([prompt_ids[i] for i in part], derive_seed(*seed_parts, c))
+        for c, part in enumerate(split_ranges(len(prompt_ids), size))
+    ]
 
 
 @dataclass
@@ -44,6 +71,14 @@ class Job:
     def __post_init__(self):
         self.results = [None] * len(self.tasks)
         self.owner = [-1] * len(self.tasks)
+
+    def critical_path(self) -> float:
+        """The busiest worker's compute: the sum of ``compute_s`` over the tasks it returned."""
+        per_slot: dict[int, float] = {}
+        for slot, r in zip(self.owner, self.results):
+            c = r["compute_s"] if isinstance(r, dict) else r.extra["compute_s"]
+            per_slot[slot] = per_slot.get(slot, 0.0) + c
+        return max(per_slot.values(), default=0.0)
 
 
 def deal(*jobs: Job, on_dispatch: Callable[[str, int, int], None] | None = None) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import ray
 
 from rlhf_dist.config import Config
-from rlhf_dist.pools import Pool, bundle_of, check_cluster_resources
+from rlhf_dist.driver.learner_group import LearnerGroup
+from rlhf_dist.pools import check_cluster_resources
 from rlhf_dist.preflight import SupervisedInputs
 from rlhf_dist.roles.supervised import RewardLearner, SFTLearner
 from rlhf_dist.tracking import Tracker
@@ -51,27 +52,16 @@ def run_supervised_stage(
 
     check_cluster_resources(cfg, only=("learner",))
     role = SFTLearner if stage == "sft" else RewardLearner
-    pool = Pool(
-        f"{stage} learner",
-        role,
-        world,
-        bundle_of(cfg.learner),
-        lambda i: ((cfg, i, world), {}),
-        cfg.ray.placement_timeout_s,
-    )
+    learners = LearnerGroup(f"{stage} learner", role, cfg)
     try:
-        addr = pool.node_ip(0)
-        port = ray.get(pool.actors[0].free_port.remote())
-        ray.get([a.setup.remote(inputs.init, inputs.tokenizer, addr, port) for a in pool.actors])
+        learners.handshake(inputs.init, inputs.tokenizer)
         per_rank = sec.batch_size // world
         final: dict = {}
 
         def evaluate(step: int) -> dict:
             if not held_out:
                 return {}
-            totals = ray.get(
-                [a.evaluate.remote(s) for a, s in zip(pool.actors, _shards(held_out, world))]
-            )[0]
+            totals = ray.get(learners.each("evaluate", _shards(held_out, world)))[0]
             return {f"{stage}/eval_{k}": v for k, v in _summarise(stage, totals).items()}
 
         step = 0
@@ -81,7 +71,7 @@ def run_supervised_stage(
             for b in range(steps_per_epoch):
                 batch = order[b * sec.batch_size : (b + 1) * sec.batch_size]
                 shards = [batch[r * per_rank : (r + 1) * per_rank] for r in range(world)]
-                results = ray.get([a.train_step.remote(s) for a, s in zip(pool.actors, shards)])
+                results = ray.get(learners.each("train_step", shards))
                 step += 1
                 row = {"stage": stage, "step": step, f"{stage}/epoch": epoch}
                 row.update({f"{stage}/{k}": v for k, v in _summarise(stage, results[0]).items()})
@@ -100,8 +90,8 @@ def run_supervised_stage(
         stage_dir, name = OUTPUT[stage]
         out = run_dir / stage_dir / name
         out.parent.mkdir(parents=True, exist_ok=True)
-        ray.get([a.export_model.remote(str(out), inputs.tokenizer) for a in pool.actors])
+        learners.run("export_model", str(out), inputs.tokenizer)
         final[f"{stage}/skipped_records"] = inputs.skipped
         return final
     finally:
-        pool.shutdown()
+        learners.shutdown()

@@ -114,7 +114,7 @@ def kill_once(pool_name: str, at_step: int, how: str):
             if name != pool_name or step != at_step or done:
                 return
             done.append(slot)
-            pool = orch.generators if name in ("rollout", "weight_sync") else orch.rewards
+            pool = orch.generators if name in ("rollout", "weight_sync") else orch.scorers.rewards
             actor = pool.actors[slot]
             if how == "ray.kill":
                 ray.kill(actor)
@@ -226,7 +226,7 @@ def test_node_holding_the_reward_scorer_is_lost(cluster, tiny_assets, tmp_path, 
         def hook(name, slot, task):
             if name != "reward" or orch.step_idx != 1 or done:
                 return
-            node_id = node_of(orch.rewards.actors[slot])
+            node_id = node_of(orch.scorers.rewards.actors[slot])
             (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
             done.append(node_id)
             cluster.remove_node(node, allow_graceful=False)

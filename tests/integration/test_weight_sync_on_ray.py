@@ -92,7 +92,7 @@ def test_sync_after_a_ppo_step(
         "run.steps=1",
     )
     try:
-        manifest = ray.get(orch.manifest)
+        manifest = ray.get(orch.generators.sync.manifest)
         assert all(str(s.dtype) == f"torch.{dtype}" for s in manifest)
         names = [s.name for s in manifest]
         # tied weights travel once; untied ones both travel

@@ -23,6 +23,7 @@ one joins the sync group and receives the current weights before it samples.
 A weight sync (and a new sync group) is entered while generators may still be sampling a
 chunk: each joins once its chunk is done, so a chunk must take well under ``sync.timeout_s``.
 Autoscaling is a sync-mode rule (it reads the share of the step spent generating).
+The loop uses the groups' public methods only (docs/architecture.md, "The asynchronous step").
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ from dataclasses import dataclass, field
 import ray
 
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.dispatch import LOST, failed_to_start
+from rlhf_dist.dispatch import LOST, Chunk, chunk_plan, derive_seed, failed_to_start
+from rlhf_dist.driver.outcome import StepLoop, StepOutcome
 
 
 @dataclass
 class _Step:
     """The chunks of one step's prompts and what became of them."""
 
-    chunks: list[tuple[list[int], int]]  # (prompt ids, seed)
-    cursor_state: dict  # the cursor, and the prompts consumed, once this step's were taken
-    consumed: int
+    chunks: list[Chunk]
+    data_position: dict  # the cursor, and the prompts consumed, once this step's were taken
     results: list = field(default_factory=list)
     owner: list = field(default_factory=list)  # generator slot that sampled each chunk
 
@@ -55,15 +56,11 @@ class _Step:
         return all(r is not None for r in self.results)
 
 
-class AsyncLoop:
-    def __init__(self, orch):
-        from rlhf_dist.orchestrator import _chunks, derive_seed
-
-        self.orch, self.cfg = orch, orch.cfg
-        self._chunks, self._seed = _chunks, derive_seed
+class AsyncLoop(StepLoop):
+    def __init__(self, *parts):
+        super().__init__(*parts)
         self.samples = self.cfg.rollout.samples_per_prompt
         self.max_staleness = self.cfg.async_.max_staleness
-        self.queue_bound = orch.sizes.queue_samples
         self.steps_open: dict[int, _Step] = {}  # step index -> its chunks
         self.todo: deque[tuple[int, int]] = deque()  # (step, chunk) waiting for a generator
         self.inflight: dict[ray.ObjectRef, tuple[int, object, int, int]] = {}
@@ -71,31 +68,27 @@ class AsyncLoop:
         # already took its place, e.g. during an evaluation)
         self.lost: dict[int, object] = {}
         self.redo: set[tuple[int, int]] = set()  # chunks to sample again (lost or too old)
-        self.next_open = orch.step_idx  # next step whose prompts are taken
-        self.next_prepare = orch.step_idx  # next step to assemble and score
+        self.next_open = self.state.step  # next step whose prompts are taken
+        self.next_prepare = self.state.step  # next step to assemble and score
         self.dropped_stale = 0
         self.queue_max = 0
-        self.holds = [orch.version] * len(orch.generators)  # version each slot will sample with
+        # the version each generator slot will sample with
+        self.holds = [self.state.version] * len(self.generators)
 
     # ----------------------------------------------------------------- bookkeeping
 
     def _open_step(self) -> None:
         b = self.next_open
-        orch = self.orch
-        ids = orch.cursor.take(self.cfg.rollout.prompts_per_step)
-        orch.prompts_consumed += len(ids)
-        chunks = [
-            ([ids[i] for i in part], self._seed(self.cfg.run.seed, "rollout", b, c))
-            for c, part in enumerate(self._chunks(len(ids), orch.sizes.chunk_prompts))
-        ]
-        self.steps_open[b] = _Step(chunks, orch.cursor.state_dict(), orch.prompts_consumed)
+        ids = self.state.take_prompts(self.cfg.rollout.prompts_per_step)
+        chunks = chunk_plan(ids, self.sizes.chunk_prompts, self.cfg.run.seed, "rollout", b)
+        self.steps_open[b] = _Step(chunks, self.state.data_position())
         self.todo.extend((b, c) for c in range(len(chunks)))
         self.next_open += 1
 
     def _train_version(self, b: int) -> int:
         """The policy version that will train step ``b``, if no step in between is skipped
         (a skipped step only lowers it, so the bound holds): one more per step before it."""
-        return self.orch.version + (b - self.orch.step_idx)
+        return self.state.version + (b - self.state.step)
 
     def _outstanding(self) -> int:
         """Samples generated or being generated and not yet trained (the queue's fill)."""
@@ -103,19 +96,19 @@ class AsyncLoop:
         for st in self.steps_open.values():
             n += sum(len(r) for r in st.results if r is not None)
         for _, _, b, c in self.inflight.values():
-            n += len(self.steps_open[b].chunks[c][0]) * self.samples
+            n += self._chunk_samples(b, c)
         return n
 
     def _chunk_samples(self, b: int, c: int) -> int:
-        return len(self.steps_open[b].chunks[c][0]) * self.samples
+        return len(self.steps_open[b].chunks[c].prompt_ids) * self.samples
 
     # ----------------------------------------------------------------- dispatch
 
     def _dispatch(self) -> None:
-        orch, gens = self.orch, self.orch.generators
+        gens = self.generators
         busy = {slot for slot, _, _, _ in self.inflight.values()}
         # generators added since the last sync were given the current weights
-        self.holds += [orch.version] * (len(gens) - len(self.holds))
+        self.holds += [self.state.version] * (len(gens) - len(self.holds))
         for slot in range(len(gens)):
             if slot in busy or self.lost.get(slot) is gens.actors[slot]:
                 continue
@@ -128,23 +121,21 @@ class AsyncLoop:
                 continue  # this generator's weights would be too old for step b
             # A lost chunk is redone whatever the fill: the queue may hold later steps' samples
             # that cannot be trained before it (waiting would never end).
-            full = self._outstanding() + self._chunk_samples(b, c) > self.queue_bound
+            full = self._outstanding() + self._chunk_samples(b, c) > self.sizes.queue_samples
             if full and (b, c) not in self.redo:
                 return
             self.redo.discard((b, c))
             self.todo.popleft()
-            ids, seed = self.steps_open[b].chunks[c]
-            ref = gens.actors[slot].generate.remote(
-                [orch.inputs.prompts[i] for i in ids], ids, self.samples, seed
-            )
+            chunk = self.steps_open[b].chunks[c]
+            ref = gens.submit(slot, chunk, self.inputs.prompts, self.samples)
             self.inflight[ref] = (slot, gens.actors[slot], b, c)
-            if orch.on_dispatch is not None:
-                orch.on_dispatch("rollout", slot, c)
+            if gens.on_dispatch is not None:
+                gens.on_dispatch("rollout", slot, c)
         self.queue_max = max(self.queue_max, self._outstanding())
 
     def _collect(self, ref) -> None:
         slot, actor, b, c = self.inflight.pop(ref)
-        gens = self.orch.generators
+        gens = self.generators
         try:
             self.steps_open[b].results[c] = ray.get(ref)
             self.steps_open[b].owner[c] = slot
@@ -153,7 +144,7 @@ class AsyncLoop:
                 raise
             self.todo.appendleft((b, c))
             self.redo.add((b, c))
-            self.orch.redone_chunks += 1
+            gens.budget.redone(1)
             if slot < len(gens) and gens.actors[slot] is actor:  # not replaced already
                 self.lost[slot] = actor
 
@@ -161,17 +152,16 @@ class AsyncLoop:
 
     def _heal_and_sync(self, version: int) -> float:
         """Replace lost generators (now: the learner is idle), then broadcast ``version``."""
-        orch = self.orch
-        gens = orch.generators
+        gens = self.generators
         lost = sorted(s for s, a in self.lost.items() if s < len(gens) and gens.actors[s] is a)
         self.lost.clear()
         if lost:
-            orch._replace(gens, lost)
-            if orch.sync_backend() != "object_store":
-                orch._form_sync_group()
+            gens.replace(lost)
+            gens.regroup()
         t0 = time.perf_counter()
-        orch.sync_weights(version)
-        self.holds = [version] * len(orch.generators)
+        gens.push(version)
+        self.state.version = version
+        self.holds = [version] * len(gens)
         return time.perf_counter() - t0
 
     # ----------------------------------------------------------------- the loop
@@ -191,25 +181,23 @@ class AsyncLoop:
                 self.redo.add((b, c))
         if not st.complete():
             return None
-        batch = RolloutBatch.concat(st.results, self.orch.inputs.pad_token_id)
+        batch = RolloutBatch.concat(st.results, self.inputs.pad_token_id)
         batch.extra["num_tokens"] = sum(r.extra["num_tokens"] for r in st.results)
-        batch.extra["chunks_per_worker"] = [
-            st.owner.count(s) for s in range(len(self.orch.generators))
-        ]
+        batch.extra["chunks_per_worker"] = [st.owner.count(s) for s in range(len(self.generators))]
         t0 = time.perf_counter()
-        self.orch.score(batch)
+        self.scorers.score(batch)
         batch.extra["score_s"] = time.perf_counter() - t0
         self.next_prepare += 1
         return batch
 
     def steps(self):
-        """Run until ``run.steps``; yields each step's metrics with no update in flight."""
-        orch, cfg = self.orch, self.cfg
+        """Run until ``run.steps``; yields each step's outcome with no update in flight."""
+        state, cfg = self.state, self.cfg
         prepared: RolloutBatch | None = None
         training = None  # (step, batch, refs, start time)
         trained: set = set()  # refs of the ranks done with the update in flight
         t_last = time.perf_counter()
-        while orch.step_idx < cfg.run.steps:
+        while state.step < cfg.run.steps:
             self._dispatch()
             if prepared is None and self.next_prepare < cfg.run.steps:
                 prepared = self._prepare()
@@ -217,11 +205,10 @@ class AsyncLoop:
                     continue
             if training is None and prepared is not None:
                 b = self.next_prepare - 1
-                seed = self._seed(cfg.run.seed, b, "ppo")  # as synchronous mode seeds it
-                refs = [
-                    a.ppo_update.remote(s, orch.kl_ctl.value, seed, cfg.async_.is_cap)
-                    for a, s in zip(orch.learners.actors, prepared.split(cfg.learner.world_size))
-                ]
+                seed = derive_seed(cfg.run.seed, b, "ppo")  # as synchronous mode seeds it
+                refs = self.learners.start_update(
+                    prepared, state.kl_ctl.value, seed, cfg.async_.is_cap
+                )
                 training, prepared = (b, prepared, refs, time.perf_counter()), None
                 continue
             # ranks that finished are left out: waiting on them would return at once, again
@@ -230,7 +217,7 @@ class AsyncLoop:
             ]
             if not waits:
                 if self.lost:  # every generator is gone and the learner is idle
-                    self._heal_and_sync(orch.version)
+                    self._heal_and_sync(state.version)
                     continue
                 raise RuntimeError("async loop: nothing in flight and nothing to train")
             ready, _ = ray.wait(waits, num_returns=1)
@@ -241,24 +228,18 @@ class AsyncLoop:
             trained.add(ready[0])
             if len(trained) < len(refs):
                 continue  # another rank is still training
-            train = dict(ray.get(refs)[0])
+            train = self.learners.update_result(ray.get(refs))
             training, trained = None, set()
             times = {"score": batch.extra["score_s"], "train": time.perf_counter() - t_train}
-            orch.step_idx = b + 1
-            st = self.steps_open.pop(b)
-            orch.trained_view = {"cursor": st.cursor_state, "prompts_consumed": st.consumed}
-            if train.get("skipped"):
-                m = orch._skipped_step(batch, train, times, time.perf_counter() - t_last)
-            else:
-                orch.bad_streak = 0
-                orch.prompts_trained += len(batch) // self.samples
-                times["weight_sync"] = self._heal_and_sync(orch.version + 1)
-                step_time = time.perf_counter() - t_last
+            state.step = b + 1
+            position = self.steps_open.pop(b).data_position
+            extra = {}
+            if not train.get("skipped"):
+                times["weight_sync"] = self._heal_and_sync(state.version + 1)
                 extra = {
                     "async/dropped_stale": self.dropped_stale,
                     "async/queue_samples": self._outstanding(),
                     "async/queue_max": self.queue_max,
                 }
-                m = orch._finish_step(batch, train, times, step_time, extra)
-            yield m
+            yield StepOutcome(batch, train, times, time.perf_counter() - t_last, position, extra)
             t_last = time.perf_counter()  # a checkpoint taken in between is not the step's time

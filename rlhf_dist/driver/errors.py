@@ -1,0 +1,36 @@
+"""The errors a worker group raises, and the one the top level turns them into.
+
+A group says what went wrong with its own workers; only the top level (``Orchestrator.run``)
+knows the run directory and the last checkpoint, so only it adds where to continue from
+(docs/architecture.md, "Failures").
+"""
+
+from __future__ import annotations
+
+
+class GroupError(RuntimeError):
+    """A worker group cannot go on; the message says which worker and why."""
+
+
+class RestartsExhausted(GroupError):
+    """A worker was lost and ``run.max_restarts`` replacements are used up."""
+
+
+class WorkerUnplaceable(GroupError):
+    """A lost worker's replacement cannot be placed on the cluster."""
+
+
+class SyncStalled(GroupError):
+    """A generator was lost during a weight sync and the learner's send never ended."""
+
+
+class NonFiniteSteps(GroupError):
+    """``run.max_bad_steps`` PPO steps in a row had non-finite numbers."""
+
+
+class WeightSyncError(RuntimeError):
+    """A generator does not hold what the learner sent."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and names the last checkpoint."""

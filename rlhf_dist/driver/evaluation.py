@@ -1,0 +1,48 @@
+"""Evaluation: the gold score of the current policy on held-out prompts.
+
+The gold scorer plays the human labeler; it never trains anything. Each evaluation samples
+the same held-out prompts with the same seeds (step 0's chunk plan, one sample each), so two
+evaluations differ by the policy only. The proxy reward of the same samples sits beside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_dist.config import Config
+from rlhf_dist.dispatch import chunk_plan
+from rlhf_dist.driver.generator_group import GeneratorGroup
+from rlhf_dist.driver.scorer_group import ScorerGroup
+from rlhf_dist.roles.scorers import import_reward_function
+
+
+class Evaluator:
+    def __init__(
+        self, cfg: Config, prompts: list[str], generators: GeneratorGroup, scorers: ScorerGroup
+    ):
+        self.cfg, self.prompts = cfg, prompts
+        self.generators, self.scorers = generators, scorers
+        self.gold = import_reward_function(cfg.eval.gold) if cfg.eval.gold else None
+
+    def due(self, step: int) -> bool:
+        """Before PPO (step 0), every ``eval.every`` steps and after the last one."""
+        if self.gold is None:
+            return False
+        return step % self.cfg.eval.every == 0 or step == self.cfg.run.steps
+
+    def __call__(self) -> dict:
+        n = len(self.prompts)
+        size = math.ceil(n / (2 * self.cfg.rollout.num_workers))
+        chunks = chunk_plan(list(range(n)), size, self.cfg.run.seed, "eval", 0)
+        batch = self.generators.generate(chunks, self.prompts, samples=1)
+        gold = torch.tensor(self.gold(batch.prompts, batch.responses), dtype=torch.float64)
+        proxy = self.scorers.rewards_of(batch)
+        return {
+            "eval/gold_score": gold.mean().item(),
+            "eval/gold_score_stderr": (gold.std().item() / n**0.5) if n > 1 else 0.0,
+            "eval/proxy_reward": proxy.mean().item(),
+            "eval/response_length_mean": batch.response_mask.sum(-1).float().mean().item(),
+            "eval/num_prompts": n,
+        }

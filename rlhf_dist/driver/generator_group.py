@@ -1,0 +1,135 @@
+"""The generator group: the rollout workers, their chunked work, and the weights they hold.
+
+Work comes as a chunk plan (``rlhf_dist.dispatch.chunk_plan``): prompts cut into chunks, each
+with its own seed, dealt to the generators by load. A lost generator's chunk is redone
+elsewhere; the generator itself is replaced once none of the group's calls is in flight,
+because a new member means a new weight-sync group, and every generator receives the current
+weights before it samples again. The group grows and shrinks between steps the same way.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.config import Config
+from rlhf_dist.dispatch import Chunk, Job, deal
+from rlhf_dist.driver.healing import PoolGroup, replace_lost
+from rlhf_dist.driver.run_state import RestartBudget
+from rlhf_dist.driver.sync_group import WeightSyncGroup
+from rlhf_dist.pools import Pool, bundle_of
+from rlhf_dist.preflight import Inputs
+from rlhf_dist.roles import Generator
+
+
+def _sample(actor, chunk: Chunk, prompts: list[str], samples: int) -> ray.ObjectRef:
+    ids = chunk.prompt_ids
+    return actor.generate.remote([prompts[i] for i in ids], ids, samples, chunk.seed)
+
+
+class GeneratorGroup(PoolGroup):
+    def __init__(self, cfg: Config, inputs: Inputs, budget: RestartBudget):
+        r = cfg.rollout
+        self.inputs, self.budget = inputs, budget
+        self.pool = Pool(
+            "rollout",
+            Generator,
+            r.num_workers,
+            bundle_of(r),
+            lambda i: (
+                (inputs.policy, inputs.tokenizer, cfg.model.dtype),
+                dict(
+                    max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    top_k=r.top_k,
+                    num_gpus=r.num_gpus,
+                ),
+            ),
+            cfg.ray.placement_timeout_s,
+        )
+        self.sync: WeightSyncGroup | None = None
+        self.on_dispatch = None  # (pool name, slot, task index) after each submission
+
+    def connect(self, sync: WeightSyncGroup, version: int) -> float:
+        """Join the learner's weight-sync group and receive ``version`` (at start: the
+        generators loaded the same files, but the sync proves they hold them)."""
+        self.sync = sync
+        self.regroup()
+        return self.push(version)
+
+    # ----------------------------------------------------------------- sampling
+
+    def submit(self, slot: int, chunk: Chunk, prompts: list[str], samples: int) -> ray.ObjectRef:
+        """Start one chunk on generator ``slot``."""
+        return _sample(self.actors[slot], chunk, prompts, samples)
+
+    def generate(self, chunks: list[Chunk], prompts: list[str], samples: int) -> RolloutBatch:
+        """Sample every chunk (dealt by load, lost chunks redone) into one batch, in chunk
+        order whoever sampled them."""
+        job = Job(self.pool, chunks, lambda a, c: _sample(a, c, prompts, samples), self._heal)
+        deal(job, on_dispatch=self.on_dispatch)
+        self.budget.redone(job.redone)
+        batch = RolloutBatch.concat(job.results, self.inputs.pad_token_id)
+        expected = sorted(i for c in chunks for i in c.prompt_ids for _ in range(samples))
+        if sorted(batch.prompt_ids) != expected:  # the dealing must neither lose nor repeat
+            raise RuntimeError("generate: the batch's prompts differ from the prompts dealt")
+        batch.extra["compute_s"] = job.critical_path()
+        batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in job.results)
+        batch.extra["chunks_per_worker"] = [job.owner.count(s) for s in range(len(self))]
+        return batch
+
+    def _heal(self, lost: list[int], busy: bool) -> list[int]:
+        """Lost generators are replaced once no call of the job is in flight."""
+        if busy:
+            return []
+        self.replace(lost)
+        self.regroup()
+        self.push(self.sync.version)
+        return list(lost)
+
+    # ----------------------------------------------------------------- membership
+
+    def replace(self, slots: list[int]) -> None:
+        replace_lost(self.pool, slots, self.budget)
+
+    def regroup(self) -> None:
+        """Form a new weight-sync group with every generator; one found dead (before, or
+        while joining) is replaced and the group formed again."""
+        while True:
+            self.replace(self.dead())
+            if self.sync.form(self.actors):
+                return
+
+    def push(self, version: int) -> float:
+        """Broadcast the learner's policy to every generator as ``version``; verify. A
+        generator lost during the sync, or left waiting on the broken group, is replaced, the
+        group formed again and the sync redone. Returns the slowest member's compute."""
+        while True:
+            out = self.sync.push(self.actors, version)
+            if not out.lost:
+                return out.compute_s
+            self.replace(out.lost)
+            if self.sync.collective:
+                self.regroup()
+
+    def add(self, n: int = 1) -> None:
+        """Grow the group: the new membership forms a new sync group and every generator,
+        new ones included, receives the current weights."""
+        version = self.sync.version
+        self.pool.add(n)
+        self.regroup()
+        self.push(version)
+
+    def remove(self, n: int = 1) -> None:
+        """Shrink the group (at least one generator stays)."""
+        if not 0 < n < len(self):
+            raise ValueError(f"cannot remove {n} of {len(self)} generators")
+        version = self.sync.version
+        for _ in range(n):
+            self.pool.remove(len(self) - 1)
+        self.regroup()
+        self.push(version)
+
+    def has_room(self) -> bool:
+        return self.pool.has_room()

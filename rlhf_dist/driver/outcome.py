@@ -1,0 +1,134 @@
+"""What a step produced, whichever loop ran it, and the metric rows made from it."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import ray
+
+from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.dispatch import LOST
+from rlhf_dist.driver.run_state import RunState
+
+
+@dataclass
+class StepOutcome:
+    """One PPO step, as the sync and async loops hand it to ``Orchestrator.record``."""
+
+    batch: RolloutBatch  # the scored samples the learner trained on
+    train: dict  # the learner's metrics; ``skipped``/``reason`` when it refused the update
+    times: dict[str, float]  # seconds per block (generate, score, train, weight_sync)
+    step_time: float
+    data_position: dict  # cursor and prompts consumed once this step's prompts were taken
+    extra: dict = field(default_factory=dict)  # the loop's own metrics
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.train.get("skipped"))
+
+
+class StepLoop:
+    """What both loops (``SyncLoop``, ``AsyncLoop``) work with; ``steps()`` yields outcomes."""
+
+    def __init__(self, cfg, sizes, state: RunState, inputs, generators, scorers, learners):
+        self.cfg, self.sizes, self.state, self.inputs = cfg, sizes, state, inputs
+        self.generators, self.scorers, self.learners = generators, scorers, learners
+
+
+class BlockTimer:
+    """Seconds per named block of a step."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def block(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - t0
+
+
+def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, gens: int) -> dict:
+    """The metrics of a step that updated the policy."""
+    batch, train = out.batch, dict(out.train)
+    train.pop("compute_s", None)
+    lengths = batch.response_mask.sum(-1)
+    staleness = (state.version - 1 - batch.versions).float()  # versions behind the learner
+    return {
+        "stage": "ppo",
+        "step": state.step,
+        "rollout/reward_mean": batch.scores.mean().item(),
+        "rollout/score_std": batch.scores.std().item() if len(batch) > 1 else 0.0,
+        "rollout/response_length_mean": lengths.float().mean().item(),
+        "rollout/truncated_frac": batch.truncated.float().mean().item(),
+        **train,
+        "train/kl_coef": kl_coef,
+        **{f"time/{k}": v for k, v in out.times.items()},
+        "time/step": out.step_time,
+        "time/elapsed": elapsed,
+        "perf/tokens_per_s": batch.extra["num_tokens"] / out.step_time,
+        "perf/samples_per_s": len(batch) / out.step_time,
+        **out.extra,
+        "sync/version": state.version,
+        "sync/staleness_mean": staleness.mean().item(),
+        "sync/staleness_max": staleness.max().item(),
+        **counter_metrics(state),
+        "pool/num_generators": gens,
+        "pool/chunks_per_generator_min": min(batch.extra["chunks_per_worker"]),
+        "pool/chunks_per_generator_max": max(batch.extra["chunks_per_worker"]),
+        "data/epoch": state.cursor.epoch,
+    }
+
+
+def skipped_row(out: StepOutcome, state: RunState, elapsed: float) -> dict:
+    """The metrics of a step whose numbers were not finite (no update, no sync)."""
+    return {
+        "stage": "ppo",
+        "step": state.step,
+        "rollout/reward_mean": out.batch.scores.float().nanmean().item(),
+        **{f"time/{k}": v for k, v in out.times.items()},
+        "time/step": out.step_time,
+        "time/elapsed": elapsed,
+        "sync/version": state.version,
+        "fault/skip_reason": ",".join(out.train["reason"]),
+        **counter_metrics(state),
+    }
+
+
+def counter_metrics(state: RunState) -> dict:
+    c = state.counters
+    return {
+        "fault/skipped_steps": c.skipped_steps,
+        "fault/restarts": c.restarts,
+        "fault/redone_chunks": c.redone_chunks,
+        "data/prompts_consumed": c.prompts_consumed,
+        "data/prompts_trained": c.prompts_trained,
+    }
+
+
+def system_metrics(pools: dict) -> dict:
+    """Memory and CPU (and GPU) use of each pool's actors: the largest RSS, mean CPU. A
+    worker lost since its last call is left out (it is replaced when next given work); a lost
+    learner rank raises."""
+    refs = {name: p.call("system_stats") for name, p in pools.items()}
+    out = {}
+    for name, pending in refs.items():
+        stats = []
+        for ref in pending:
+            try:
+                stats.append(ray.get(ref))
+            except LOST:
+                if name == "learner":
+                    raise
+        if not stats:
+            continue
+        out[f"pool/{name}_rss_mb"] = max(s["rss_mb"] for s in stats)
+        out[f"pool/{name}_cpu_percent"] = sum(s["cpu_percent"] for s in stats) / len(stats)
+        if all("gpu_mem_mb" in s for s in stats):
+            out[f"pool/{name}_gpu_mem_mb"] = max(s["gpu_mem_mb"] for s in stats)
+            out[f"pool/{name}_gpu_util_percent"] = sum(s["gpu_util_percent"] for s in stats) / len(
+                stats
+            )
+    return out

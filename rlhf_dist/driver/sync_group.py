@@ -1,0 +1,160 @@
+"""The weight-sync group: learner rank 0 plus every generator, the transport between them, and
+the policy version the generators hold.
+
+A collective backend (gloo on CPUs, NCCL on GPUs) needs a group whose members are known: rank
+0 hosts a ``TCPStore`` and each membership forms a group under a fresh prefix. The object-store
+transport needs no group: each generator pulls rank 0's buckets by reference. Either way a
+push returns what it cost, or the generator slots that were lost and must be replaced before
+it is tried again (the generator group does that, docs/architecture.md "Weight sync").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from rlhf_dist.config import Config
+from rlhf_dist.dispatch import LOST
+from rlhf_dist.driver.errors import SyncStalled, WeightSyncError
+
+
+@dataclass
+class PushOutcome:
+    """One push: the slowest member's compute, or the generator slots lost during it."""
+
+    compute_s: float = 0.0
+    lost: list[int] = field(default_factory=list)
+
+
+def sync_backend(cfg: Config) -> str:
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    on_gpu = cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0
+    return "nccl" if on_gpu else "gloo"
+
+
+class WeightSyncGroup:
+    def __init__(self, cfg: Config, learners):
+        self.cfg, self.learners = cfg, learners  # a LearnerGroup
+        self.backend = sync_backend(cfg)
+        self.bucket_bytes = int(cfg.sync.bucket_mb * (1 << 20))
+        self.version: int | None = None  # what every generator was verified to hold last
+        self.manifest = ray.put(ray.get(learners.actors[0].sync_manifest.remote()))
+        self.on_dispatch = None  # (pool name, slot, task) after each receive is started
+
+    @property
+    def collective(self) -> bool:
+        return self.backend != "object_store"
+
+    def form(self, generators: list) -> bool:
+        """A new group of learner rank 0 and ``generators`` under a fresh prefix; False when a
+        generator was lost while joining (replace it and form again)."""
+        if not self.collective:
+            return True
+        rank0 = self.learners.actors[0]
+        host = self.learners.pool.node_ip(0)
+        port = ray.get(rank0.free_port.remote())
+        members = [rank0, *generators]
+        prefix = f"wsync-{time.time_ns()}"
+        args = (len(members), prefix, self.backend, self.cfg.sync.timeout_s)
+        joins = [m.join_weight_sync.remote(host, port, r, *args) for r, m in enumerate(members)]
+        try:
+            ray.get(joins[1:])
+        except LOST:  # the learner's join fails at sync.timeout_s without it
+            try:
+                ray.get(joins[0])
+            except ray.exceptions.RayTaskError:
+                pass
+            return False
+        ray.get(joins[0])
+        return True
+
+    def push(self, generators: list, version: int) -> PushOutcome:
+        """Send the learner's policy to every generator as ``version`` and verify it."""
+        verify = self.cfg.sync.verify
+        if self.collective:
+            send = self.learners.call("broadcast_weights", self.bucket_bytes, version, verify)
+            recv = [
+                g.receive_weights.remote(self.manifest, self.bucket_bytes, version, verify)
+                for g in generators
+            ]
+        else:
+            out = [
+                a.weight_buckets.options(num_returns=2).remote(self.bucket_bytes, version, verify)
+                for a in self.learners.actors
+            ]
+            send = [meta for meta, _ in out]
+            # Rank 0's buckets go to the generators by reference: each pulls them from the
+            # object store; the driver only reads the metadata.
+            recv = [
+                g.load_weight_buckets.remote(
+                    self.manifest, self.bucket_bytes, out[0][1], version, verify
+                )
+                for g in generators
+            ]
+        if self.on_dispatch is not None:
+            for slot in range(len(recv)):
+                self.on_dispatch("weight_sync", slot, 0)
+        got, lost, hung = self._wait_receivers(recv, send)
+        if lost:
+            self._wait_send_after_loss(send)
+            return PushOutcome(lost=sorted(lost | hung))
+        sent = ray.get(send)[0]
+        if verify:
+            for i, g in enumerate(got):
+                if g["checksum"] != sent["checksum"] or g["version"] != version:
+                    raise WeightSyncError(
+                        f"generator {i} holds version {g['version']} checksum {g['checksum']}, "
+                        f"learner sent version {version} checksum {sent['checksum']}"
+                    )
+        self.version = version
+        return PushOutcome(compute_s=max([sent["compute_s"]] + [g["compute_s"] for g in got]))
+
+    def _wait_send_after_loss(self, send: list) -> None:
+        """The learner's send fails or ends with the broken group; a dead learner rank raises
+        (the top level ends the run)."""
+        try:
+            ray.get(send, timeout=self.cfg.sync.timeout_s + 60)
+        except ray.exceptions.RayTaskError:
+            pass
+        except ray.exceptions.GetTimeoutError:
+            raise SyncStalled(
+                f"weight sync: a generator was lost and the learner's send did not end "
+                f"within sync.timeout_s={self.cfg.sync.timeout_s:g}"
+            ) from None
+
+    def _wait_receivers(self, recv: list, send: list) -> tuple[list, set[int], set[int]]:
+        """Results of the generators' receive calls, the slots lost, and (once one is lost)
+        the slots left waiting on the broken group: those still receiving a moment after the
+        learner's send has ended (it fails, or gloo times out after ``sync.timeout_s``)."""
+        slot = {ref: i for i, ref in enumerate(recv)}
+        got: list = [None] * len(recv)
+        lost: set[int] = set()
+        errors: list = []
+        pending = list(recv)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                got[slot[ready[0]]] = ray.get(ready[0])
+            except LOST:
+                lost.add(slot[ready[0]])
+                break
+            except ray.exceptions.RayTaskError:
+                errors.append(ready[0])  # the group broke under it: a loss shows next
+        if lost:
+            ray.wait(send, num_returns=len(send), timeout=self.cfg.sync.timeout_s + 10)
+            # Over the object store a receiver does not depend on the others: wait for all.
+            grace = 1.0 if self.collective else None
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=grace)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except LOST:
+                    lost.add(slot[ref])
+                except ray.exceptions.RayTaskError:
+                    pass
+        elif errors:
+            ray.get(errors[0])  # a failure with no member lost: a real error, raise it
+        return got, lost, {slot[r] for r in pending}
