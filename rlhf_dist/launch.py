@@ -10,17 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_dist import ray_env
 from rlhf_dist.config import Config, ConfigError, load_config
 from rlhf_dist.submit import add_arguments as add_submit_arguments
 from rlhf_dist.submit import check_args as check_submit_args
 from rlhf_dist.submit import submit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -37,7 +33,7 @@ def init_ray(cfg: Config, address: str) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": dict(WORKER_ENV)}
+    env = ray_env.worker_runtime_env()
     if address:
         ray.init(address=address, runtime_env=env)
         return False
@@ -166,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     check_submit_args(parser, args)
     if args.submit:
         return submit(args, args.config or str(DEFAULT_CONFIG), args.overrides)
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+    ray_env.set_driver_env()
     try:
         if args.resume:
             run_dir = Path(args.resume)

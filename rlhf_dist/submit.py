@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rlhf_dist.config import ConfigError, load_config
+from rlhf_dist.ray_env import JOB_ENV, WORKER_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: environments, outputs and caches (Ray also honours .gitignore files).
@@ -52,9 +53,6 @@ EXCLUDES = [
 # A cluster image brings these (with the CUDA build of torch that matches its drivers).
 NOT_PIP_INSTALLED = {"torch", "ray"}
 NO_PIP_ENV = "RLHF_DIST_NO_PIP"
-# Job-level environment. Keys that launch.py's WORKER_ENV sets must stay out: Ray refuses to
-# merge a job's runtime_env with the driver's ray.init(runtime_env=...) when env keys clash.
-JOB_ENV = {"PYTHONUNBUFFERED": "1"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TAIL_LINES = 40
 
@@ -198,8 +196,6 @@ def pip_packages(root: Path = PROJECT_ROOT) -> list[str]:
 
 def job_env(pairs: list[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``env_vars`` of the job: JOB_ENV plus ``--env NAME[=VALUE]`` (NAME alone forwards)."""
-    from rlhf_dist.launch import WORKER_ENV
-
     env = dict(JOB_ENV)
     for item in pairs:
         name, sep, value = item.partition("=")
