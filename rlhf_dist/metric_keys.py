@@ -25,7 +25,7 @@ SFT = "sft"  # the supervised fine-tuning stage (its rows carry "stage": "sft")
 RM = "rm"  # the reward-model stage (its rows carry "stage": "rm")
 
 # The namespaces of PPO rows (wandb plots them against "step"); SFT and RM rows have their own.
-PPO_NAMESPACES = (ROLLOUT, TRAIN, EVAL, TIME, PERF, SYNC, FAULT, POOL, DATA)
+PPO_NAMESPACES = (ROLLOUT, TRAIN, EVAL, TIME, PERF, SYNC, FAULT, POOL, DATA, ASYNC)
 SUPERVISED_STAGES = (SFT, RM)
 
 
