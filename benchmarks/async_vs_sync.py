@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from rlhf_dist import metric_keys as K  # noqa: E402
+
 TARGET = 1.5
 POOLS = [
     "rollout.num_workers=1",
@@ -63,19 +66,16 @@ def ppo_rows(run_dir: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> dict:
-    steps = [r for r in rows if "time/step" in r]
-    evals = [r for r in rows if "eval/gold_score" in r]
-    busy = sum(r["time/step"] for r in steps)
+    steps = [r for r in rows if K.STEP_TIME in r]
+    evals = [r for r in rows if K.GOLD in r]
+    busy = sum(r[K.STEP_TIME] for r in steps)
     return {
-        "samples/s": sum(r["perf/samples_per_s"] * r["time/step"] for r in steps) / busy,
-        "step": statistics.median(r["time/step"] for r in steps),
-        "generate": statistics.median(r.get("time/generate", math.nan) for r in steps),
-        "train": statistics.median(r["time/train"] for r in steps),
-        "staleness": max(r["sync/staleness_max"] for r in steps),
-        "evals": [
-            (r["time/elapsed"], r["step"], r["eval/gold_score"], r["eval/gold_score_stderr"])
-            for r in evals
-        ],
+        "samples/s": sum(r[K.SAMPLES_PER_S] * r[K.STEP_TIME] for r in steps) / busy,
+        "step": statistics.median(r[K.STEP_TIME] for r in steps),
+        "generate": statistics.median(r.get(K.TIME_GENERATE, math.nan) for r in steps),
+        "train": statistics.median(r[K.TIME_TRAIN] for r in steps),
+        "staleness": max(r[K.STALENESS_MAX] for r in steps),
+        "evals": [(r[K.ELAPSED], r["step"], r[K.GOLD], r[K.GOLD_STDERR]) for r in evals],
     }
 
 

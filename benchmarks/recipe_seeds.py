@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from rlhf_dist import metric_keys as K  # noqa: E402
 
 
 def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
@@ -36,18 +38,18 @@ def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
     )
     wall = time.perf_counter() - t0
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/gold_score" in r]
-    rm = [r for r in rows if "rm/eval_accuracy" in r]
-    ppo = [r for r in rows if "train/kl" in r]
+    evals = [r for r in rows if K.GOLD in r]
+    rm = [r for r in rows if K.RM_EVAL_ACCURACY in r]
+    ppo = [r for r in rows if K.KL in r]
     first, last = evals[0], evals[-1]
-    se = math.hypot(first["eval/gold_score_stderr"], last["eval/gold_score_stderr"])
+    se = math.hypot(first[K.GOLD_STDERR], last[K.GOLD_STDERR])
     return {
         "seed": seed,
-        "gold_sft": (first["eval/gold_score"], first["eval/gold_score_stderr"]),
-        "gold_final": (last["eval/gold_score"], last["eval/gold_score_stderr"]),
-        "gain_se": (last["eval/gold_score"] - first["eval/gold_score"]) / se,
-        "rm_acc": rm[-1]["rm/eval_accuracy"],
-        "kl": ppo[-1]["train/kl"],
+        "gold_sft": (first[K.GOLD], first[K.GOLD_STDERR]),
+        "gold_final": (last[K.GOLD], last[K.GOLD_STDERR]),
+        "gain_se": (last[K.GOLD] - first[K.GOLD]) / se,
+        "rm_acc": rm[-1][K.RM_EVAL_ACCURACY],
+        "kl": ppo[-1][K.KL],
         "wall": wall,
     }
 

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rlhf_dist import metric_keys as K  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,7 +47,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # name -> (n_layer, n_embd, n_head) of a GPT-2 on the tiny task's vocabulary
 SIZES = {"1m": (4, 128, 4), "10m": (6, 384, 6), "30m": (10, 512, 8)}
 TARGET = 1.8  # 2 generators' tokens/s over one generator's
-BLOCKS = ["generate", "score", "train", "weight_sync"]
+BLOCKS = list(K.STEP_BLOCKS)
 
 
 def log(msg: str) -> None:
@@ -193,10 +195,10 @@ def steps(cfg, run_dir: Path, n: int) -> dict:
         rows = [orch.step() for _ in range(n)]
     finally:
         orch.shutdown()
-    rows = [r for r in rows if "fault/skip_reason" not in r] or rows
-    out = {b: statistics.median(r.get(f"time/{b}", 0.0) for r in rows) for b in BLOCKS}
-    out["step"] = statistics.median(r["time/step"] for r in rows)
-    out["tokens/s"] = statistics.median(r.get("perf/tokens_per_s", 0.0) for r in rows)
+    rows = [r for r in rows if K.SKIP_REASON not in r] or rows
+    out = {b: statistics.median(r.get(K.time_key(b), 0.0) for r in rows) for b in BLOCKS}
+    out["step"] = statistics.median(r[K.STEP_TIME] for r in rows)
+    out["tokens/s"] = statistics.median(r.get(K.TOKENS_PER_S, 0.0) for r in rows)
     out["n"] = len(rows)
     return out
 

@@ -18,13 +18,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rlhf_dist import metric_keys as K  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # name -> (n_layer, n_embd, n_head) of a GPT-2 on the tiny task's vocabulary
 SIZES = {"1m": (4, 128, 4), "10m": (6, 384, 6), "30m": (10, 512, 8)}
-BLOCKS = ["generate", "score", "train", "weight_sync", "step"]
+BLOCKS = [*K.STEP_BLOCKS, "step"]  # time/<block> each
 
 
 def run_size(name: str, steps: int, overrides: list[str], workdir: Path) -> dict:
@@ -64,9 +66,9 @@ def run_size(name: str, steps: int, overrides: list[str], workdir: Path) -> dict
             ray.shutdown()
     out = {"params": params}
     for b in BLOCKS:
-        out[b] = statistics.mean(r[f"time/{b}"] for r in rows)
-    out["tokens/s"] = statistics.mean(r["perf/tokens_per_s"] for r in rows)
-    out["overhead"] = statistics.mean(r["perf/overhead_frac"] for r in rows)
+        out[b] = statistics.mean(r[K.time_key(b)] for r in rows)
+    out["tokens/s"] = statistics.mean(r[K.TOKENS_PER_S] for r in rows)
+    out["overhead"] = statistics.mean(r[K.OVERHEAD_FRAC] for r in rows)
     return out
 
 

@@ -288,7 +288,7 @@ def main() -> None:
     gens = sorted({int(g) for g in args.generators.split(",")})
     bucket_bytes = int(args.bucket_mb * (1 << 20))
 
-    from rlhf_dist.launch import WORKER_ENV
+    from rlhf_dist.ray_env import WORKER_ENV
 
     t_start = time.perf_counter()
     ray.init(

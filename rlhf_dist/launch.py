@@ -10,17 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_dist import metric_keys as K
+from rlhf_dist import ray_env
 from rlhf_dist.config import Config, ConfigError, load_config
 from rlhf_dist.submit import add_arguments as add_submit_arguments
 from rlhf_dist.submit import check_args as check_submit_args
 from rlhf_dist.submit import submit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -37,7 +34,7 @@ def init_ray(cfg: Config, address: str) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": dict(WORKER_ENV)}
+    env = ray_env.worker_runtime_env()
     if address:
         ray.init(address=address, runtime_env=env)
         return False
@@ -111,24 +108,24 @@ def summarise(results: dict) -> list[str]:
     """The few numbers that say whether the recipe worked."""
     lines = []
     if "sft" in results:
-        lines.append(f"SFT: held-out loss {results['sft'].get('sft/eval_loss', float('nan')):.3f}")
+        loss = results["sft"].get(K.SFT_EVAL_LOSS, float("nan"))
+        lines.append(f"SFT: held-out loss {loss:.3f}")
     if "rm" in results:
-        acc = results["rm"].get("rm/eval_accuracy", float("nan"))
+        acc = results["rm"].get(K.RM_EVAL_ACCURACY, float("nan"))
         lines.append(f"reward model: held-out pairwise accuracy {acc:.3f}")
-    evals = [r for r in results.get("ppo", []) if "eval/gold_score" in r]
+    evals = [r for r in results.get("ppo", []) if K.GOLD in r]
     if len(evals) >= 2:
         a, b = evals[0], evals[-1]
         lines.append(
-            f"gold score on held-out prompts: {a['eval/gold_score']:.3f} +- "
-            f"{a['eval/gold_score_stderr']:.3f} (before PPO) -> {b['eval/gold_score']:.3f} +- "
-            f"{b['eval/gold_score_stderr']:.3f} (after {b['step']} steps)"
+            f"gold score on held-out prompts: {a[K.GOLD]:.3f} +- {a[K.GOLD_STDERR]:.3f} "
+            f"(before PPO) -> {b[K.GOLD]:.3f} +- {b[K.GOLD_STDERR]:.3f} (after {b['step']} steps)"
         )
-    steps = [r for r in results.get("ppo", []) if "train/kl" in r]
+    steps = [r for r in results.get("ppo", []) if K.KL in r]
     if steps:
         last = steps[-1]
         lines.append(
-            f"PPO: proxy reward {steps[0]['rollout/reward_mean']:.3f} -> "
-            f"{last['rollout/reward_mean']:.3f}, final KL {last['train/kl']:.4f} per token"
+            f"PPO: proxy reward {steps[0][K.REWARD_MEAN]:.3f} -> "
+            f"{last[K.REWARD_MEAN]:.3f}, final KL {last[K.KL]:.4f} per token"
         )
     return lines
 
@@ -166,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     check_submit_args(parser, args)
     if args.submit:
         return submit(args, args.config or str(DEFAULT_CONFIG), args.overrides)
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+    ray_env.set_driver_env()
     try:
         if args.resume:
             run_dir = Path(args.resume)

@@ -4,10 +4,11 @@ Usage::
 
     python -m rlhf_dist.report <run_dir> [--out DIR]
 
-Only the standard library is imported at module level; matplotlib is imported lazily inside
-:func:`write_report`, and never through ``pyplot``: every figure is a standalone
-``matplotlib.figure.Figure`` rendered by the Agg canvas, so no global backend is switched, no
-figure registry grows, and the module works in any process (headless, inside Ray, in tests).
+Only the standard library and :mod:`rlhf_dist.metric_keys` (which imports nothing) are imported
+at module level; matplotlib is imported lazily inside :func:`write_report`, and never through
+``pyplot``: every figure is a standalone ``matplotlib.figure.Figure`` rendered by the Agg
+canvas, so no global backend is switched, no figure registry grows, and the module works in any
+process (headless, inside Ray, in tests).
 
 Rows: one JSON object per line. Rows without a ``stage`` field (or ``"stage": "ppo"``) are PPO
 rows and are plotted against ``step``; rows that share a step are merged (later keys win), which
@@ -27,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rlhf_dist import metric_keys as K
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -43,23 +46,8 @@ METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.txt"
 
-REWARD = "rollout/reward_mean"
-REWARD_STD = "rollout/score_std"
-GOLD = "eval/gold_score"
-GOLD_STDERR = "eval/gold_score_stderr"
-KL = "train/kl"
-KL_COEF = "train/kl_coef"
-LOSS_KEYS = (
-    "train/policy_loss",
-    "train/value_loss",
-    "train/entropy",
-    "train/approx_kl",
-    "train/clipfrac",
-)
-STEP_TIME = "time/step"
-ELAPSED = "time/elapsed"
-TIME_ORDER = ("time/generate", "time/score", "time/train", "time/weight_sync")
-TOKENS_PER_S = "perf/tokens_per_s"
+# The training losses and statistics losses.png plots, in this order.
+LOSS_KEYS = (K.POLICY_LOSS, K.VALUE_LOSS, K.ENTROPY, K.APPROX_KL, K.CLIPFRAC)
 
 # File names of every figure this module can write, in the order they are written.
 FIGURES = ("rlhf.png", "reward.png", "kl.png", "losses.png", "time.png")
@@ -160,9 +148,9 @@ def _time_components(steps: list[tuple[float, dict[str, Any]]]) -> list[str]:
         k
         for _, row in steps
         for k, v in row.items()
-        if k.startswith("time/") and k not in (STEP_TIME, ELAPSED) and _num(v) is not None
+        if K.in_namespace(k, K.TIME) and k not in (K.STEP_TIME, K.ELAPSED) and _num(v) is not None
     }
-    return [k for k in TIME_ORDER if k in keys] + sorted(keys - set(TIME_ORDER))
+    return [k for k in K.TIME_PHASES if k in keys] + sorted(keys - set(K.TIME_PHASES))
 
 
 def _fmt(x: float) -> str:
@@ -196,17 +184,19 @@ def build_summary(
     else:
         lines.append("steps: 0 (no PPO rows)")
 
-    xs, ys = _series(steps, REWARD)
+    xs, ys = _series(steps, K.REWARD_MEAN)
     if ys:
         best = max(range(len(ys)), key=ys.__getitem__)
         lines.append(
-            f"reward ({REWARD}): first {_fmt(ys[0])} (step {_fmt_step(xs[0])}) -> "
+            f"reward ({K.REWARD_MEAN}): first {_fmt(ys[0])} (step {_fmt_step(xs[0])}) -> "
             f"last {_fmt(ys[-1])} (step {_fmt_step(xs[-1])}), "
             f"best {_fmt(ys[best])} (step {_fmt_step(xs[best])})"
         )
 
     gold = [
-        (s, g, _num(r.get(GOLD_STDERR))) for s, r in steps if (g := _num(r.get(GOLD))) is not None
+        (s, g, _num(r.get(K.GOLD_STDERR)))
+        for s, r in steps
+        if (g := _num(r.get(K.GOLD))) is not None
     ]
     if gold:
 
@@ -215,11 +205,16 @@ def build_summary(
             return f"{_fmt(g[1])}{err} (step {_fmt_step(g[0])})"
 
         lines.append(
-            f"gold score ({GOLD}, {len(gold)} evals): first {one(gold[0])} -> last {one(gold[-1])}"
+            f"gold score ({K.GOLD}, {len(gold)} evals): first {one(gold[0])} -> last {one(gold[-1])}"
         )
 
     other_eval = sorted(
-        {k for _, r in steps for k in r if k.startswith("eval/") and k not in (GOLD, GOLD_STDERR)}
+        {
+            k
+            for _, r in steps
+            for k in r
+            if K.in_namespace(k, K.EVAL) and k not in (K.GOLD, K.GOLD_STDERR)
+        }
     )
     finals = []
     for key in other_eval:
@@ -229,35 +224,35 @@ def build_summary(
     if finals:
         lines.append("last eval: " + ", ".join(finals))
 
-    kx, ky = _series(steps, KL)
+    kx, ky = _series(steps, K.KL)
     if ky:
-        text = f"final KL ({KL}): {_fmt(ky[-1])} (step {_fmt_step(kx[-1])})"
-        _, cy = _series(steps, KL_COEF)
+        text = f"final KL ({K.KL}): {_fmt(ky[-1])} (step {_fmt_step(kx[-1])})"
+        _, cy = _series(steps, K.KL_COEF)
         if cy:
             text += f", kl_coef {_fmt(cy[-1])}"
         lines.append(text)
 
     components = _time_components(steps)
     comp_means = {k: _mean(_series(steps, k)[1]) for k in components}
-    _, step_times = _series(steps, STEP_TIME)
+    _, step_times = _series(steps, K.STEP_TIME)
     if step_times or comp_means:
         if step_times:
             total = _mean(step_times)
-            text = f"step time ({STEP_TIME}): mean {_fmt(total)} s over {len(step_times)} steps"
+            text = f"step time ({K.STEP_TIME}): mean {_fmt(total)} s over {len(step_times)} steps"
         else:
             total = sum(comp_means.values())
             text = f"step time (sum of time/*): mean {_fmt(total)} s"
         if comp_means and total > 0:
-            parts = [f"{k[len('time/') :]} {100 * v / total:.1f}%" for k, v in comp_means.items()]
+            parts = [f"{k.split('/', 1)[1]} {100 * v / total:.1f}%" for k, v in comp_means.items()]
             other = total - sum(comp_means.values())
             if step_times and other > 0.0005 * total:
                 parts.append(f"other {100 * other / total:.1f}%")
             text += "; breakdown: " + ", ".join(parts)
         lines.append(text)
 
-    _, tps = _series(steps, TOKENS_PER_S)
+    _, tps = _series(steps, K.TOKENS_PER_S)
     if tps:
-        lines.append(f"throughput ({TOKENS_PER_S}): mean {_fmt(_mean(tps))} tokens/s")
+        lines.append(f"throughput ({K.TOKENS_PER_S}): mean {_fmt(_mean(tps))} tokens/s")
 
     # Other stages (sft, rm, ...): row count and the last value of each of their own keys.
     stages: dict[str, list[dict[str, Any]]] = {}
@@ -268,7 +263,7 @@ def build_summary(
         last: dict[str, float] = {}
         for row in srows:
             for key, value in row.items():
-                if key.startswith(f"{stage}/") and _num(value) is not None:
+                if K.in_namespace(key, stage) and _num(value) is not None:
                     last[key] = float(value)
         text = f"stage {stage}: {len(srows)} rows"
         if last:
@@ -304,18 +299,18 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _plot_reward(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
-    if not (_has(steps, REWARD) or _has(steps, GOLD)):
+    if not (_has(steps, K.REWARD_MEAN) or _has(steps, K.GOLD)):
         return False
     fig = _new_figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    xs, ys = _series(steps, REWARD)
+    xs, ys = _series(steps, K.REWARD_MEAN)
     if ys:
-        ax.plot(xs, ys, marker=".", label=REWARD)
+        ax.plot(xs, ys, marker=".", label=K.REWARD_MEAN)
         band = [
             (s, m, sd)
             for s, r in steps
-            if (m := _num(r.get(REWARD))) is not None
-            and (sd := _num(r.get(REWARD_STD))) is not None
+            if (m := _num(r.get(K.REWARD_MEAN))) is not None
+            and (sd := _num(r.get(K.SCORE_STD))) is not None
         ]
         if band:
             ax.fill_between(
@@ -323,10 +318,12 @@ def _plot_reward(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
                 [b[1] - b[2] for b in band],
                 [b[1] + b[2] for b in band],
                 alpha=0.25,
-                label=f"+/- {REWARD_STD}",
+                label=f"+/- {K.SCORE_STD}",
             )
     gold = [
-        (s, g, _num(r.get(GOLD_STDERR))) for s, r in steps if (g := _num(r.get(GOLD))) is not None
+        (s, g, _num(r.get(K.GOLD_STDERR)))
+        for s, r in steps
+        if (g := _num(r.get(K.GOLD))) is not None
     ]
     if gold:
         ax.errorbar(
@@ -335,7 +332,7 @@ def _plot_reward(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
             yerr=[g[2] or 0.0 for g in gold],
             marker="o",
             capsize=3,
-            label=f"{GOLD} (+/- stderr)",
+            label=f"{K.GOLD} (+/- stderr)",
         )
     ax.set_xlabel("step")
     ax.set_ylabel("reward / score")
@@ -347,18 +344,18 @@ def _plot_reward(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
 
 
 def _plot_kl(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
-    has_kl, has_coef = _has(steps, KL), _has(steps, KL_COEF)
+    has_kl, has_coef = _has(steps, K.KL), _has(steps, K.KL_COEF)
     if not (has_kl or has_coef):
         return False
     fig = _new_figure(figsize=(8, 5))
     ax = fig.add_subplot()
     handles = []
     if has_kl:
-        handles += ax.plot(*_series(steps, KL), marker=".", color="C0", label=KL)
+        handles += ax.plot(*_series(steps, K.KL), marker=".", color="C0", label=K.KL)
         ax.set_ylabel("KL")
     if has_coef:
         cax = ax.twinx() if has_kl else ax
-        handles += cax.plot(*_series(steps, KL_COEF), linestyle="--", color="C1", label=KL_COEF)
+        handles += cax.plot(*_series(steps, K.KL_COEF), linestyle="--", color="C1", label=K.KL_COEF)
         cax.set_ylabel("KL coefficient")
     ax.set_xlabel("step")
     ax.set_title("KL to the reference policy")
@@ -392,7 +389,7 @@ def _plot_losses(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
 
 def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
     components = _time_components(steps)
-    has_step = _has(steps, STEP_TIME)
+    has_step = _has(steps, K.STEP_TIME)
     if not (components or has_step):
         return False
     fig = _new_figure(figsize=(9, 5))
@@ -406,7 +403,7 @@ def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
         ax.bar(xs, heights, width=width, bottom=bottom, label=key)
         bottom = [b + h for b, h in zip(bottom, heights)]
     if has_step:
-        ax.plot(*_series(steps, STEP_TIME), color="black", marker=".", label=STEP_TIME)
+        ax.plot(*_series(steps, K.STEP_TIME), color="black", marker=".", label=K.STEP_TIME)
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")
     ax.set_title("Time per step")
@@ -419,17 +416,17 @@ def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
 def _plot_rlhf(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
     """The picture of an RLHF run: proxy reward, gold score and KL on one shared step axis
     (over-optimisation shows as proxy rising while gold stalls or falls as KL grows)."""
-    if not _has(steps, GOLD):
+    if not _has(steps, K.GOLD):
         return False
     fig = _new_figure(figsize=(8, 8))
     axes = fig.subplots(3, 1, sharex=True)
-    axes[0].plot(*_series(steps, REWARD), marker=".", color="C0")
+    axes[0].plot(*_series(steps, K.REWARD_MEAN), marker=".", color="C0")
     axes[0].set_ylabel("proxy reward")
     axes[0].set_title("Proxy reward, gold score and KL")
     gold = [
-        (s, g, _num(r.get(GOLD_STDERR)) or 0.0)
+        (s, g, _num(r.get(K.GOLD_STDERR)) or 0.0)
         for s, r in steps
-        if (g := _num(r.get(GOLD))) is not None
+        if (g := _num(r.get(K.GOLD))) is not None
     ]
     axes[1].errorbar(
         [g[0] for g in gold],
@@ -440,7 +437,7 @@ def _plot_rlhf(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
         color="C2",
     )
     axes[1].set_ylabel("gold score (+/- stderr)")
-    axes[2].plot(*_series(steps, KL), marker=".", color="C3")
+    axes[2].plot(*_series(steps, K.KL), marker=".", color="C3")
     axes[2].set_ylabel("KL to reference")
     axes[2].set_xlabel("PPO step")
     for ax in axes:

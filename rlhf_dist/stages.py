@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.config import Config
 from rlhf_dist.driver.learner_group import LearnerGroup
 from rlhf_dist.pools import check_cluster_resources
@@ -62,7 +63,9 @@ def run_supervised_stage(
             if not held_out:
                 return {}
             totals = ray.get(learners.each("evaluate", _shards(held_out, world)))[0]
-            return {f"{stage}/eval_{k}": v for k, v in _summarise(stage, totals).items()}
+            return {
+                K.stage_key(stage, f"eval_{k}"): v for k, v in _summarise(stage, totals).items()
+            }
 
         step = 0
         for epoch in range(sec.epochs):
@@ -73,9 +76,11 @@ def run_supervised_stage(
                 shards = [batch[r * per_rank : (r + 1) * per_rank] for r in range(world)]
                 results = ray.get(learners.each("train_step", shards))
                 step += 1
-                row = {"stage": stage, "step": step, f"{stage}/epoch": epoch}
-                row.update({f"{stage}/{k}": v for k, v in _summarise(stage, results[0]).items()})
-                row[f"{stage}/step_time"] = max(r["compute_s"] for r in results)
+                row = {"stage": stage, "step": step, K.stage_key(stage, "epoch"): epoch}
+                row.update(
+                    {K.stage_key(stage, k): v for k, v in _summarise(stage, results[0]).items()}
+                )
+                row[K.stage_key(stage, "step_time")] = max(r["compute_s"] for r in results)
                 if b == steps_per_epoch - 1:
                     row.update(evaluate(step))
                 metrics.log(row)
@@ -84,14 +89,16 @@ def run_supervised_stage(
             log(
                 f"{stage} epoch {epoch + 1}/{sec.epochs}: "
                 + "  ".join(
-                    f"{k} {final[f'{stage}/{k}']:.4f}" for k in shown if f"{stage}/{k}" in final
+                    f"{k} {final[K.stage_key(stage, k)]:.4f}"
+                    for k in shown
+                    if K.stage_key(stage, k) in final
                 )
             )
         stage_dir, name = OUTPUT[stage]
         out = run_dir / stage_dir / name
         out.parent.mkdir(parents=True, exist_ok=True)
         learners.run("export_model", str(out), inputs.tokenizer)
-        final[f"{stage}/skipped_records"] = inputs.skipped
+        final[K.stage_key(stage, "skipped_records")] = inputs.skipped
         return final
     finally:
         learners.shutdown()

@@ -14,6 +14,9 @@ client sends it only when ``RAY_AUTH_MODE=token``; here it is also sent when ``R
 is unset and a token exists (which is how ``ray start`` decides to turn authentication on).
 ``RAY_AUTH_MODE=disabled`` sends none.
 
+A head started moments ago may refuse jobs until its job agent is up ("No available agent to
+submit job"): submitting is retried, with backoff, for up to a minute (``submit_job``).
+
 The run directory is written on the cluster: a relative ``run.dir`` lands in the job's
 temporary working directory on the head node, so give an absolute path on shared storage.
 """
@@ -33,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rlhf_dist.config import ConfigError, load_config
+from rlhf_dist.ray_env import JOB_ENV, WORKER_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: environments, outputs and caches (Ray also honours .gitignore files).
@@ -52,11 +56,14 @@ EXCLUDES = [
 # A cluster image brings these (with the CUDA build of torch that matches its drivers).
 NOT_PIP_INSTALLED = {"torch", "ray"}
 NO_PIP_ENV = "RLHF_DIST_NO_PIP"
-# Job-level environment. Keys that launch.py's WORKER_ENV sets must stay out: Ray refuses to
-# merge a job's runtime_env with the driver's ray.init(runtime_env=...) when env keys clash.
-JOB_ENV = {"PYTHONUNBUFFERED": "1"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TAIL_LINES = 40
+# What a head whose dashboard is up but whose job agent is not (yet) answers a submission
+# (Ray's job_head.py: HTTP 500, raised by the client as RuntimeError). A just-started head gets
+# there within seconds; submitting is retried, with backoff, for up to AGENT_WAIT_S.
+AGENT_NOT_UP = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+AGENT_RETRY_MAX_S = 8.0
 
 
 class SubmitError(RuntimeError):
@@ -198,8 +205,6 @@ def pip_packages(root: Path = PROJECT_ROOT) -> list[str]:
 
 def job_env(pairs: list[str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``env_vars`` of the job: JOB_ENV plus ``--env NAME[=VALUE]`` (NAME alone forwards)."""
-    from rlhf_dist.launch import WORKER_ENV
-
     env = dict(JOB_ENV)
     for item in pairs:
         name, sep, value = item.partition("=")
@@ -335,6 +340,44 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+def submit_job(
+    client,
+    url: str,
+    *,
+    deadline_s: float | None = None,
+    sleep=time.sleep,
+    clock=time.monotonic,
+    **job,
+) -> str:
+    """``client.submit_job(**job)``, retried while the head answers that its job agent is not
+    up yet (a head started moments ago); SubmitError once ``deadline_s`` (default AGENT_WAIT_S)
+    has passed. Any other error is raised at once, as it came."""
+    deadline_s = AGENT_WAIT_S if deadline_s is None else deadline_s
+    start = clock()
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as e:
+            if AGENT_NOT_UP not in str(e):
+                raise
+        left = deadline_s - (clock() - start)
+        if left <= 0:
+            raise SubmitError(
+                f"the Ray head at {url} has a job server but its job agent never came up: "
+                f"every submission in {deadline_s:.0f} s was answered {AGENT_NOT_UP!r}. Is the "
+                "head node healthy (`ray status` there; its logs' dashboard_agent.log)?"
+            )
+        wait = min(delay, left)
+        print(
+            f"[submit] the head's job agent is not up yet (a just-started head?); retrying "
+            f"in {wait:.3g} s ({left:.0f} s left before giving up)",
+            flush=True,
+        )
+        sleep(wait)
+        delay = min(2 * delay, AGENT_RETRY_MAX_S)
+
+
 async def _stream(client, job_id: str, out) -> None:
     async for chunk in client.tail_job_logs(job_id):
         out.write(chunk)
@@ -400,12 +443,16 @@ def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[st
         from ray.exceptions import AuthenticationError
 
         try:
-            job_id = client.submit_job(
+            job_id = submit_job(
+                client,
+                url,
                 entrypoint=entrypoint(config_rel, overrides),
                 submission_id=job_id,
                 runtime_env=renv,
                 metadata={"run_name": cfg.run.name, "config": config_rel},
             )
+        except SubmitError:
+            raise
         except AuthenticationError as e:
             raise SubmitError(_auth_message(url, e, auth_token())) from None
         except Exception as e:

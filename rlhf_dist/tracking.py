@@ -15,12 +15,11 @@ import os
 import secrets
 from pathlib import Path
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.config import Config, to_dict
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
-# x axis of each namespace in wandb: PPO metrics against the PPO step, SFT/RM against theirs
-PPO_NAMESPACES = ("rollout", "train", "eval", "time", "perf", "sync", "fault", "pool", "data")
 
 
 def logged_in_to_wandb() -> bool:
@@ -69,11 +68,13 @@ class Tracker:
             settings=wandb.Settings(console="off"),
         )
         id_file.write_text(run_id)
-        for stage in ("sft", "rm"):
-            self.wandb_run.define_metric(f"{stage}/step")
-            self.wandb_run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        # x axis of each namespace in wandb: PPO metrics against the PPO step, SFT/RM against
+        # theirs
+        for stage in K.SUPERVISED_STAGES:
+            self.wandb_run.define_metric(K.stage_key(stage, "step"))
+            self.wandb_run.define_metric(f"{stage}/*", step_metric=K.stage_key(stage, "step"))
         self.wandb_run.define_metric("step")
-        for ns in PPO_NAMESPACES:
+        for ns in K.PPO_NAMESPACES:
             self.wandb_run.define_metric(f"{ns}/*", step_metric="step")
 
     def log(self, row: dict) -> None:
@@ -84,7 +85,7 @@ class Tracker:
             stage = row.get("stage", "ppo")
             data = {k: v for k, v in row.items() if k != "stage" and _loggable(v)}
             if stage != "ppo":
-                data[f"{stage}/step"] = data.pop("step")
+                data[K.stage_key(stage, "step")] = data.pop("step")
             self.wandb_run.log(data)
 
     def rollback(self, step: int) -> int:
@@ -119,7 +120,7 @@ class Tracker:
         table = wandb.Table(columns=["step", "prompt", "response", "reward"])
         for p, r, s in zip(prompts, responses, scores):
             table.add_data(step, p, r, float(s))
-        self.wandb_run.log({"rollout/samples": table, "step": step})
+        self.wandb_run.log({K.SAMPLES_TABLE: table, "step": step})
 
     def close(self) -> None:
         self.file.close()

@@ -33,7 +33,7 @@ import yaml
 
 from rlhf_dist import submit
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.launch import WORKER_ENV
+from rlhf_dist.ray_env import WORKER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

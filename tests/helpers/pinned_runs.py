@@ -55,13 +55,13 @@ if __name__ == "__main__" and "--write" in sys.argv:
     import ray
 
     sys.path.insert(0, str(ROOT))
-    from rlhf_dist.launch import WORKER_ENV  # noqa: E402
+    from rlhf_dist.ray_env import worker_runtime_env  # noqa: E402
 
     ray.init(
         num_cpus=8,
         object_store_memory=512 << 20,
         include_dashboard=False,
-        runtime_env={"env_vars": dict(WORKER_ENV)},
+        runtime_env=worker_runtime_env(),
     )
     with tempfile.TemporaryDirectory() as tmp:
         from rlhf_dist.tasks.tiny import build_assets

@@ -30,7 +30,7 @@ COMPARED = ["rollout/reward_mean", "train/policy_loss", "train/value_loss", "tra
 def cluster():
     from ray.cluster_utils import Cluster
 
-    from rlhf_dist.launch import WORKER_ENV
+    from rlhf_dist.ray_env import worker_runtime_env
 
     fast_health = {
         "health_check_initial_delay_ms": 0,
@@ -48,7 +48,7 @@ def cluster():
     for _ in range(2):
         c.add_node(num_cpus=2, resources={"scorer_slot": 1})
     c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": dict(WORKER_ENV)})
+    ray.init(address=c.address, runtime_env=worker_runtime_env())
     yield c
     ray.shutdown()
     c.shutdown()
