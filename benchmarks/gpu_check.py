@@ -476,10 +476,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{sys.version.split()[0]}"
     )
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
+        try:
+            nccl = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+        except Exception as e:  # reported, not fatal: the NCCL checks will say more
+            nccl = f"unknown ({type(e).__name__}: {e})"
+        props = torch.cuda.get_device_properties(0)
         print(
-            f"# CUDA {torch.version.cuda}: {n} x {torch.cuda.get_device_name(0)}, "
-            f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
+            f"# CUDA {torch.version.cuda}: {torch.cuda.device_count()} x {props.name} "
+            f"({props.total_memory / GIB:.0f} GiB), NCCL {nccl}"
         )
     if cuda and not torch.cuda.is_available():
         checks.emit("FAIL", "cuda", ": torch.cuda.is_available() is False (use --device cpu)")
