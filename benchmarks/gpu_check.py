@@ -326,6 +326,8 @@ def _member(rank: int, spec: dict, inbox, outbox) -> None:
     try:
         if spec["device"] == "cuda":
             os.environ["CUDA_VISIBLE_DEVICES"] = spec["gpus"][rank]
+        else:
+            torch.set_num_threads(1)
         from rlhf_dist.config import load_config
         from rlhf_dist.roles import Generator, Learner
 
@@ -501,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the learner checks will fail and say why; the others still run
         print(f"# deepspeed not importable: {type(e).__name__}: {e}")
     if not cuda:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(1)  # a 2-core machine shared with others: no spinning threads
 
     if args.work_dir:
         work = Path(args.work_dir)
@@ -885,7 +887,12 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 check(st.get("gpu_mem_mb", 0) > 0, f"no GPU memory reported: {st}")
                 check("gpu_util_percent" in st, f"no GPU utilisation reported: {st}")
-        return ", ".join(f"{k}={v:.0f}" for k, v in st.items())
+        out = ", ".join(f"{k}={v:.0f}" for k, v in st.items())
+        if cuda:  # torch.cuda.utilization() needs nvidia-ml-py, which rlhf_dist does not require
+            import pynvml
+
+            out += f"; pynvml from {Path(pynvml.__file__).parent.parent}"
+        return out
 
     checks.run("system_stats", c_stats)
     for k in ("gen", "reward", "reference"):
