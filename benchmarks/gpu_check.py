@@ -66,6 +66,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loading bars in the output
 
 import torch  # noqa: E402
 
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     t_start = time.monotonic()
     checks, mem = Checks(), Memory(device)
-    rows: list[tuple] = []  # the table: role, what, seconds, rate, peak memory
+    rows: list[tuple] = []  # the table: role, what, seconds, rate, role of the peak memory
     measured: dict = {}
 
     def table() -> str:
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             "| role | what was timed | seconds | rate | peak memory GiB |",
             "|---|---|---|---|---|",
         ]
-        out += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
+        # the last column names the role whose peak memory it shows, read when printed
+        out += [f"| {' | '.join(str(c) for c in (*r[:4], mem.get(r[4])))} |" for r in rows]
         return "\n".join(out)
 
     def finish(code: int) -> int:
@@ -453,7 +455,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.json:
             Path(args.json).write_text(
-                json.dumps({"checks": checks.status, "measured": measured, "table": rows}, indent=1)
+                json.dumps(
+                    {
+                        "checks": checks.status,
+                        "measured": measured,
+                        "peak_memory_gib": mem.peak,
+                        "table": table(),
+                    },
+                    indent=1,
+                )
             )
         return code if code else (1 if failed else 0)
 
@@ -472,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- environment
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
     print(
         f"# torch {torch.__version__}, transformers {transformers.__version__}, python "
@@ -613,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{B} samples x {R} new tokens, {args.dtype}",
                 f"{dt:.2f}",
                 f"{rate:,.0f} tokens/s",
-                mem.get("generator"),
+                "generator",
             )
         )
         return f"{tokens} tokens, {rate:,.0f} tokens/s"
@@ -658,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(batch)} samples",
                 f"{dt:.2f}",
                 f"{len(batch) / dt:,.0f} samples/s",
-                mem.get("reward scorer"),
+                "reward scorer",
             )
         )
         return f"batched vs alone max diff {diff:.2g}, score spread {spread:.2g}"
@@ -698,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(batch)} samples",
                 f"{dt:.2f}",
                 f"{len(batch) / dt:,.0f} samples/s",
-                mem.get("reference scorer"),
+                "reference scorer",
             )
         )
         return f"vs behaviour log-probs: mean |diff| {diff.mean():.2g}, max {diff.max():.2g}"
@@ -745,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"PPO update, {len(batch)} samples, {steps} optimizer steps",
                     f"{dt:.2f}",
                     f"{len(batch) / dt:,.1f} samples/s",
-                    mem.get(role),
+                    role,
                 )
             )
             return f"kl {m1['train/kl']:.2g}, policy loss {m2['train/policy_loss']:.3g}"
