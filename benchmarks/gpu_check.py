@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# device {device}, shape {shape}, dtype {args.dtype}, work dir {work}", flush=True)
 
     from rlhf_dist import weight_sync
-    from rlhf_dist.config import compute_sizes, load_config
+    from rlhf_dist.config import validate, load_config
     from rlhf_dist.models import load_policy, load_tokenizer
     from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
     from rlhf_dist.roles.common import free_port
@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def c_config(stage=stage, path=path):
             cfgs[stage] = cfg = load_config(str(ROOT / path), overrides(stage))
-            sizes = compute_sizes(cfg)
+            sizes = validate(cfg)
             return (
                 f"ZeRO-{cfg.learner.zero_stage}, {cfg.model.dtype}, minibatch {sizes.minibatch_per_rank}"
                 f" per rank = {cfg.ppo.micro_batch_size} x {sizes.grad_accum_steps} accumulated,"
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg0 = cfgs.get(2) or cfgs.get(3)
     ro = cfg0.rollout if cfg0 else None
-    per_rank = compute_sizes(cfg0).minibatch_per_rank if cfg0 else 16
+    per_rank = validate(cfg0).minibatch_per_rank if cfg0 else 16
     n_samples = per_rank * (2 if cuda else 1)  # whole minibatches of one rank
     spp = ro.samples_per_prompt if ro and n_samples % ro.samples_per_prompt == 0 else 1
     prompts = S.get("prompts", [])[: n_samples // spp]

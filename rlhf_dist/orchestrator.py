@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.config import Config, dump_config, validate
 from rlhf_dist.dispatch import LOST, failed_to_start
 from rlhf_dist.driver import checkpoints
@@ -126,10 +127,10 @@ class Orchestrator:
         auto = self.cfg.rollout.autoscale
         if (
             not auto.max_workers
-            or "time/generate" not in row
+            or K.TIME_GENERATE not in row
             or len(self.generators) >= auto.max_workers
             or self.state.step - self.last_scale_step < auto.cooldown_steps
-            or row["time/generate"] <= auto.generate_frac * row["time/step"]
+            or row[K.TIME_GENERATE] <= auto.generate_frac * row[K.STEP_TIME]
             or not self.generators.has_room()
         ):
             return False
@@ -163,7 +164,7 @@ class Orchestrator:
         c.bad_streak = 0
         c.prompts_trained += len(out.batch) // cfg.rollout.samples_per_prompt
         kl_coef = state.kl_ctl.value
-        state.kl_ctl.update(out.train["train/kl_per_sequence"], len(out.batch))
+        state.kl_ctl.update(out.train[K.KL_PER_SEQUENCE], len(out.batch))
         row = step_row(out, state, kl_coef, self.elapsed(), len(self.generators))
         row.update(system_metrics(self._named_pools()))
         every, n = cfg.wandb.table_every, cfg.wandb.table_rows
@@ -173,7 +174,7 @@ class Orchestrator:
         if self.evaluator.due(state.step):
             t0 = time.perf_counter()
             row.update(self.evaluator())
-            row["time/eval"] = time.perf_counter() - t0
+            row[K.TIME_EVAL] = time.perf_counter() - t0
         self.tracker.log(row)
         self.autoscale(row)
         every = cfg.checkpoint.every
@@ -276,7 +277,7 @@ class Orchestrator:
                     "stage": "ppo",
                     "step": 0,
                     **self.evaluator(),
-                    "time/elapsed": self.elapsed(),
+                    K.ELAPSED: self.elapsed(),
                 }
                 self.tracker.log(before)
                 history.append(before)
@@ -286,7 +287,7 @@ class Orchestrator:
                 row = self.record(out)
                 history.append(row)
                 if len(self.generators) > generators:
-                    share = row["time/generate"] / row["time/step"]
+                    share = row[K.TIME_GENERATE] / row[K.STEP_TIME]
                     log(
                         f"autoscale: generation took {share:.0%} of the step; now {len(self.generators)} generators"
                     )
@@ -314,13 +315,13 @@ def step_line(row: dict, steps: int) -> str:
             f"step 0  gold {row['eval/gold_score']:.3f} +- "
             f"{row['eval/gold_score_stderr']:.3f}  proxy {row['eval/proxy_reward']:.3f}"
         )
-    if "fault/skip_reason" in row:
+    if K.SKIP_REASON in row:
         return f"step {row['step']}/{steps}  skipped: non-finite {row['fault/skip_reason']}"
     line = (
         f"step {row['step']}/{steps}  reward {row['rollout/reward_mean']:.3f}  "
         f"kl {row['train/kl']:.4f}  tok/s {row['perf/tokens_per_s']:.0f}  "
         f"step {row['time/step']:.2f}s"
     )
-    if "eval/gold_score" in row:
+    if K.GOLD in row:
         line += f"  gold {row['eval/gold_score']:.3f} +- {row['eval/gold_score_stderr']:.3f}"
     return line

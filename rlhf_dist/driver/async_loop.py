@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.dispatch import LOST, Chunk, chunk_plan, derive_seed, failed_to_start
 from rlhf_dist.driver.outcome import StepLoop, StepOutcome
@@ -237,9 +238,9 @@ class AsyncLoop(StepLoop):
             if not train.get("skipped"):
                 times["weight_sync"] = self._heal_and_sync(state.version + 1)
                 extra = {
-                    "async/dropped_stale": self.dropped_stale,
-                    "async/queue_samples": self._outstanding(),
-                    "async/queue_max": self.queue_max,
+                    K.DROPPED_STALE: self.dropped_stale,
+                    K.QUEUE_SAMPLES: self._outstanding(),
+                    K.QUEUE_MAX: self.queue_max,
                 }
             yield StepOutcome(batch, train, times, time.perf_counter() - t_last, position, extra)
             t_last = time.perf_counter()  # a checkpoint taken in between is not the step's time

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.config import Config
 from rlhf_dist.dispatch import chunk_plan
 from rlhf_dist.driver.generator_group import GeneratorGroup
@@ -40,9 +41,9 @@ class Evaluator:
         gold = torch.tensor(self.gold(batch.prompts, batch.responses), dtype=torch.float64)
         proxy = self.scorers.rewards_of(batch)
         return {
-            "eval/gold_score": gold.mean().item(),
-            "eval/gold_score_stderr": (gold.std().item() / n**0.5) if n > 1 else 0.0,
-            "eval/proxy_reward": proxy.mean().item(),
-            "eval/response_length_mean": batch.response_mask.sum(-1).float().mean().item(),
-            "eval/num_prompts": n,
+            K.GOLD: gold.mean().item(),
+            K.GOLD_STDERR: (gold.std().item() / n**0.5) if n > 1 else 0.0,
+            K.EVAL_PROXY_REWARD: proxy.mean().item(),
+            K.EVAL_RESPONSE_LENGTH_MEAN: batch.response_mask.sum(-1).float().mean().item(),
+            K.EVAL_NUM_PROMPTS: n,
         }

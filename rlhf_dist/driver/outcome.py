@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.dispatch import LOST
 from rlhf_dist.driver.run_state import RunState
@@ -59,26 +60,26 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
     return {
         "stage": "ppo",
         "step": state.step,
-        "rollout/reward_mean": batch.scores.mean().item(),
-        "rollout/score_std": batch.scores.std().item() if len(batch) > 1 else 0.0,
-        "rollout/response_length_mean": lengths.float().mean().item(),
-        "rollout/truncated_frac": batch.truncated.float().mean().item(),
+        K.REWARD_MEAN: batch.scores.mean().item(),
+        K.SCORE_STD: batch.scores.std().item() if len(batch) > 1 else 0.0,
+        K.RESPONSE_LENGTH_MEAN: lengths.float().mean().item(),
+        K.TRUNCATED_FRAC: batch.truncated.float().mean().item(),
         **train,
-        "train/kl_coef": kl_coef,
-        **{f"time/{k}": v for k, v in out.times.items()},
-        "time/step": out.step_time,
-        "time/elapsed": elapsed,
-        "perf/tokens_per_s": batch.extra["num_tokens"] / out.step_time,
-        "perf/samples_per_s": len(batch) / out.step_time,
+        K.KL_COEF: kl_coef,
+        **{K.time_key(k): v for k, v in out.times.items()},
+        K.STEP_TIME: out.step_time,
+        K.ELAPSED: elapsed,
+        K.TOKENS_PER_S: batch.extra["num_tokens"] / out.step_time,
+        K.SAMPLES_PER_S: len(batch) / out.step_time,
         **out.extra,
-        "sync/version": state.version,
-        "sync/staleness_mean": staleness.mean().item(),
-        "sync/staleness_max": staleness.max().item(),
+        K.VERSION: state.version,
+        K.STALENESS_MEAN: staleness.mean().item(),
+        K.STALENESS_MAX: staleness.max().item(),
         **counter_metrics(state),
-        "pool/num_generators": gens,
-        "pool/chunks_per_generator_min": min(batch.extra["chunks_per_worker"]),
-        "pool/chunks_per_generator_max": max(batch.extra["chunks_per_worker"]),
-        "data/epoch": state.cursor.epoch,
+        K.NUM_GENERATORS: gens,
+        K.CHUNKS_PER_GENERATOR_MIN: min(batch.extra["chunks_per_worker"]),
+        K.CHUNKS_PER_GENERATOR_MAX: max(batch.extra["chunks_per_worker"]),
+        K.DATA_EPOCH: state.cursor.epoch,
     }
 
 
@@ -87,12 +88,12 @@ def skipped_row(out: StepOutcome, state: RunState, elapsed: float) -> dict:
     return {
         "stage": "ppo",
         "step": state.step,
-        "rollout/reward_mean": out.batch.scores.float().nanmean().item(),
-        **{f"time/{k}": v for k, v in out.times.items()},
-        "time/step": out.step_time,
-        "time/elapsed": elapsed,
-        "sync/version": state.version,
-        "fault/skip_reason": ",".join(out.train["reason"]),
+        K.REWARD_MEAN: out.batch.scores.float().nanmean().item(),
+        **{K.time_key(k): v for k, v in out.times.items()},
+        K.STEP_TIME: out.step_time,
+        K.ELAPSED: elapsed,
+        K.VERSION: state.version,
+        K.SKIP_REASON: ",".join(out.train["reason"]),
         **counter_metrics(state),
     }
 
@@ -100,11 +101,11 @@ def skipped_row(out: StepOutcome, state: RunState, elapsed: float) -> dict:
 def counter_metrics(state: RunState) -> dict:
     c = state.counters
     return {
-        "fault/skipped_steps": c.skipped_steps,
-        "fault/restarts": c.restarts,
-        "fault/redone_chunks": c.redone_chunks,
-        "data/prompts_consumed": c.prompts_consumed,
-        "data/prompts_trained": c.prompts_trained,
+        K.SKIPPED_STEPS: c.skipped_steps,
+        K.RESTARTS: c.restarts,
+        K.REDONE_CHUNKS: c.redone_chunks,
+        K.PROMPTS_CONSUMED: c.prompts_consumed,
+        K.PROMPTS_TRAINED: c.prompts_trained,
     }
 
 
@@ -124,11 +125,11 @@ def system_metrics(pools: dict) -> dict:
                     raise
         if not stats:
             continue
-        out[f"pool/{name}_rss_mb"] = max(s["rss_mb"] for s in stats)
-        out[f"pool/{name}_cpu_percent"] = sum(s["cpu_percent"] for s in stats) / len(stats)
+        out[K.pool_key(name, "rss_mb")] = max(s["rss_mb"] for s in stats)
+        out[K.pool_key(name, "cpu_percent")] = sum(s["cpu_percent"] for s in stats) / len(stats)
         if all("gpu_mem_mb" in s for s in stats):
-            out[f"pool/{name}_gpu_mem_mb"] = max(s["gpu_mem_mb"] for s in stats)
-            out[f"pool/{name}_gpu_util_percent"] = sum(s["gpu_util_percent"] for s in stats) / len(
-                stats
-            )
+            out[K.pool_key(name, "gpu_mem_mb")] = max(s["gpu_mem_mb"] for s in stats)
+            out[K.pool_key(name, "gpu_util_percent")] = sum(
+                s["gpu_util_percent"] for s in stats
+            ) / len(stats)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.dispatch import chunk_plan, derive_seed
 from rlhf_dist.driver.outcome import BlockTimer, StepLoop, StepOutcome
 
@@ -41,9 +42,8 @@ class SyncLoop(StepLoop):
         step_time = time.perf_counter() - t_step
         compute = batch.extra["compute_s"] + score_compute + train["compute_s"] + sync_compute
         extra = {
-            "perf/generate_tokens_per_s": batch.extra["num_tokens"]
-            / max(timer.times["generate"], 1e-9),
-            "perf/overhead_frac": max(step_time - compute, 0.0) / step_time,
+            K.GENERATE_TOKENS_PER_S: batch.extra["num_tokens"] / max(timer.times["generate"], 1e-9),
+            K.OVERHEAD_FRAC: max(step_time - compute, 0.0) / step_time,
         }
         return StepOutcome(batch, train, timer.times, step_time, position, extra)
 
