@@ -51,51 +51,43 @@ class RunConfig:
 
 @dataclass
 class SupervisedConfig:
-    """What the two supervised stages (SFT and reward-model training) share."""
+    """What the two supervised stages share; the defaults are SFT's."""
 
     data: str = "builtin:describe"
-    """Training data: a JSONL file, or a built-in task."""
+    """Training data, or a built-in task: for SFT a JSONL file of demonstrations
+    ``{"prompt": ..., "response": ...}``; for the reward model comparisons
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (a built-in task's gold labeler labels
+    pairs of demonstrations, with noise)."""
     init: str = "builtin:describe"
-    """Model the stage starts from (path or hub id, a built-in task, or ``run:<stage>``)."""
+    """Model the stage starts from (path or hub id, a built-in task, or ``run:<stage>``); the
+    reward model gets a fresh scalar head."""
     epochs: int = 3
     """Passes over the data."""
     batch_size: int = 64
-    """Examples per optimizer step, across all learner ranks."""
+    """Examples (SFT) or pairs (RM) per optimizer step, across all learner ranks."""
     micro_batch_size: int = 32
-    """Examples per forward/backward on one rank."""
+    """Examples or pairs per forward/backward on one rank."""
     lr: float = 1e-3
     """AdamW learning rate."""
     eval_frac: float = 0.05
-    """Fraction of the data held out for evaluation."""
+    """Fraction of the data held out (``sft/eval_loss``, ``rm/eval_accuracy``)."""
     skip_bad_lines: bool = False
     """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
 
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    data: str = "builtin:describe"
-    """Demonstrations: a JSONL file of ``{"prompt": ..., "response": ...}``, or a built-in task."""
-    init: str = "builtin:describe"
-    """Model SFT starts from (``AutoModelForCausalLM`` path or hub id, or a built-in task)."""
-    epochs: int = 3
-    """Passes over the demonstrations."""
-    eval_frac: float = 0.05
-    """Fraction of the demonstrations held out to report ``sft/eval_loss``."""
+    """Supervised fine-tuning of the policy on demonstrations."""
 
 
 @dataclass
 class RMConfig(SupervisedConfig):
-    data: str = "builtin:describe"
-    """Comparisons: a JSONL file of ``{"prompt": ..., "chosen": ..., "rejected": ...}``, or a
-    built-in task (its gold labeler labels pairs of demonstrations, with noise)."""
+    """Reward-model training on comparisons (Bradley-Terry); its own defaults below."""
+
     init: str = "run:sft"
-    """Model the reward model starts from (a fresh scalar head is added), e.g. the SFT policy."""
+    """Model the reward model starts from, e.g. the SFT policy."""
     epochs: int = 2
     """Passes over the comparisons."""
-    batch_size: int = 64
-    """Pairs per optimizer step, across all learner ranks."""
-    micro_batch_size: int = 32
-    """Pairs per forward/backward on one rank."""
     lr: float = 5e-4
     """AdamW learning rate."""
     eval_frac: float = 0.1
