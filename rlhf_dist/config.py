@@ -44,6 +44,9 @@ class RunConfig:
     max_restarts: int = 20
     """Lost generators and scorers (process killed, node lost) are replaced and their
     unfinished work redone; the run stops after this many replacements."""
+    ledger: bool = True
+    """Write ``samples.jsonl``: one line per sample a PPO step took (its data row, chunk,
+    generator, policy version, reward, ...; see ``rlhf_dist/ledger.py``)."""
     stage: Literal["sft", "rm", "ppo", "all"] = "ppo"
     """What to run: one stage of the RLHF recipe, or all three in order. A stage run alone
     reuses earlier stages' outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""

@@ -33,6 +33,7 @@ from rlhf_dist.driver.run_state import RestartBudget, RunState
 from rlhf_dist.driver.scorer_group import ScorerGroup
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.driver.sync_loop import SyncLoop
+from rlhf_dist.ledger import SampleLedger, data_epochs, ledger_rows
 from rlhf_dist.pools import PoolError, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Learner
@@ -52,6 +53,8 @@ class Orchestrator:
         dump_config(cfg, self.run_dir / "config.yaml")
         self.own_tracker = tracker is None
         self.tracker = tracker or Tracker(cfg, self.run_dir)
+        samples = cfg.rollout.samples_per_prompt
+        self.ledger = SampleLedger(self.run_dir, len(inputs.prompts), samples, cfg.run.ledger)
         self.state = RunState.initial(cfg, len(inputs.prompts))
         self.budget = RestartBudget(self.state.counters, cfg.run.max_restarts)
         self.last_checkpoint: Path | None = None
@@ -149,6 +152,7 @@ class Orchestrator:
         due. Returns the row."""
         cfg, state, c = self.cfg, self.state, self.state.counters
         state.recorded_cursor = out.data_position
+        self._write_ledger(out)
         if out.skipped:  # no update, no sync: counted, and the run stops after too many
             c.skipped_steps += 1
             c.bad_streak += 1
@@ -182,6 +186,18 @@ class Orchestrator:
             self.save_checkpoint()
         return row
 
+    def _write_ledger(self, out: StepOutcome) -> None:
+        """The step's samples (and any dropped as too stale) into ``samples.jsonl``."""
+        if not self.ledger.enabled:
+            return
+        taken = self.cfg.rollout.prompts_per_step
+        epochs = data_epochs(out.data_position["cursor"], self.state.cursor.size, taken)
+        trained_by = self.state.version - (0 if out.skipped else 1)  # the update's own version
+        why = "nonfinite_step" if out.skipped else ""
+        self.ledger.write(ledger_rows(self.state.step, out.batch, epochs, trained_by), why)
+        for chunk in out.dropped:
+            self.ledger.write(ledger_rows(self.state.step, chunk, epochs, trained_by), "stale")
+
     def _named_pools(self) -> dict:
         return {
             "learner": self.learners,
@@ -203,6 +219,7 @@ class Orchestrator:
         """Continue from the newest usable checkpoint; the generators receive the restored
         weights before they sample. Metric rows written after it are set aside."""
         ckpt = checkpoints.load_newest(self.run_dir, self.state, self.learners, log)
+        self.ledger.rollback(self.state.step)  # the steps to redo (all of them without one)
         if ckpt is None:
             dropped = self.tracker.rollback(-1)  # every PPO row, step 0's evaluation included
             log(

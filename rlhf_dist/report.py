@@ -492,6 +492,32 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     return {"files": files, "summary": summary}
 
 
+def samples_report(run_dir: str, epoch: int | None) -> int:
+    """Print the ledger summary and each epoch's coverage; 1 when an epoch the run finished
+    (or the one asked for) trained a prompt more or fewer times than it should."""
+    from rlhf_dist import ledger
+
+    try:
+        rows, meta = ledger.read_ledger(run_dir), ledger.read_meta(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(ledger.summary_lines(rows)))
+    n, g = meta["num_prompts"], meta["samples_per_prompt"]
+    epochs = sorted({r["epoch"] for r in rows}) if epoch is None else [epoch]
+    bad = False
+    for e in epochs:
+        cov = ledger.epoch_coverage(rows, e, n, g)
+        last_open = epoch is None and e == epochs[-1] and cov["missing"] and not cov["repeated"]
+        state = "exact" if cov["exact"] else ("in progress" if last_open else "NOT exact")
+        print(
+            f"epoch {e}: every one of {n} prompts trained exactly {g} times: {state} "
+            f"(missing {len(cov['missing'])} prompts, repeated {len(cov['repeated'])})"
+        )
+        bad |= state == "NOT exact"
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_dist.report",
@@ -499,8 +525,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="summarise the sample ledger (samples.jsonl) instead: per generator, per "
+        "staleness, reward by length, and whether each epoch trained every prompt exactly "
+        "samples_per_prompt times",
+    )
+    parser.add_argument(
+        "--epoch", type=int, default=None, help="with --samples: check this epoch only"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.samples:
+        return samples_report(args.run_dir, args.epoch)
     try:
         result = write_report(args.run_dir, args.out)
     except (FileNotFoundError, ValueError) as err:  # ValueError covers ReportError too

@@ -38,6 +38,28 @@ def wandb_mode(cfg: Config) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in_to_wandb() else "offline")
 
 
+def set_aside_rows(path: Path, aside: Path, later) -> int:
+    """Move the JSON lines of ``path`` for which ``later(row)`` holds (and lines cut short by a
+    kill) to the end of ``aside``; the rest stay, replaced atomically. Returns how many moved."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            dropped.append(line if line.endswith("\n") else line + "\n")
+            continue
+        (dropped if later(row) else kept).append(line)
+    if dropped:
+        with aside.open("a") as f:
+            f.writelines(dropped)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(dropped)
+
+
 class Tracker:
     def __init__(self, cfg: Config, run_dir: str | Path):
         self.cfg = cfg
@@ -93,23 +115,13 @@ class Tracker:
         from ``metrics.jsonl``, keeping them in ``metrics.rolled_back.jsonl``; returns how many."""
         self.file.close()
         path = self.run_dir / METRICS_FILE
-        kept, dropped = [], []
-        for line in path.read_text().splitlines(keepends=True):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                dropped.append(line if line.endswith("\n") else line + "\n")
-                continue
-            later = row.get("stage", "ppo") == "ppo" and row.get("step", 0) > step
-            (dropped if later else kept).append(line)
-        if dropped:
-            with (self.run_dir / "metrics.rolled_back.jsonl").open("a") as f:
-                f.writelines(dropped)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+        dropped = set_aside_rows(
+            path,
+            self.run_dir / "metrics.rolled_back.jsonl",
+            lambda row: row.get("stage", "ppo") == "ppo" and row.get("step", 0) > step,
+        )
         self.file = path.open("a")
-        return len(dropped)
+        return dropped
 
     def samples(self, step: int, prompts, responses, scores) -> None:
         """A table of sample prompts, responses and rewards (wandb only)."""

@@ -38,6 +38,7 @@ from rlhf_dist import metric_keys as K
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.dispatch import LOST, Chunk, chunk_plan, derive_seed, failed_to_start
 from rlhf_dist.driver.outcome import StepLoop, StepOutcome
+from rlhf_dist.ledger import chunk_origins
 
 
 @dataclass
@@ -72,6 +73,7 @@ class AsyncLoop(StepLoop):
         self.next_open = self.state.step  # next step whose prompts are taken
         self.next_prepare = self.state.step  # next step to assemble and score
         self.dropped_stale = 0
+        self.dropped: list[RolloutBatch] = []  # chunks dropped as too stale, for the ledger
         self.queue_max = 0
         # the version each generator slot will sample with
         self.holds = [self.state.version] * len(self.generators)
@@ -177,6 +179,9 @@ class AsyncLoop(StepLoop):
         for c, r in enumerate(st.results):
             if self._train_version(b) - int(r.versions.min()) > self.max_staleness:
                 self.dropped_stale += len(r)
+                alone = [r if i == c else None for i in range(len(st.results))]
+                r.extra["origins"] = chunk_origins(st.chunks, st.owner, alone)
+                self.dropped.append(r)
                 st.results[c] = None
                 self.todo.appendleft((b, c))
                 self.redo.add((b, c))
@@ -185,6 +190,7 @@ class AsyncLoop(StepLoop):
         batch = RolloutBatch.concat(st.results, self.inputs.pad_token_id)
         batch.extra["num_tokens"] = sum(r.extra["num_tokens"] for r in st.results)
         batch.extra["chunks_per_worker"] = [st.owner.count(s) for s in range(len(self.generators))]
+        batch.extra["origins"] = chunk_origins(st.chunks, st.owner, st.results)
         t0 = time.perf_counter()
         self.scorers.score(batch)
         batch.extra["score_s"] = time.perf_counter() - t0
@@ -242,5 +248,7 @@ class AsyncLoop(StepLoop):
                     K.QUEUE_SAMPLES: self._outstanding(),
                     K.QUEUE_MAX: self.queue_max,
                 }
-            yield StepOutcome(batch, train, times, time.perf_counter() - t_last, position, extra)
+            step_time = time.perf_counter() - t_last
+            yield StepOutcome(batch, train, times, step_time, position, extra, self.dropped)
+            self.dropped = []
             t_last = time.perf_counter()  # a checkpoint taken in between is not the step's time

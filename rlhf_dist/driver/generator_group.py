@@ -17,6 +17,7 @@ from rlhf_dist.dispatch import Chunk, Job, deal
 from rlhf_dist.driver.healing import PoolGroup, replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
+from rlhf_dist.ledger import chunk_origins
 from rlhf_dist.pools import Pool, bundle_of
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator
@@ -77,6 +78,7 @@ class GeneratorGroup(PoolGroup):
         batch.extra["compute_s"] = job.critical_path()
         batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in job.results)
         batch.extra["chunks_per_worker"] = [job.owner.count(s) for s in range(len(self))]
+        batch.extra["origins"] = chunk_origins(chunks, job.owner, job.results)
         return batch
 
     def _heal(self, lost: list[int], busy: bool) -> list[int]:

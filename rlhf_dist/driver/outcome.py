@@ -24,6 +24,7 @@ class StepOutcome:
     step_time: float
     data_position: dict  # cursor and prompts consumed once this step's prompts were taken
     extra: dict = field(default_factory=dict)  # the loop's own metrics
+    dropped: list[RolloutBatch] = field(default_factory=list)  # chunks dropped as too stale
 
     @property
     def skipped(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import torch
@@ -87,6 +89,7 @@ class Generator(WeightSyncMember):
         )
         batch.extra["compute_s"] = time.perf_counter() - t0
         batch.extra["num_tokens"] = int(response_mask.sum().item())
+        batch.extra["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # the sample ledger's
         return batch
 
     # ----------------------------------------------------------------- weight sync

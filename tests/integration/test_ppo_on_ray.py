@@ -74,6 +74,26 @@ def test_two_ppo_steps_zero2_world_size_2(ray_cluster, tiny_assets, tmp_path):
     assert rows[0]["train/optimizer_steps"] == 2  # 8 samples / minibatch 4, one epoch
     assert (tmp_path / "run" / "config.yaml").exists()
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    check_ledger_against_metrics(tmp_path / "run", rows, samples_per_step=8)
+
+
+def check_ledger_against_metrics(run_dir, rows, samples_per_step):
+    """samples.jsonl has one line per trained sample, agreeing with metrics.jsonl."""
+    from rlhf_dist.ledger import read_ledger
+
+    ledger = read_ledger(run_dir)
+    for r in rows:
+        lines = [x for x in ledger if x["step"] == r["step"]]
+        assert len(lines) == samples_per_step, r["step"]
+        mean = sum(x["reward"] for x in lines) / len(lines)
+        assert mean == pytest.approx(r["rollout/reward_mean"], rel=1e-6)
+        assert max(x["staleness"] for x in lines) == r["sync/staleness_max"]
+        assert {x["version"] for x in lines} == {r["sync/version"] - 1}  # sampled by v-1
+        length = sum(x["length"] for x in lines) / len(lines)
+        assert length == pytest.approx(r["rollout/response_length_mean"], rel=1e-6)
+    keys = [(x["epoch"], x["row"], x["sample"]) for x in ledger]
+    assert len(set(keys)) == len(keys), "a sample slot was trained twice"
+    assert {x["slot"] for x in ledger} <= {0, 1} and all(":" in x["worker"] for x in ledger)
 
 
 def test_pool_that_cannot_fit_is_refused_naming_it(ray_cluster, tiny_assets, tmp_path):
