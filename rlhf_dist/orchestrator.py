@@ -28,7 +28,13 @@ from rlhf_dist.driver.errors import GroupError, NonFiniteSteps, TrainingError, W
 from rlhf_dist.driver.evaluation import Evaluator
 from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.learner_group import LearnerGroup
-from rlhf_dist.driver.outcome import StepOutcome, skipped_row, step_row, system_metrics
+from rlhf_dist.driver.outcome import (
+    StepOutcome,
+    skipped_row,
+    step_line,
+    step_row,
+    system_metrics,
+)
 from rlhf_dist.driver.run_state import RestartBudget, RunState
 from rlhf_dist.driver.scorer_group import ScorerGroup
 from rlhf_dist.driver.sync_group import WeightSyncGroup
@@ -151,7 +157,6 @@ class Orchestrator:
         samples table and the evaluation when due), then autoscaling and the checkpoint when
         due. Returns the row."""
         cfg, state, c = self.cfg, self.state, self.state.counters
-        state.recorded_cursor = out.data_position
         self._write_ledger(out)
         if out.skipped:  # no update, no sync: counted, and the run stops after too many
             c.skipped_steps += 1
@@ -211,14 +216,19 @@ class Orchestrator:
     def save_checkpoint(self) -> Path:
         """Learner engines (every rank) plus the run state, committed atomically."""
         self.last_checkpoint = checkpoints.save(
-            self.cfg, self.run_dir, self.state, self.learners, self.inputs.tokenizer
+            self.cfg,
+            self.run_dir,
+            self.state,
+            self.learners,
+            self.inputs.tokenizer,
+            self.loop.pending_state(),
         )
         return self.last_checkpoint
 
     def restore(self, log=print) -> Path | None:
         """Continue from the newest usable checkpoint; the generators receive the restored
         weights before they sample. Metric rows written after it are set aside."""
-        ckpt = checkpoints.load_newest(self.run_dir, self.state, self.learners, log)
+        ckpt, pending = checkpoints.load_newest(self.run_dir, self.state, self.learners, log)
         self.ledger.rollback(self.state.step)  # the steps to redo (all of them without one)
         if ckpt is None:
             dropped = self.tracker.rollback(-1)  # every PPO row, step 0's evaluation included
@@ -230,6 +240,8 @@ class Orchestrator:
         dropped = self.tracker.rollback(self.state.step)
         self.last_checkpoint = ckpt
         self.loop = self._make_loop()  # it continues from the restored state
+        if pending is not None:
+            self.loop.load_pending(pending)
         log(
             f"resumed from {ckpt} (step {self.state.step}, policy version {self.state.version}); "
             f"{dropped} metric rows written after it moved to metrics.rolled_back.jsonl"
@@ -323,22 +335,3 @@ class Orchestrator:
             except Exception:  # best effort: the cluster may already be gone
                 pass
         self.groups = []
-
-
-def step_line(row: dict, steps: int) -> str:
-    """The one line a step prints."""
-    if row["step"] == 0:
-        return (
-            f"step 0  gold {row['eval/gold_score']:.3f} +- "
-            f"{row['eval/gold_score_stderr']:.3f}  proxy {row['eval/proxy_reward']:.3f}"
-        )
-    if K.SKIP_REASON in row:
-        return f"step {row['step']}/{steps}  skipped: non-finite {row['fault/skip_reason']}"
-    line = (
-        f"step {row['step']}/{steps}  reward {row['rollout/reward_mean']:.3f}  "
-        f"kl {row['train/kl']:.4f}  tok/s {row['perf/tokens_per_s']:.0f}  "
-        f"step {row['time/step']:.2f}s"
-    )
-    if K.GOLD in row:
-        line += f"  gold {row['eval/gold_score']:.3f} +- {row['eval/gold_score_stderr']:.3f}"
-    return line

@@ -23,11 +23,18 @@ one joins the sync group and receives the current weights before it samples.
 A weight sync (and a new sync group) is entered while generators may still be sampling a
 chunk: each joins once its chunk is done, so a chunk must take well under ``sync.timeout_s``.
 Autoscaling is a sync-mode rule (it reads the share of the step spent generating).
+
+Checkpoints lose nothing: ``pending_state`` waits for the chunks in flight and hands the
+checkpoint every opened step's chunks, the samples already generated for them (with the
+versions that generated them) and the queue; the cursor is saved as it stands, past those
+steps. A resumed loop (``load_pending``) trains those very samples, so every prompt is trained
+exactly ``samples_per_prompt`` times across a kill, at any staleness.
 The loop uses the groups' public methods only (docs/architecture.md, "The asynchronous step").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -166,6 +173,44 @@ class AsyncLoop(StepLoop):
         self.state.version = version
         self.holds = [version] * len(gens)
         return time.perf_counter() - t0
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def pending_state(self) -> dict:
+        """Every opened, untrained step's chunks and samples, and the queue, once nothing is in
+        flight (plain tensors, lists and numbers: ``torch.load(weights_only=True)`` reads it)."""
+        while self.inflight:
+            ready, _ = ray.wait(list(self.inflight), num_returns=1)
+            self._collect(ready[0])
+        steps = {
+            b: {
+                "chunks": [tuple(c) for c in st.chunks],
+                "data_position": st.data_position,
+                "results": [None if r is None else dataclasses.asdict(r) for r in st.results],
+                "owner": list(st.owner),
+            }
+            for b, st in self.steps_open.items()
+        }
+        return {
+            "steps": steps,
+            "todo": [list(t) for t in self.todo],
+            "redo": [list(t) for t in self.redo],
+            "next_open": self.next_open,
+            "dropped_stale": self.dropped_stale,
+            "queue_max": self.queue_max,
+        }
+
+    def load_pending(self, pending: dict) -> None:
+        """Continue from ``pending_state``'s record (the run state was restored with it)."""
+        for b, s in pending["steps"].items():
+            st = _Step([Chunk(list(ids), seed) for ids, seed in s["chunks"]], s["data_position"])
+            st.results = [None if r is None else RolloutBatch(**r) for r in s["results"]]
+            st.owner = list(s["owner"])
+            self.steps_open[int(b)] = st
+        self.todo = deque(tuple(t) for t in pending["todo"])
+        self.redo = {tuple(t) for t in pending["redo"]}
+        self.next_open = pending["next_open"]
+        self.dropped_stale, self.queue_max = pending["dropped_stale"], pending["queue_max"]
 
     # ----------------------------------------------------------------- the loop
 

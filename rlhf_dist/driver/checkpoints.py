@@ -10,33 +10,61 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
+import torch
 
 from rlhf_dist import checkpoint
 from rlhf_dist.config import Config
 from rlhf_dist.driver.learner_group import LearnerGroup
 from rlhf_dist.driver.run_state import RunState
 
+PENDING_FILE = "pending_samples.pt"  # async mode: samples generated, not yet trained
 
-def save(cfg: Config, run_dir: Path, state: RunState, learners: LearnerGroup, tokenizer: str):
-    """Every rank's engines and the run state, committed atomically; returns the directory."""
+
+def save(
+    cfg: Config,
+    run_dir: Path,
+    state: RunState,
+    learners: LearnerGroup,
+    tokenizer: str,
+    pending: dict | None = None,
+) -> Path:
+    """Every rank's engines, the run state and the loop's pending work (async mode: the steps
+    whose prompts the cursor has passed but the learner has not trained), committed
+    atomically."""
     tmp = checkpoint.begin(run_dir, state.step)
     learners.save(str(tmp))
     if cfg.checkpoint.save_hf:
         learners.export(str(tmp / "policy_hf"), tokenizer)
+    if pending is not None:
+        torch.save(pending, tmp / PENDING_FILE)
     return checkpoint.commit(tmp, state.state_dict(), cfg.checkpoint.keep)
 
 
-def load_newest(run_dir: Path, state: RunState, learners: LearnerGroup, log) -> Path | None:
+def load_newest(
+    run_dir: Path, state: RunState, learners: LearnerGroup, log
+) -> tuple[Path | None, dict | None]:
     """Load the newest usable checkpoint into the learner ranks and ``state`` (older ones are
-    tried when it is not usable); None when there is none."""
+    tried when it is not usable); returns it and its pending work, or (None, None)."""
     for ckpt in reversed(checkpoint.checkpoint_dirs(run_dir)):
         try:
             saved = checkpoint.read_state(ckpt)
+            pending = _read_pending(ckpt)
             learners.load(str(ckpt), saved["version"])
         except (checkpoint.CheckpointError, ray.exceptions.RayTaskError) as e:
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
             log(f"checkpoint {ckpt.name} is unusable ({cause}); trying the one before")
             continue
         state.load_state_dict(saved)
-        return ckpt
-    return None
+        return ckpt, pending
+    return None, None
+
+
+def _read_pending(ckpt: Path) -> dict | None:
+    path = ckpt / PENDING_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: this checkpoint cannot be resumed
+        msg = f"checkpoint {ckpt}: {PENDING_FILE} is unreadable ({e})"
+        raise checkpoint.CheckpointError(msg) from None

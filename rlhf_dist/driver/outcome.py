@@ -38,6 +38,14 @@ class StepLoop:
         self.cfg, self.sizes, self.state, self.inputs = cfg, sizes, state, inputs
         self.generators, self.scorers, self.learners = generators, scorers, learners
 
+    def pending_state(self) -> dict | None:
+        """Work taken from the data but not trained yet, for a checkpoint (None: there is
+        none between two steps of this loop)."""
+        return None
+
+    def load_pending(self, pending: dict) -> None:
+        raise ValueError("this loop keeps no pending work; the checkpoint holds some")
+
 
 class BlockTimer:
     """Seconds per named block of a step."""
@@ -134,3 +142,22 @@ def system_metrics(pools: dict) -> dict:
                 s["gpu_util_percent"] for s in stats
             ) / len(stats)
     return out
+
+
+def step_line(row: dict, steps: int) -> str:
+    """The one line a step prints."""
+    if row["step"] == 0:
+        return (
+            f"step 0  gold {row['eval/gold_score']:.3f} +- "
+            f"{row['eval/gold_score_stderr']:.3f}  proxy {row['eval/proxy_reward']:.3f}"
+        )
+    if K.SKIP_REASON in row:
+        return f"step {row['step']}/{steps}  skipped: non-finite {row['fault/skip_reason']}"
+    line = (
+        f"step {row['step']}/{steps}  reward {row['rollout/reward_mean']:.3f}  "
+        f"kl {row['train/kl']:.4f}  tok/s {row['perf/tokens_per_s']:.0f}  "
+        f"step {row['time/step']:.2f}s"
+    )
+    if K.GOLD in row:
+        line += f"  gold {row['eval/gold_score']:.3f} +- {row['eval/gold_score_stderr']:.3f}"
+    return line

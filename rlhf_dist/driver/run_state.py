@@ -53,10 +53,6 @@ class RunState:
     step: int = 0  # PPO steps done
     version: int = 0  # the learner's policy version (one more per update)
     counters: Counters = field(default_factory=Counters)
-    # The data position to checkpoint: the cursor (and prompts consumed) as of the last
-    # recorded step. Async mode has taken later steps' prompts already; a resumed run samples
-    # those again. None = the cursor as it stands.
-    recorded_cursor: dict | None = None
 
     @classmethod
     def initial(cls, cfg: Config, num_prompts: int) -> RunState:
@@ -87,7 +83,6 @@ class RunState:
             "cursor": self.cursor.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             **dataclasses.asdict(self.counters),
-            **(self.recorded_cursor or {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -96,4 +91,3 @@ class RunState:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         for f in dataclasses.fields(Counters):  # in place: the restart budget holds them
             setattr(self.counters, f.name, state.get(f.name, 0))
-        self.recorded_cursor = None
