@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# device {device}, shape {shape}, dtype {args.dtype}, work dir {work}", flush=True)
 
     from rlhf_dist import weight_sync
-    from rlhf_dist.config import validate, load_config
+    from rlhf_dist.config import load_config, validate
     from rlhf_dist.models import load_policy, load_tokenizer
     from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
     from rlhf_dist.roles.common import free_port
