@@ -108,6 +108,18 @@ class SampleLedger:
             for row in rows:
                 f.write(json.dumps({**row, "dropped": dropped} if dropped else row) + "\n")
 
+    def write_step(self, out, state, taken: int) -> None:
+        """A recorded step's samples (a ``StepOutcome``; ``state``: the ``RunState`` after
+        it), and any chunks it dropped as too stale. ``taken``: prompts per step."""
+        if not self.enabled:
+            return
+        epochs = data_epochs(out.data_position["cursor"], state.cursor.size, taken)
+        trained_by = state.version - (0 if out.skipped else 1)  # the update's own version
+        why = "nonfinite_step" if out.skipped else ""
+        self.write(ledger_rows(state.step, out.batch, epochs, trained_by), why)
+        for chunk in out.dropped:
+            self.write(ledger_rows(state.step, chunk, epochs, trained_by), "stale")
+
     def rollback(self, step: int) -> int:
         """Set aside the lines of the steps after ``step`` (a resumed run redoes them)."""
         aside = self.path.with_name(ROLLED_BACK_FILE)

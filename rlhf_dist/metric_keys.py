@@ -124,6 +124,7 @@ STALENESS_MAX = "sync/staleness_max"
 # ----------------------------------------------------------------------------- fault/
 # workers replaced, rollout chunks redone, steps skipped (and why), non-finite losses
 RESTARTS = "fault/restarts"
+LEARNER_RESTARTS = "fault/learner_restarts"  # learner groups rebuilt from a checkpoint
 REDONE_CHUNKS = "fault/redone_chunks"
 SKIPPED_STEPS = "fault/skipped_steps"
 SKIP_REASON = "fault/skip_reason"  # only on a skipped step's row (a string)

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import ray
 from tqdm import tqdm
 
 from rlhf_dist import metric_keys as K
@@ -24,7 +25,14 @@ from rlhf_dist.config import Config, dump_config, validate
 from rlhf_dist.dispatch import LOST, failed_to_start
 from rlhf_dist.driver import checkpoints
 from rlhf_dist.driver.async_loop import AsyncLoop
-from rlhf_dist.driver.errors import GroupError, NonFiniteSteps, TrainingError, WeightSyncError
+from rlhf_dist.driver.errors import (
+    GroupError,
+    LearnerLost,
+    NonFiniteSteps,
+    RestartsExhausted,
+    TrainingError,
+    WeightSyncError,
+)
 from rlhf_dist.driver.evaluation import Evaluator
 from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.learner_group import LearnerGroup
@@ -39,7 +47,7 @@ from rlhf_dist.driver.run_state import RestartBudget, RunState
 from rlhf_dist.driver.scorer_group import ScorerGroup
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.driver.sync_loop import SyncLoop
-from rlhf_dist.ledger import SampleLedger, data_epochs, ledger_rows
+from rlhf_dist.ledger import SampleLedger
 from rlhf_dist.pools import PoolError, check_cluster_resources
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Learner
@@ -62,6 +70,7 @@ class Orchestrator:
         samples = cfg.rollout.samples_per_prompt
         self.ledger = SampleLedger(self.run_dir, len(inputs.prompts), samples, cfg.run.ledger)
         self.state = RunState.initial(cfg, len(inputs.prompts))
+        self.initial_state = self.state.state_dict()
         self.budget = RestartBudget(self.state.counters, cfg.run.max_restarts)
         self.last_checkpoint: Path | None = None
         self.last_scale_step = 0
@@ -85,7 +94,8 @@ class Orchestrator:
         self.scorers = ScorerGroup(cfg, inputs, self.budget)
         self.groups.append(self.scorers)
         self.learners.handshake(inputs.policy, inputs.critic)
-        self.generators.connect(WeightSyncGroup(cfg, self.learners), self.state.version)
+        self.generators.connect(WeightSyncGroup(cfg, self.learners))
+        self.sync_weights(self.state.version)
 
     def _make_loop(self) -> SyncLoop | AsyncLoop:
         loop = AsyncLoop if self.cfg.mode == "async" else SyncLoop
@@ -109,7 +119,7 @@ class Orchestrator:
     @on_dispatch.setter
     def on_dispatch(self, hook) -> None:
         """``hook(pool name, slot, task index)`` runs after each submission (fault tests)."""
-        for part in (self.generators, self.generators.sync, self.scorers):
+        for part in (self.generators, self.generators.sync, self.scorers, self.learners):
             part.on_dispatch = hook
 
     def elapsed(self) -> float:
@@ -117,12 +127,6 @@ class Orchestrator:
         return time.perf_counter() - self.t_started
 
     # ----------------------------------------------------------------- pool changes
-
-    def add_generators(self, n: int = 1) -> None:
-        self.generators.add(n)
-
-    def remove_generators(self, n: int = 1) -> None:
-        self.generators.remove(n)
 
     def sync_weights(self, version: int) -> float:
         """Push the learner's policy to every generator as ``version``."""
@@ -133,19 +137,12 @@ class Orchestrator:
     def autoscale(self, row: dict) -> bool:
         """Add one generator when generation took more than ``rollout.autoscale.generate_frac``
         of the step, below ``max_workers``, out of cooldown, and the cluster has room."""
-        auto = self.cfg.rollout.autoscale
-        if (
-            not auto.max_workers
-            or K.TIME_GENERATE not in row
-            or len(self.generators) >= auto.max_workers
-            or self.state.step - self.last_scale_step < auto.cooldown_steps
-            or row[K.TIME_GENERATE] <= auto.generate_frac * row[K.STEP_TIME]
-            or not self.generators.has_room()
-        ):
+        since = self.state.step - self.last_scale_step
+        if not self.generators.wants_one_more(self.cfg.rollout.autoscale, row, since):
             return False
         self.last_scale_step = self.state.step  # a failed attempt waits out the cooldown too
         try:
-            self.add_generators(1)
+            self.generators.add(1)
         except PoolError:  # the room was spread over nodes that cannot hold one more
             return False
         return True
@@ -157,7 +154,7 @@ class Orchestrator:
         samples table and the evaluation when due), then autoscaling and the checkpoint when
         due. Returns the row."""
         cfg, state, c = self.cfg, self.state, self.state.counters
-        self._write_ledger(out)
+        self.ledger.write_step(out, self.state, self.cfg.rollout.prompts_per_step)
         if out.skipped:  # no update, no sync: counted, and the run stops after too many
             c.skipped_steps += 1
             c.bad_streak += 1
@@ -175,7 +172,8 @@ class Orchestrator:
         kl_coef = state.kl_ctl.value
         state.kl_ctl.update(out.train[K.KL_PER_SEQUENCE], len(out.batch))
         row = step_row(out, state, kl_coef, self.elapsed(), len(self.generators))
-        row.update(system_metrics(self._named_pools()))
+        pools = [self.learners.pool, self.generators.pool, *self.scorers.pools]
+        row.update(system_metrics({p.name: p for p in pools}))
         every, n = cfg.wandb.table_every, cfg.wandb.table_rows
         if every and state.step % every == 0:
             b = out.batch
@@ -190,26 +188,6 @@ class Orchestrator:
         if every and (state.step % every == 0 or state.step == cfg.run.steps):
             self.save_checkpoint()
         return row
-
-    def _write_ledger(self, out: StepOutcome) -> None:
-        """The step's samples (and any dropped as too stale) into ``samples.jsonl``."""
-        if not self.ledger.enabled:
-            return
-        taken = self.cfg.rollout.prompts_per_step
-        epochs = data_epochs(out.data_position["cursor"], self.state.cursor.size, taken)
-        trained_by = self.state.version - (0 if out.skipped else 1)  # the update's own version
-        why = "nonfinite_step" if out.skipped else ""
-        self.ledger.write(ledger_rows(self.state.step, out.batch, epochs, trained_by), why)
-        for chunk in out.dropped:
-            self.ledger.write(ledger_rows(self.state.step, chunk, epochs, trained_by), "stale")
-
-    def _named_pools(self) -> dict:
-        return {
-            "learner": self.learners,
-            "rollout": self.generators,
-            "reward": self.scorers.rewards,
-            "reference": self.scorers.references,
-        }
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -226,27 +204,39 @@ class Orchestrator:
         return self.last_checkpoint
 
     def restore(self, log=print) -> Path | None:
-        """Continue from the newest usable checkpoint; the generators receive the restored
-        weights before they sample. Metric rows written after it are set aside."""
-        ckpt, pending = checkpoints.load_newest(self.run_dir, self.state, self.learners, log)
-        self.ledger.rollback(self.state.step)  # the steps to redo (all of them without one)
-        if ckpt is None:
-            dropped = self.tracker.rollback(-1)  # every PPO row, step 0's evaluation included
-            log(
-                f"no usable checkpoint: PPO starts from step 0 ({dropped} earlier PPO rows set aside)"
-            )
-            return None
+        """Continue from the newest usable checkpoint (``launch.py --resume``)."""
+        return self._continue_from_newest(self.state.load_state_dict, "resumed", log)
+
+    def _continue_from_newest(self, rewind, verb: str, log) -> Path | None:
+        """Load the newest usable checkpoint into the learner group and ``rewind`` the run
+        state to it (to the start without one); the generators receive its weights before
+        they sample, and the metric and ledger rows written after it are set aside."""
+        ckpt, saved, pending = checkpoints.load_newest(self.run_dir, self.learners, log)
+        rewind(saved if ckpt else self.initial_state)
+        self.ledger.rollback(self.state.step)
+        dropped = self.tracker.rollback(self.state.step if ckpt else -1)  # -1: step 0's too
         self.sync_weights(self.state.version)
-        dropped = self.tracker.rollback(self.state.step)
         self.last_checkpoint = ckpt
-        self.loop = self._make_loop()  # it continues from the restored state
-        if pending is not None:
+        self.loop = self._make_loop()  # it continues from the rewound state
+        if pending:
             self.loop.load_pending(pending)
-        log(
-            f"resumed from {ckpt} (step {self.state.step}, policy version {self.state.version}); "
-            f"{dropped} metric rows written after it moved to metrics.rolled_back.jsonl"
-        )
+        s = self.state
+        where = f"{ckpt} (step {s.step}, policy version {s.version})" if ckpt else "step 0"
+        none = "" if ckpt else " (no usable checkpoint)"
+        log(f"{verb} from {where}{none}; {dropped} metric rows after it set aside")
         return ckpt
+
+    def _rebuild_learners(self, lost: LearnerLost, log) -> None:
+        """A learner rank died: a new learner group (placed anew, on other nodes if need be)
+        continues from the newest checkpoint, and the steps after it are redone."""
+        try:
+            self.budget.spend("a learner rank")
+        except RestartsExhausted as e:
+            raise TrainingError(f"{lost}; {e}; {self._checkpoint_hint()}") from lost
+        self.state.counters.learner_restarts += 1
+        log(f"{lost}: rebuilding the learner group")
+        self.learners = self.groups[0] = self.learners.rebuilt(self.generators, self.inputs)
+        self._continue_from_newest(self.state.rewind, "learner group rebuilt", log)
 
     def export_policy(self, out_dir: Path) -> str:
         return self.learners.export(str(out_dir), self.inputs.tokenizer)
@@ -262,25 +252,31 @@ class Orchestrator:
         )
 
     @contextmanager
-    def _failures(self):
-        """A group's error, or a lost learner rank, ends the run naming the last checkpoint."""
+    def _failures(self, recover: bool = False):
+        """A group's error ends the run naming the last checkpoint; so does a lost learner
+        rank, unless ``recover``: then it is raised as ``LearnerLost`` for ``run`` to heal."""
         try:
             yield
         except GroupError as e:
+            if recover and isinstance(e, LearnerLost):
+                raise
             raise TrainingError(f"{e}; {self._checkpoint_hint()}") from e
-        except LOST as e:
-            # Generators and scorers are replaced as they go; a learner rank cannot be.
-            if failed_to_start(e):
+        except (*LOST, ray.exceptions.RayTaskError) as e:
+            # Generators and scorers are replaced as they go; here a learner rank is gone, or
+            # a collective failed because one is (a RayTaskError on a surviving rank).
+            if isinstance(e, LOST) and failed_to_start(e):
                 raise TrainingError(
                     f"a worker failed to start at step {self.state.step + 1}: {e}; "
                     f"{self._checkpoint_hint()}"
                 ) from e
             dead = self.learners.dead()
+            if not dead and isinstance(e, ray.exceptions.RayTaskError):
+                raise
             who = f"learner rank {dead[0]}" if dead else "a worker that could not be replaced"
-            raise TrainingError(
-                f"{who} died at step {self.state.step + 1} ({e.__class__.__name__}); "
-                f"{self._checkpoint_hint()}"
-            ) from e
+            lost = LearnerLost(f"{who} died at step {self.state.step + 1} ({type(e).__name__})")
+            if recover and dead:
+                raise lost from e
+            raise TrainingError(f"{lost}; {self._checkpoint_hint()}") from e
 
     def step(self) -> dict:
         """One synchronous step, recorded."""
@@ -300,30 +296,45 @@ class Orchestrator:
         )
         if not bar.disable:
             log = bar.write
-        with self._failures():
-            if self.evaluator.gold and self.state.step == 0:
-                before = {
-                    "stage": "ppo",
-                    "step": 0,
-                    **self.evaluator(),
-                    K.ELAPSED: self.elapsed(),
-                }
-                self.tracker.log(before)
-                history.append(before)
-                log(step_line(before, self.cfg.run.steps))
-            for out in self.loop.steps():
-                generators = len(self.generators)
-                row = self.record(out)
-                history.append(row)
-                if len(self.generators) > generators:
-                    share = row[K.TIME_GENERATE] / row[K.STEP_TIME]
-                    log(
-                        f"autoscale: generation took {share:.0%} of the step; now {len(self.generators)} generators"
-                    )
-                log(step_line(row, self.cfg.run.steps))
-                bar.update(1)
+        if not self.cfg.checkpoint.every:
+            log("checkpoint.every=0: a lost learner rank will restart PPO from step 0")
+        while True:
+            try:
+                with self._failures(recover=True):
+                    self._run_steps(history, bar, log)
+                break
+            except LearnerLost as lost:
+                with self._failures():
+                    self._rebuild_learners(lost, log)
+                redone = self.state.step if self.last_checkpoint else -1  # rows after it go
+                history[:] = [r for r in history if r["step"] <= redone]
+                bar.n = self.state.step
         bar.close()
         return history
+
+    def _run_steps(self, history: list, bar, log) -> None:
+        """The evaluation before PPO, then each step recorded and printed."""
+        if self.evaluator.gold and self.state.step == 0:
+            before = {
+                "stage": "ppo",
+                "step": 0,
+                **self.evaluator(),
+                K.ELAPSED: self.elapsed(),
+            }
+            self.tracker.log(before)
+            history.append(before)
+            log(step_line(before, self.cfg.run.steps))
+        for out in self.loop.steps():
+            generators = len(self.generators)
+            row = self.record(out)
+            history.append(row)
+            if len(self.generators) > generators:
+                share = row[K.TIME_GENERATE] / row[K.STEP_TIME]
+                log(
+                    f"autoscale: generation took {share:.0%} of the step; now {len(self.generators)} generators"
+                )
+            log(step_line(row, self.cfg.run.steps))
+            bar.update(1)
 
     def shutdown(self) -> None:
         if getattr(self, "own_tracker", False):

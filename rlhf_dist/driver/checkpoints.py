@@ -40,11 +40,9 @@ def save(
     return checkpoint.commit(tmp, state.state_dict(), cfg.checkpoint.keep)
 
 
-def load_newest(
-    run_dir: Path, state: RunState, learners: LearnerGroup, log
-) -> tuple[Path | None, dict | None]:
-    """Load the newest usable checkpoint into the learner ranks and ``state`` (older ones are
-    tried when it is not usable); returns it and its pending work, or (None, None)."""
+def load_newest(run_dir: Path, learners: LearnerGroup, log) -> tuple[Path | None, dict, dict]:
+    """Load the newest usable checkpoint into the learner ranks (older ones are tried when it
+    is not usable); returns it, its run state and its pending work (empty: none)."""
     for ckpt in reversed(checkpoint.checkpoint_dirs(run_dir)):
         try:
             saved = checkpoint.read_state(ckpt)
@@ -54,12 +52,12 @@ def load_newest(
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
             log(f"checkpoint {ckpt.name} is unusable ({cause}); trying the one before")
             continue
-        state.load_state_dict(saved)
-        return ckpt, pending
-    return None, None
+        return ckpt, saved, pending or {}
+    return None, {}, {}
 
 
 def _read_pending(ckpt: Path) -> dict | None:
+    """The pending work saved with the checkpoint (async mode), None when there is none."""
     path = ckpt / PENDING_FILE
     if not path.exists():
         return None

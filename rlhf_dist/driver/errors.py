@@ -24,6 +24,11 @@ class SyncStalled(GroupError):
     """A generator was lost during a weight sync and the learner's send never ended."""
 
 
+class LearnerLost(GroupError):
+    """A learner rank died (process killed, node lost): the top level rebuilds the learner
+    group from the newest checkpoint (docs/architecture.md, "Failures")."""
+
+
 class NonFiniteSteps(GroupError):
     """``run.max_bad_steps`` PPO steps in a row had non-finite numbers."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ray
 
+from rlhf_dist import metric_keys as K
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config
 from rlhf_dist.dispatch import Chunk, Job, deal
@@ -52,12 +53,13 @@ class GeneratorGroup(PoolGroup):
         self.sync: WeightSyncGroup | None = None
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
 
-    def connect(self, sync: WeightSyncGroup, version: int) -> float:
-        """Join the learner's weight-sync group and receive ``version`` (at start: the
-        generators loaded the same files, but the sync proves they hold them)."""
+    def connect(self, sync: WeightSyncGroup) -> None:
+        """Join a (new) learner group's weight-sync group; the caller pushes the weights (at
+        start too: the generators loaded the same files, but the sync proves they hold them)."""
+        if self.sync is not None:  # a rebuilt learner group's: the same hook
+            sync.on_dispatch = self.sync.on_dispatch
         self.sync = sync
         self.regroup()
-        return self.push(version)
 
     # ----------------------------------------------------------------- sampling
 
@@ -133,5 +135,15 @@ class GeneratorGroup(PoolGroup):
         self.regroup()
         self.push(version)
 
-    def has_room(self) -> bool:
-        return self.pool.has_room()
+    def wants_one_more(self, auto, row: dict, steps_since_change: int) -> bool:
+        """The autoscale rule (``rollout.autoscale``): generation took more than
+        ``generate_frac`` of the step, below ``max_workers``, out of cooldown, and the cluster
+        has room for one more generator."""
+        return bool(
+            auto.max_workers
+            and K.TIME_GENERATE in row
+            and len(self) < auto.max_workers
+            and steps_since_change >= auto.cooldown_steps
+            and row[K.TIME_GENERATE] > auto.generate_frac * row[K.STEP_TIME]
+            and self.pool.has_room()
+        )

@@ -14,22 +14,34 @@ def _noop(_self) -> None:
     return None
 
 
-def dead_slots(pool: Pool, timeout_s: float = 30.0) -> list[int]:
-    """Slots of ``pool`` whose actor is gone (a no-op call on each; idle actors answer at
-    once, busy ones when their current call ends)."""
+def _probe(pool: Pool, timeout_s: float) -> tuple[list[int], list[int]]:
+    """A no-op call on each actor: the slots whose actor is gone, and those that did not
+    answer within ``timeout_s`` (idle actors answer at once, busy ones when their call ends)."""
     refs = [a.__ray_call__.remote(_noop) for a in pool.actors]
     ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    dead = []
+    lost, silent = [], []
     for i, ref in enumerate(refs):
         try:
             ray.get(ref, timeout=0)
         except LOST as e:
             if failed_to_start(e):
                 raise
-            dead.append(i)
+            lost.append(i)
         except ray.exceptions.GetTimeoutError:
-            pass
-    return dead
+            silent.append(i)
+    return lost, silent
+
+
+def dead_slots(pool: Pool, timeout_s: float = 30.0) -> list[int]:
+    """Slots of ``pool`` whose actor is gone."""
+    return _probe(pool, timeout_s)[0]
+
+
+def unresponsive_slots(pool: Pool, timeout_s: float) -> list[int]:
+    """Slots whose actor is gone or busy for more than ``timeout_s`` (e.g. a generator still
+    waiting on a weight-sync group whose sender died)."""
+    lost, silent = _probe(pool, timeout_s)
+    return sorted(lost + silent)
 
 
 def replace_lost(pool: Pool, slots: list[int], budget: RestartBudget) -> list[int]:

@@ -12,12 +12,14 @@ import ray
 
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config
-from rlhf_dist.driver.healing import PoolGroup
+from rlhf_dist.driver.healing import PoolGroup, unresponsive_slots
+from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.pools import Pool, bundle_of
 
 
 class LearnerGroup(PoolGroup):
     def __init__(self, name: str, role_cls: type, cfg: Config):
+        self.name, self.role_cls, self.cfg = name, role_cls, cfg
         world = cfg.learner.num_workers
         self.pool = Pool(
             name,
@@ -27,6 +29,12 @@ class LearnerGroup(PoolGroup):
             lambda i: ((cfg, i, world), {}),
             cfg.ray.placement_timeout_s,
         )
+        self.on_dispatch = None  # (group name, rank, 0) once a collective call is started
+
+    def _started(self, what: str) -> None:
+        if self.on_dispatch is not None:
+            for rank in range(len(self)):
+                self.on_dispatch(what, rank, 0)
 
     def run(self, method: str, *args, **kwargs) -> list:
         """The same call on every rank, waited for (results in rank order)."""
@@ -43,6 +51,19 @@ class LearnerGroup(PoolGroup):
         """``method(shard, *args)`` on each rank with its own shard."""
         return [getattr(a, method).remote(s, *args) for a, s in zip(self.actors, shards)]
 
+    def rebuilt(self, generators, inputs) -> LearnerGroup:
+        """After a rank died: this group shut down, a new one placed (on other nodes if need
+        be) from the initial weights, and the generators joined to its weight-sync group. The
+        caller loads a checkpoint and pushes its weights."""
+        self.shutdown()
+        # generators still receiving from the dead rank would block the new group's forming
+        generators.replace(unresponsive_slots(generators.pool, 2.0))
+        new = LearnerGroup(self.name, self.role_cls, self.cfg)
+        new.on_dispatch = self.on_dispatch
+        new.handshake(inputs.policy, inputs.critic)
+        generators.connect(WeightSyncGroup(self.cfg, new))
+        return new
+
     # ----------------------------------------------------------------- PPO
 
     def start_update(
@@ -50,7 +71,9 @@ class LearnerGroup(PoolGroup):
     ) -> list[ray.ObjectRef]:
         """Start one PPO update on the step's batch, split across the ranks."""
         args = (kl_coef, seed) if is_cap is None else (kl_coef, seed, is_cap)
-        return self.each("ppo_update", batch.split(len(self)), *args)
+        refs = self.each("ppo_update", batch.split(len(self)), *args)
+        self._started("learner")
+        return refs
 
     @staticmethod
     def update_result(results: list[dict]) -> dict:
@@ -63,7 +86,9 @@ class LearnerGroup(PoolGroup):
         return self.update_result(ray.get(self.start_update(batch, kl_coef, seed)))
 
     def save(self, ckpt_dir: str) -> None:
-        self.run("save_checkpoint", ckpt_dir)
+        refs = self.call("save_checkpoint", ckpt_dir)
+        self._started("checkpoint")
+        ray.get(refs)
 
     def load(self, ckpt_dir: str, version: int) -> None:
         self.run("load_checkpoint", ckpt_dir, version)

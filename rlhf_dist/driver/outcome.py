@@ -112,6 +112,7 @@ def counter_metrics(state: RunState) -> dict:
     return {
         K.SKIPPED_STEPS: c.skipped_steps,
         K.RESTARTS: c.restarts,
+        K.LEARNER_RESTARTS: c.learner_restarts,
         K.REDONE_CHUNKS: c.redone_chunks,
         K.PROMPTS_CONSUMED: c.prompts_consumed,
         K.PROMPTS_TRAINED: c.prompts_trained,

@@ -14,6 +14,8 @@ from rlhf_dist.config import Config
 from rlhf_dist.data import PromptCursor
 from rlhf_dist.driver.errors import RestartsExhausted
 
+FAULT_COUNTERS = ("restarts", "learner_restarts", "redone_chunks")
+
 
 @dataclass
 class Counters:
@@ -21,7 +23,8 @@ class Counters:
 
     skipped_steps: int = 0  # PPO steps skipped for non-finite numbers
     bad_streak: int = 0  # of them, in a row up to now
-    restarts: int = 0  # lost generators/scorers replaced
+    restarts: int = 0  # lost workers replaced (learner ranks included)
+    learner_restarts: int = 0  # learner groups rebuilt from a checkpoint after a lost rank
     redone_chunks: int = 0  # chunks of work resubmitted after a loss
     prompts_consumed: int = 0  # taken from the cursor by PPO steps
     prompts_trained: int = 0  # in batches the learner trained on
@@ -84,6 +87,14 @@ class RunState:
             "kl_controller": self.kl_ctl.state_dict(),
             **dataclasses.asdict(self.counters),
         }
+
+    def rewind(self, state: dict) -> None:
+        """Go back to ``state`` (a checkpoint's, or the initial one) in-job: what a rebuilt
+        learner group redoes is rewound; the fault counters keep counting what happened."""
+        faults = {k: getattr(self.counters, k) for k in FAULT_COUNTERS}
+        self.load_state_dict(state)
+        for k, v in faults.items():
+            setattr(self.counters, k, v)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.version = state["step"], state["version"]

@@ -17,7 +17,7 @@ import ray
 
 from rlhf_dist.config import Config
 from rlhf_dist.dispatch import LOST
-from rlhf_dist.driver.errors import SyncStalled, WeightSyncError
+from rlhf_dist.driver.errors import LearnerLost, SyncStalled, WeightSyncError
 
 
 @dataclass
@@ -133,16 +133,28 @@ class WeightSyncGroup:
         got: list = [None] * len(recv)
         lost: set[int] = set()
         errors: list = []
-        pending = list(recv)
+        pending, sending = list(recv), list(send)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            # the learner's send is watched too: receivers whose sender died would wait for
+            # sync.timeout_s, a dead learner rank is known at once
+            [ref], _ = ray.wait(pending + sending, num_returns=1)
+            if ref in sending:
+                sending.remove(ref)
+                try:
+                    ray.get(ref)
+                except LOST:
+                    raise LearnerLost("a learner rank died during the weight sync") from None
+                except ray.exceptions.RayTaskError:
+                    pass  # the group broke under it: a receiver's loss shows next
+                continue
+            pending.remove(ref)
             try:
-                got[slot[ready[0]]] = ray.get(ready[0])
+                got[slot[ref]] = ray.get(ref)
             except LOST:
-                lost.add(slot[ready[0]])
+                lost.add(slot[ref])
                 break
             except ray.exceptions.RayTaskError:
-                errors.append(ready[0])  # the group broke under it: a loss shows next
+                errors.append(ref)  # the group broke under it: a loss shows next
         if lost:
             ray.wait(send, num_returns=len(send), timeout=self.cfg.sync.timeout_s + 10)
             # Over the object store a receiver does not depend on the others: wait for all.

@@ -173,7 +173,7 @@ def test_remove_generators_between_steps(cluster, tiny_assets, tmp_path):
     orch = Orchestrator(cfg, resolve_inputs(cfg), tmp_path / "run")
     try:
         orch.step()
-        orch.remove_generators(2)
+        orch.generators.remove(2)
         m = orch.step()
         assert m["pool/num_generators"] == 1 and m["pool/chunks_per_generator_min"] == 4
         learner = ray.get(orch.learners.call("policy_checksum"))[0]
@@ -181,13 +181,15 @@ def test_remove_generators_between_steps(cluster, tiny_assets, tmp_path):
             (2, learner)
         ]
         with pytest.raises(ValueError, match="cannot remove 1 of 1 generators"):
-            orch.remove_generators(1)
+            orch.generators.remove(1)
     finally:
         orch.shutdown()
 
 
-def test_learner_death_stops_the_run_naming_the_last_checkpoint(cluster, tiny_assets, tmp_path):
-    cfg = make_cfg(tiny_assets, "run.steps=2", "checkpoint.every=1")
+def test_learner_death_with_no_restarts_left_stops_naming_the_last_checkpoint(
+    cluster, tiny_assets, tmp_path
+):
+    cfg = make_cfg(tiny_assets, "run.steps=2", "checkpoint.every=1", "run.max_restarts=0")
     orch = Orchestrator(cfg, resolve_inputs(cfg), tmp_path / "run")
     try:
         orch.step()
@@ -195,6 +197,7 @@ def test_learner_death_stops_the_run_naming_the_last_checkpoint(cluster, tiny_as
         ray.kill(orch.learners.actors[0])
         with pytest.raises(TrainingError, match="learner rank 0 died at step 2") as e:
             orch.run(log=lambda _: None)
+        assert "run.max_restarts=0" in str(e.value)
         assert str(ckpt) in str(e.value) and "--resume" in str(e.value)
     finally:
         orch.shutdown()

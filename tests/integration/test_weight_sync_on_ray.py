@@ -128,7 +128,7 @@ def test_mismatch_stops_with_a_clear_error_and_added_generator_gets_current_weig
 
     try:
         orch.run(log=lambda _: None)
-        orch.add_generators(1)
+        orch.generators.add(1)
         assert len(orch.generators) == 2
         _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 1)
         # the new member's samples are used by the next step
