@@ -33,8 +33,8 @@ def aggregate_loss(
     holds the same number of sequences, so both ``seq_mean_*`` modes give exactly the mean
     over the minibatch's sequences; ``token_mean`` gives the mean over micro-batches of each
     micro-batch's token mean, which equals the minibatch token mean only when the micro-batches
-    hold equally many tokens (OpenRLHF does the same; veRL now rescales by a global token
-    count).
+    hold equally many tokens (as OpenRLHF's per-micro-batch ``masked_mean`` under DeepSpeed
+    accumulation, and veRL's ``agg_loss`` divided by the accumulation steps).
     Shapes: per_token, mask (B, T) -> ().
     """
     valid = _as_bool(mask)
