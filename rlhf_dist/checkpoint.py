@@ -1,8 +1,10 @@
 """Checkpoints of a PPO run: layout, atomic commit, retention, and the driver's state.
 
     <run_dir>/checkpoints/step-00000010/
-        policy/, critic/    DeepSpeed engine states (weights, optimizer, scheduler), every rank
-        state.json          the orchestrator: step, policy version, data cursor, KL controller
+        policy/, critic/    DeepSpeed engine states (weights, optimizer, scheduler), every rank;
+                            no critic/ when the run has none (a critic-free ``ppo.estimator``)
+        state.json          the orchestrator: step, policy version, data cursor, KL controller,
+                            and ``engines``: the engine directories the checkpoint holds
 
 A checkpoint is written into ``.tmp-step-...`` and renamed into place only when complete, so
 a process killed during a save leaves the previous checkpoint intact; leftovers of an
@@ -22,6 +24,11 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 FORMAT = 1
 REQUIRED = ("format", "step", "version", "cursor", "kl_controller")
+ENGINES = ("policy", "critic")
+"""Engine directories a checkpoint may hold; ``policy`` always."""
+LEGACY_ENGINES = ENGINES
+"""What a checkpoint whose state.json lists no ``engines`` holds (written before it was
+recorded, when every run had a critic)."""
 
 
 class CheckpointError(RuntimeError):
@@ -49,8 +56,14 @@ def begin(run_dir: str | Path, step: int) -> Path:
 
 
 def commit(tmp: Path, state: dict, keep: int) -> Path:
-    """Write the driver's state, rename the checkpoint into place, keep the last ``keep``."""
-    state = {"format": FORMAT, **state}
+    """Write the driver's state, rename the checkpoint into place, keep the last ``keep``.
+
+    The state records which engine directories were saved (``engines``), so that
+    :func:`read_state` requires exactly those: a critic-free run saves no ``critic/``."""
+    saved = [part for part in ENGINES if (tmp / part).is_dir()]
+    if "policy" not in saved:
+        raise CheckpointError(f"checkpoint {tmp}: nothing saved into policy/; not committed")
+    state = {"format": FORMAT, **state, "engines": saved}
     with (tmp / STATE_FILE).open("w") as f:
         json.dump(state, f)
         f.flush()
@@ -81,7 +94,10 @@ def read_state(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE} lacks {', '.join(missing)}")
     if state["format"] != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt}: unknown format {state['format']}")
-    for part in ("policy", "critic"):
+    engines = state.get("engines", list(LEGACY_ENGINES))
+    if not isinstance(engines, list) or "policy" not in engines or set(engines) - set(ENGINES):
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_FILE} lists engines {engines!r}")
+    for part in engines:
         if not (Path(ckpt) / part).is_dir():
             raise CheckpointError(f"checkpoint {ckpt}: missing {part}/")
     return state

@@ -118,7 +118,8 @@ class ModelConfig:
     tokenizer: str = ""
     """Tokenizer path; empty means the policy's."""
     critic: str = ""
-    """Value model init (``AutoModelForTokenClassification``, 1 label); empty means the policy."""
+    """Value model init (``AutoModelForTokenClassification``, 1 label); empty means the policy.
+    Only ``ppo.estimator=gae`` has a critic."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of every model (bf16 is what GPUs want; fp32 is exact on CPU)."""
     assets_dir: str = "runs/_assets"
@@ -244,7 +245,7 @@ class LearnerConfig(PoolConfig):
     lr: float = 1e-5
     """Policy learning rate (AdamW)."""
     critic_lr: float = 5e-5
-    """Critic learning rate (AdamW)."""
+    """Critic learning rate (AdamW; ``ppo.estimator=gae`` only)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -253,6 +254,21 @@ class LearnerConfig(PoolConfig):
 
 @dataclass
 class PPOConfig:
+    estimator: Literal[
+        "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
+    ] = "gae"
+    """Advantage estimator. ``gae``: GAE with a learned critic (value model; Schulman et al.
+    2016). The others need no critic: the learner builds, trains and checkpoints none, and logs
+    no value metrics. Each puts a shaped score on the response's last token, adds the per-token
+    KL penalty (``kl_coef``) and takes the return over the response (so with ``kl_coef=0`` the
+    sequence's advantage is broadcast over its tokens): ``grpo`` (score - group mean) / (group
+    std + 1e-6) (Shao et al. 2024, DeepSeekMath); ``dr_grpo`` score - group mean (Liu et al.
+    2025; pair it with ``loss_agg=seq_mean_token_sum``); ``rloo`` score - mean of the prompt's
+    other samples (Ahmadian et al. 2024); ``reinforce_pp`` the score itself, advantages
+    whitened over the step's batch (Hu 2025, REINFORCE++); ``reinforce_pp_baseline`` score -
+    group mean, then as reinforce_pp (OpenRLHF's reinforce_baseline). A group is the
+    ``rollout.samples_per_prompt`` samples of one prompt (at least 2). Formulas and sources:
+    ``rlhf_dist/algo/advantages.py``."""
     epochs: int = 1
     """Passes over each step's samples."""
     minibatch_size: int = 8
@@ -260,23 +276,47 @@ class PPOConfig:
     micro_batch_size: int = 4
     """Samples per forward/backward on one rank (gradient accumulation makes up the rest)."""
     clip_eps: float = 0.2
-    """PPO ratio clip range."""
+    """PPO ratio clip range (GSPO, ``ratio_level=sequence``, is published with 3e-4)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio the clip acts on. ``token``: per token (PPO). ``sequence``: GSPO (Zheng
+    et al. 2025): every token of a response uses exp(mean over its tokens of logp - old_logp),
+    so a response is clipped as a whole."""
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
+    """How a micro-batch's per-token policy loss (and KL loss and entropy bonus) becomes one
+    number. ``token_mean``: mean over its valid tokens. ``seq_mean_token_mean``: mean over its
+    sequences of each one's token mean (GRPO's paper form). ``seq_mean_token_sum``: mean over its
+    sequences of each one's token sum, divided by ``rollout.max_new_tokens``, a constant: Dr.
+    GRPO's fix of the length bias (Liu et al. 2025). DeepSpeed averages micro-batches (and
+    ranks), so the ``seq_mean_*`` modes are exact means over the minibatch's sequences and
+    ``token_mean`` is the mean of the micro-batches' token means (veRL: ``token-mean``,
+    ``seq-mean-token-mean``, ``seq-mean-token-sum``)."""
     value_clip_eps: float = 0.2
-    """Value clip range around the old values; 0 = off."""
+    """Value clip range around the old values; 0 = off (``estimator=gae`` only)."""
     vf_coef: float = 1.0
-    """Weight of the value loss (critic has its own optimizer; this scales its gradient)."""
+    """Weight of the value loss (critic has its own optimizer; this scales its gradient;
+    ``estimator=gae`` only)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
     gamma: float = 1.0
-    """Discount."""
+    """Discount (``gae`` and ``reinforce_pp``; the group estimators need 1: their advantage is
+    the sequence's)."""
     lam: float = 0.95
-    """GAE lambda."""
+    """GAE lambda (``estimator=gae`` only)."""
     whiten_advantages: bool = True
-    """Whiten advantages over the step's valid tokens (statistics across learner ranks)."""
+    """Whiten advantages over the step's valid tokens (statistics across learner ranks); for
+    ``gae``, ``reinforce_pp`` and ``reinforce_pp_baseline``. grpo, dr_grpo and rloo never
+    whiten over the batch: their advantages are normalised within each prompt's group, and a
+    batch-wide shift would push the samples of a group that all scored the same (as in veRL
+    and OpenRLHF)."""
     kl_coef: float = 0.05
-    """Initial KL penalty coefficient (per-token reward -kl_coef * KL to the reference)."""
+    """Initial KL penalty coefficient (per-token reward -kl_coef * KL to the reference), with
+    every estimator; GRPO usually sets it to 0 and uses ``kl_loss_coef`` instead."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """KL estimator in the reward (Schulman, "Approximating KL divergence")."""
+    kl_loss_coef: float = 0.0
+    """Weight of KL(policy || reference) as a loss term, the k3 estimate
+    exp(ref - logp) - (ref - logp) - 1 per token aggregated like the policy loss (DeepSeekMath's
+    GRPO objective); 0 = off. Independent of ``kl_coef`` (the KL in the reward)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards ``kl_target`` (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -580,6 +620,47 @@ def _check_pool(cfg: Config, section: str) -> None:
         )
 
 
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+"""``ppo.estimator`` values whose baseline compares the samples of one prompt (the same list as
+``rlhf_dist.algo.GROUP_ESTIMATORS``; a test keeps them equal)."""
+
+
+def _check_estimator(cfg: Config) -> None:
+    """What a critic-free estimator needs: no critic asked for, and whole groups on each rank.
+
+    The learner computes group statistics once over its rank's whole shard, before cutting it
+    into minibatches, so only the split of the step's batch over the ranks can cut a group:
+    ``RolloutBatch.split`` deals contiguous shards, and a prompt's samples are consecutive."""
+    est = cfg.ppo.estimator
+    if est == "gae":
+        return
+    if cfg.model.critic:
+        raise ConfigError(
+            f"model.critic: ppo.estimator={est} builds no critic; leave model.critic empty "
+            f"(only ppo.estimator=gae has one)"
+        )
+    if est not in GROUP_ESTIMATORS:
+        return
+    group = cfg.rollout.samples_per_prompt
+    if group < 2:
+        raise ConfigError(
+            f"rollout.samples_per_prompt={group} must be >= 2 for ppo.estimator={est}: its "
+            f"baseline is computed from the other samples of the same prompt"
+        )
+    if cfg.rollout.prompts_per_step % cfg.learner.num_workers:
+        raise ConfigError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by "
+            f"learner.num_workers={cfg.learner.num_workers} for ppo.estimator={est}: each "
+            f"learner rank must receive whole groups (the rollout.samples_per_prompt={group} "
+            f"samples of a prompt) to compute their statistics"
+        )
+    if cfg.ppo.gamma != 1:
+        raise ConfigError(
+            f"ppo.gamma: must be 1 for ppo.estimator={est} (its advantage is the sequence's, "
+            f"broadcast over the response), got {cfg.ppo.gamma}"
+        )
+
+
 def validate(cfg: Config) -> Sizes:
     """Refuse what is wrong, naming the key; return the derived sizes."""
     for section in POOL_SECTIONS:
@@ -610,6 +691,7 @@ def validate(cfg: Config) -> Sizes:
         "ppo.vf_coef",
         "ppo.entropy_coef",
         "ppo.kl_coef",
+        "ppo.kl_loss_coef",
         "run.seed",
         allow_zero=True,
     )
@@ -652,6 +734,7 @@ def validate(cfg: Config) -> Sizes:
             raise ConfigError(f"{key}: must be in [0, 1], got {v}")
     if cfg.ppo.adaptive_kl:
         _positive(cfg, "ppo.kl_target", "ppo.kl_horizon")
+    _check_estimator(cfg)
     if not cfg.model.policy:
         raise ConfigError("model.policy: must name a model directory, hub id or builtin:tiny")
     if not cfg.reward.model and not cfg.reward.function:

@@ -57,9 +57,13 @@ TRUNCATED_FRAC = "rollout/truncated_frac"
 SAMPLES_TABLE = "rollout/samples"  # wandb only: a table of prompts, responses, rewards
 
 # ----------------------------------------------------------------------------- train/
-# the PPO losses and statistics, means over the step's micro-batches
+# the PPO losses and statistics, means over the step's micro-batches; the value loss, value
+# clip fraction, critic grad norm and lr, and explained variance only with a critic
+# (ppo.estimator=gae); the KL loss only when ppo.kl_loss_coef > 0 (aggregated like the policy
+# loss, before the coefficient)
 POLICY_LOSS = "train/policy_loss"
 VALUE_LOSS = "train/value_loss"
+KL_LOSS = "train/kl_loss"
 ENTROPY = "train/entropy"
 CLIPFRAC = "train/clipfrac"
 APPROX_KL = "train/approx_kl"
@@ -77,7 +81,9 @@ OPTIMIZER_STEPS = "train/optimizer_steps"
 KL = "train/kl"
 KL_PER_SEQUENCE = "train/kl_per_sequence"
 KL_COEF = "train/kl_coef"
-# advantages, returns and how well the critic explains them
+# advantages (before whitening), returns (gae: the critic's targets; reinforce_pp*: the
+# return-to-go, whitened into the advantage; grpo, dr_grpo and rloo have none) and how well
+# the critic explains them
 ADVANTAGES_MEAN = "train/advantages_mean"
 ADVANTAGES_STD = "train/advantages_std"
 RETURNS_MEAN = "train/returns_mean"

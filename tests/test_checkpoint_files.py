@@ -11,9 +11,9 @@ from rlhf_dist.tracking import Tracker
 STATE = {"step": 0, "version": 0, "cursor": {"epoch": 0, "index": 0}, "kl_controller": {}}
 
 
-def _save(run_dir, step, keep=2):
+def _save(run_dir, step, keep=2, parts=("policy", "critic")):
     tmp = checkpoint.begin(run_dir, step)
-    for part in ("policy", "critic"):
+    for part in parts:
         (tmp / part).mkdir()
     return checkpoint.commit(tmp, {**STATE, "step": step}, keep)
 
@@ -61,6 +61,48 @@ def test_missing_engine_state_is_refused(tmp_path):
     (ckpt / "critic").rmdir()
     with pytest.raises(checkpoint.CheckpointError, match="missing critic/"):
         checkpoint.read_state(ckpt)
+
+
+def test_state_records_the_engines_saved_and_requires_those(tmp_path):
+    both = _save(tmp_path / "gae", 2)
+    assert checkpoint.read_state(both)["engines"] == ["policy", "critic"]
+    # a critic-free run saves no critic/: its checkpoint is complete without one
+    alone = _save(tmp_path / "grpo", 2, parts=("policy",))
+    state = checkpoint.read_state(alone)
+    assert state["engines"] == ["policy"] and state["step"] == 2
+    # ... but still needs what it saved
+    (alone / "policy").rmdir()
+    with pytest.raises(checkpoint.CheckpointError, match="missing policy/"):
+        checkpoint.read_state(alone)
+
+
+def test_checkpoint_without_engines_list_needs_policy_and_critic(tmp_path):
+    """state.json written before ``engines`` was recorded: every run then had a critic."""
+    ckpt = _save(tmp_path, 2)
+    legacy = json.loads((ckpt / "state.json").read_text())
+    del legacy["engines"]
+    (ckpt / "state.json").write_text(json.dumps(legacy))
+    assert checkpoint.read_state(ckpt)["step"] == 2
+    (ckpt / "critic").rmdir()
+    with pytest.raises(checkpoint.CheckpointError, match="missing critic/"):
+        checkpoint.read_state(ckpt)
+
+
+@pytest.mark.parametrize("engines", [[], ["critic"], ["policy", "value_head"], "policy"])
+def test_bad_engines_list_refused(tmp_path, engines):
+    ckpt = _save(tmp_path, 2)
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "engines": engines}))
+    with pytest.raises(checkpoint.CheckpointError, match="lists engines"):
+        checkpoint.read_state(ckpt)
+
+
+def test_commit_without_policy_refused(tmp_path):
+    tmp = checkpoint.begin(tmp_path, 2)
+    (tmp / "critic").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="nothing saved into policy/"):
+        checkpoint.commit(tmp, STATE, 2)
+    assert checkpoint.checkpoint_dirs(tmp_path) == []
 
 
 def test_rollback_sets_later_ppo_rows_aside_and_keeps_other_stages(tmp_path):

@@ -369,6 +369,10 @@ def test_int_accepted_for_float_field_and_value_kept():
         ("ppo.kl_estimator=k9", "ppo.kl_estimator"),
         ("model.dtype=float16", "model.dtype"),
         ("sync.backend=mpi", "sync.backend"),
+        ("ppo.estimator=ppo", "ppo.estimator"),
+        ("ppo.estimator=GRPO", "ppo.estimator"),
+        ("ppo.loss_agg=token-mean", "ppo.loss_agg"),  # veRL's spelling is not ours
+        ("ppo.ratio_level=seq", "ppo.ratio_level"),
     ],
 )
 def test_literal_refused(override, key):
@@ -523,6 +527,8 @@ def test_validate_sizes_hand_computed():
         ("ppo.micro_batch_size=-4", "ppo.micro_batch_size"),
         ("ppo.clip_eps=-0.2", "ppo.clip_eps"),
         ("ppo.kl_coef=-1", "ppo.kl_coef"),
+        ("ppo.kl_loss_coef=-0.01", "ppo.kl_loss_coef"),
+        ("ppo.kl_loss_coef=.nan", "ppo.kl_loss_coef"),
         ("run.seed=-1", "run.seed"),
         ("rollout.top_k=-1", "rollout.top_k"),
         ("reward.num_gpus=-1", "reward.num_gpus"),
@@ -744,3 +750,122 @@ def test_shipped_config_loads_and_validates(path):
     for key, value in _yaml_leaves(raw, cfg).items():
         assert leaves[key] == value
         assert not (isinstance(value, float) and math.isnan(value))
+
+
+# ----------------------------------------------------------------------------- estimators
+
+GROUP_OK = ["rollout.samples_per_prompt=4", "rollout.prompts_per_step=4", "ppo.minibatch_size=8"]
+
+
+def test_estimator_lists_match_the_algo_layer():
+    import typing
+
+    from rlhf_dist import algo
+
+    hints = typing.get_type_hints(config_module.PPOConfig)
+    assert typing.get_args(hints["estimator"]) == ("gae", *algo.CRITIC_FREE_ESTIMATORS)
+    assert config_module.GROUP_ESTIMATORS == algo.GROUP_ESTIMATORS
+    assert typing.get_args(hints["loss_agg"]) == algo.LOSS_AGG_MODES
+    assert typing.get_args(hints["ratio_level"]) == algo.RATIO_LEVELS
+
+
+def test_estimator_defaults_are_todays_ppo():
+    ppo = Config().ppo
+    assert (ppo.estimator, ppo.loss_agg, ppo.ratio_level, ppo.kl_loss_coef) == (
+        "gae",
+        "token_mean",
+        "token",
+        0.0,
+    )
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_group_estimator_needs_two_samples_per_prompt(estimator):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"ppo.estimator={estimator}"])  # samples_per_prompt defaults to 1
+    assert str(e.value).startswith(
+        f"rollout.samples_per_prompt=1 must be >= 2 for ppo.estimator={estimator}"
+    )
+    cfg = load_config(None, [f"ppo.estimator={estimator}", *GROUP_OK])
+    assert cfg.ppo.estimator == estimator and validate(cfg).samples_per_step == 16
+
+
+def test_reinforce_pp_needs_no_groups():
+    cfg = load_config(None, ["ppo.estimator=reinforce_pp", "ppo.gamma=0.99"])
+    assert cfg.rollout.samples_per_prompt == 1 and cfg.ppo.gamma == 0.99
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_split_across_learner_ranks_refused(estimator):
+    # 6 prompts x 2 samples over 2 ranks: 6 samples each, three whole groups; 3 prompts x 4
+    # samples over 2 ranks: 6 samples each as well, but the second group is cut in two.
+    ok = ["rollout.prompts_per_step=6", "rollout.samples_per_prompt=2", "learner.num_workers=2"]
+    sizes = ["ppo.minibatch_size=4", "ppo.micro_batch_size=2"]
+    assert load_config(None, [f"ppo.estimator={estimator}", *ok, *sizes])
+    cut = [
+        "rollout.prompts_per_step=3",
+        "rollout.samples_per_prompt=4",
+        "learner.num_workers=2",
+        "ppo.minibatch_size=4",
+        "ppo.micro_batch_size=2",
+    ]
+    assert validate(load_config(None, cut)).samples_per_step == 12  # fine for gae
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"ppo.estimator={estimator}", *cut])
+    msg = str(e.value)
+    assert msg.startswith("rollout.prompts_per_step=3 must be divisible by learner.num_workers=2")
+    assert f"ppo.estimator={estimator}" in msg and "rollout.samples_per_prompt=4" in msg
+
+
+def test_group_statistics_do_not_constrain_minibatches():
+    """Groups are normalised over the rank's whole shard before minibatching, so a minibatch
+    may cut a group (here minibatch 2 per rank, groups of 4)."""
+    cfg = load_config(
+        None,
+        [
+            "ppo.estimator=grpo",
+            "rollout.prompts_per_step=4",
+            "rollout.samples_per_prompt=4",
+            "learner.num_workers=2",
+            "ppo.minibatch_size=4",
+            "ppo.micro_batch_size=2",
+        ],
+    )
+    assert validate(cfg).minibatch_per_rank == 2
+
+
+def test_group_estimator_needs_gamma_one():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ppo.estimator=dr_grpo", *GROUP_OK, "ppo.gamma=0.99"])
+    assert str(e.value).startswith("ppo.gamma: must be 1 for ppo.estimator=dr_grpo")
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_critic_model_refused_without_a_critic(estimator):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"ppo.estimator={estimator}", *GROUP_OK, "model.critic=/m/critic"])
+    assert str(e.value).startswith(f"model.critic: ppo.estimator={estimator} builds no critic")
+    assert load_config(None, ["model.critic=/m/critic"]).model.critic == "/m/critic"
+
+
+def test_loss_options_load_as_set():
+    cfg = load_config(
+        None,
+        [
+            "ppo.estimator=grpo",
+            *GROUP_OK,
+            "ppo.kl_coef=0",
+            "ppo.kl_loss_coef=0.001",
+            "ppo.loss_agg=seq_mean_token_sum",
+            "ppo.ratio_level=sequence",
+            "ppo.clip_eps=0.0003",
+        ],
+    )
+    ppo = cfg.ppo
+    assert (ppo.kl_coef, ppo.kl_loss_coef, ppo.loss_agg, ppo.ratio_level, ppo.clip_eps) == (
+        0.0,
+        0.001,
+        "seq_mean_token_sum",
+        "sequence",
+        0.0003,
+    )

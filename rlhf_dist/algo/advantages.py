@@ -52,3 +52,122 @@ def gae_advantages(
         advantages = torch.zeros_like(values)
     returns = torch.where(valid, advantages + values, zero)
     return advantages, returns
+
+
+# ----------------------------------------------------------------------------- critic-free
+
+CRITIC_FREE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+"""Advantage estimators that need no value model (``ppo.estimator`` besides ``gae``)."""
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+"""The estimators whose baseline is computed from the other samples of the same prompt."""
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (B / G, G): row g holds samples g*G .. g*G + G - 1 (one prompt's group)."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 to compare samples, got {group_size}")
+    if scores.shape[0] % group_size:
+        raise ValueError(
+            f"{scores.shape[0]} scores do not split into whole groups of {group_size}: a group "
+            f"must be the consecutive samples of one prompt"
+        )
+    return scores.reshape(-1, group_size)
+
+
+def group_relative_scores(
+    scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Each score relative to the other samples of its prompt: GRPO and Dr. GRPO.
+
+    Groups are contiguous: samples i*G .. i*G + G - 1 are the G samples of one prompt (the
+    generator repeats each prompt G times consecutively). Formula, per group g:
+        mean_g = (1/G) sum_j r_j,   std_g = sqrt(sum_j (r_j - mean_g)^2 / (G - 1))
+        A_i = (r_i - mean_g) / (std_g + eps)     if ``scale_by_std``   (GRPO)
+        A_i =  r_i - mean_g                      otherwise             (Dr. GRPO)
+    A group whose samples all score the same gets A = 0 (no signal), never NaN.
+    The std is Bessel-corrected (``torch.std``) as in veRL ``compute_grpo_outcome_advantage``,
+    OpenRLHF ``group_norm`` and TRL ``GRPOTrainer``; eps = 1e-6 is veRL's (OpenRLHF uses 1e-9,
+    TRL 1e-4). The centred form without the division is also the REINFORCE++-baseline shaping
+    of the score (OpenRLHF ``reinforce_baseline``).
+    Shapes: scores (B,) with B divisible by G >= 2 -> (B,).
+    Source: Shao et al. 2024, "DeepSeekMath" (GRPO), section 4.1.2, outcome supervision;
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO),
+    section 3.2: the division by std_g biases towards too easy and too hard questions.
+    """
+    g = _groups(scores, group_size)
+    centred = g - g.mean(dim=-1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (g.std(dim=-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_scores(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each score minus the mean of the *other* samples of its prompt.
+
+    Formula, per group g of G contiguous samples:
+        A_i = r_i - (1/(G-1)) sum_{j != i} r_j  =  G/(G-1) * (r_i - mean_g)
+    (the baseline of each sample is independent of that sample, so the estimate is unbiased).
+    Computed as in the first form, like OpenRLHF's ``rloo``; veRL uses the second.
+    Shapes: scores (B,) with B divisible by G >= 2 -> (B,).
+    Source: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs", eq. 7 (after Kool et al. 2019).
+    """
+    g = _groups(scores, group_size)
+    others = (g.sum(dim=-1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """REINFORCE returns-to-go over the valid tokens of each row.
+
+    Formula, walking each row backwards over the positions where mask == 1:
+        G_t = r_t + gamma * G_next,   G_next = 0 after the last valid token.
+    Masked positions are skipped (their rewards ignored, output 0), as in ``gae_advantages``;
+    it equals ``gae_advantages(rewards, 0, mask, gamma, 1)``. With token rewards from
+    ``kl_penalized_rewards`` (score on the last token, -kl_coef * kl_t on every token) and
+    gamma = 1: G_t = score - kl_coef * sum_{s >= t} kl_s; with kl_coef = 0 the score is
+    broadcast over the response.
+    Shapes: rewards, mask (B, T) -> (B, T). No gradient by design (targets).
+    Source: Williams 1992 (REINFORCE); Hu 2025, "REINFORCE++", section 3 (token-level KL
+    penalty in the return); OpenRLHF ``get_cumulative_returns``, veRL
+    ``compute_reinforce_plus_plus_outcome_advantage`` (both assume right padding).
+    """
+    valid = _as_bool(mask)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    running = rewards.new_zeros(rewards.shape[:-1])
+    out = []
+    for t in reversed(range(rewards.shape[-1])):
+        m = valid[..., t]
+        running = torch.where(m, rewards[..., t] + gamma * running, running)
+        out.append(torch.where(m, running, zero))
+    return torch.stack(out[::-1], dim=-1) if out else torch.zeros_like(rewards)
+
+
+def shaped_scores(
+    estimator: str, scores: torch.Tensor, group_size: int, eps: float = 1e-6
+) -> torch.Tensor:
+    """The sequence score a critic-free estimator puts on a response's last token.
+
+    ``grpo``: ``group_relative_scores`` divided by the group's std; ``dr_grpo`` and
+    ``reinforce_pp_baseline``: centred on the group mean only; ``rloo``:
+    ``leave_one_out_scores``; ``reinforce_pp``: the score itself (its baseline is the batch
+    whitening that follows). The per-token advantage is then
+    ``discounted_returns(kl_penalized_rewards(shaped, ...), mask, gamma)``: the shaped score
+    broadcast over the response, plus the return of the per-token KL penalty when kl_coef > 0
+    (OpenRLHF ``RemoteExperienceMaker.compute_advantages_and_returns`` does the same: it shapes
+    the scores per group, then takes cumulative returns of the KL-penalised rewards).
+    Shapes: scores (B,) -> (B,); ``group_size`` is ignored by ``reinforce_pp``.
+    """
+    if estimator == "grpo":
+        return group_relative_scores(scores, group_size, scale_by_std=True, eps=eps)
+    if estimator in ("dr_grpo", "reinforce_pp_baseline"):
+        return group_relative_scores(scores, group_size, scale_by_std=False)
+    if estimator == "rloo":
+        return leave_one_out_scores(scores, group_size)
+    if estimator == "reinforce_pp":
+        return scores
+    raise ValueError(
+        f"unknown critic-free estimator {estimator!r}; expected {CRITIC_FREE_ESTIMATORS}"
+    )

@@ -1,10 +1,78 @@
-"""PPO policy / value losses and the explained-variance diagnostic."""
+"""PPO policy / value losses, the KL-to-reference loss, loss aggregation, explained variance."""
 
 from __future__ import annotations
 
 import torch
 
-from .stats import _as_bool, masked_mean, masked_var
+from .stats import _as_bool, masked_mean, masked_sum, masked_var
+
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", norm: float = 1.0
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar over the valid tokens.
+
+    Formula, with n_b = sum_t mask_bt and B the number of rows:
+        token_mean          = sum_bt mask_bt * l_bt / sum_bt mask_bt     (every token weighs alike)
+        seq_mean_token_mean = (1/B) sum_b (sum_t mask_bt * l_bt / n_b)   (every sequence alike)
+        seq_mean_token_sum  = (1/B) sum_b (sum_t mask_bt * l_bt) / norm  (no length division)
+    ``seq_mean_token_sum`` with a constant ``norm`` (the generation budget, max_new_tokens) is
+    Dr. GRPO's fix of GRPO's length bias: dividing each sequence's loss by its own length n_b
+    weighs the tokens of short responses more, so a wrong answer's tokens are penalised less
+    the longer it is (Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.2,
+    eq. 3: the 1/|o_i| term removed; their code divides the token sum by a constant). A row
+    without valid tokens counts as a sequence with loss 0 (never NaN); ``token_mean`` of no
+    valid token is 0.
+    veRL calls these ``token-mean``, ``seq-mean-token-mean`` and ``seq-mean-token-sum``
+    (its ``seq-mean-token-sum-norm`` is sum_b sum_t / T, without the 1/B).
+    Across micro-batches: this is one micro-batch's loss; the learner's DeepSpeed engine
+    averages it over the micro-batches of a minibatch (and over ranks). Every micro-batch
+    holds the same number of sequences, so both ``seq_mean_*`` modes give exactly the mean
+    over the minibatch's sequences; ``token_mean`` gives the mean over micro-batches of each
+    micro-batch's token mean, which equals the minibatch token mean only when the micro-batches
+    hold equally many tokens (as OpenRLHF's per-micro-batch ``masked_mean`` under DeepSpeed
+    accumulation, and veRL's ``agg_loss`` divided by the accumulation steps).
+    Shapes: per_token, mask (B, T) -> ().
+    """
+    valid = _as_bool(mask)
+    if mode == "token_mean":
+        return masked_mean(per_token, valid)
+    rows = max(per_token.shape[0], 1)
+    if mode == "seq_mean_token_sum":
+        return masked_sum(per_token, valid) / (rows * norm)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(per_token, valid, dim=-1).sum() / rows
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def reference_kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_mean",
+    norm: float = 1.0,
+) -> torch.Tensor:
+    """KL(pi_theta || pi_ref) as a loss term (GRPO's), k3 per token, aggregated like the loss.
+
+    Formula, per valid token with d_t = ref_logp_t - logp_t:
+        kl_t = exp(d_t) - d_t - 1          (k3: unbiased, non-negative; expm1 for small d)
+        loss = aggregate_loss(kl, mask, mode, norm)
+    The gradient flows through ``logp`` (the policy being trained); ``ref_logp`` is a constant.
+    Unlike the KL penalty in the reward (``kl_penalized_rewards``), which the advantage carries
+    and the ratio clip bounds, this term pulls every token straight towards the reference.
+    Shapes: logp, ref_logp, mask (B, T) -> ().
+    Source: Shao et al. 2024, "DeepSeekMath", eq. 3-4 (GRPO's objective: -beta * D_KL with
+    this estimator); Schulman, "Approximating KL Divergence" (k3); veRL ``kl_penalty`` with
+    ``low_var_kl`` (which also clamps to [-10, 10]; not here), OpenRLHF ``--use_kl_loss``.
+    """
+    valid = _as_bool(mask)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # Zero padding first: garbage log-probs there must not reach the gradient (0 * inf = NaN).
+    d = torch.where(valid, ref_logp.detach() - logp, zero)
+    return aggregate_loss(torch.expm1(d) - d, valid, mode, norm)
 
 
 def ppo_policy_loss(
@@ -15,24 +83,39 @@ def ppo_policy_loss(
     clip_eps: float,
     clip_eps_high: float | None = None,
     importance_weights: torch.Tensor | None = None,
+    ratio_level: str = "token",
+    loss_agg: str = "token_mean",
+    loss_norm: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss, token-level mean over the valid tokens of the batch.
+    """PPO clipped surrogate loss over the valid tokens, aggregated by ``aggregate_loss``.
 
     Formula (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7):
         ratio_t = exp(logp_t - old_logp_t)
         l_t     = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
         l_t    *= w_t                       (optional ``importance_weights``, detached)
-        loss    = sum_t mask_t * l_t / sum_t mask_t
+        loss    = aggregate_loss(l, mask, loss_agg, loss_norm)
+                  (default token_mean: sum_t mask_t * l_t / sum_t mask_t)
     ``clip_eps_high`` defaults to ``clip_eps`` (a larger value is the asymmetric "clip-higher" of
     DAPO, Yu et al. 2025). ``importance_weights`` are the behaviour -> proximal policy weights of
     decoupled PPO (AReaL, Fu et al. 2025, arXiv 2505.24298): they scale the loss, get no gradient.
-    Stats (detached 0-dim tensors, over valid tokens):
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization",
+    eq. 7 and its GSPO-token form, eq. 13-14): every token of row b uses the sequence ratio
+        s_b = exp((1/n_b) sum_t mask_bt * (logp_bt - old_logp_bt))       (n_b valid tokens)
+    as its value, so the clip acts on the sequence (all its tokens are clipped or none, for a
+    sequence-level advantage), with gradient s_b * grad logp_bt on each token
+    (ratio_bt = sg[s_b] * pi_bt / sg[pi_bt]). For an advantage constant over the sequence
+    (grpo, rloo, ...) and any of the aggregations above this is exactly the gradient of GSPO's
+    sequence objective -A_b * s_b; with per-token advantages it is GSPO-token. As in veRL's
+    ``compute_policy_loss_gspo``; the GSPO paper clips far tighter (3e-4 / 4e-4) than token
+    PPO's 0.2, because a sequence ratio moves much less than token ratios.
+    Stats (detached 0-dim tensors, token means over valid tokens):
         clipfrac  = mean(1[-A * clip(ratio) > -A * ratio]): fraction of tokens where the clipped
                     term strictly wins the min, i.e. where the clip is active and the token's
                     gradient is zero (verl's ``pg_clipfrac``; rather than baselines'
                     mean(|ratio - 1| > clip_eps), which also counts tokens the clip does not affect)
-        approx_kl = mean((ratio - 1) - log ratio)   (k3 estimate of KL(old || new))
-        ratio_mean, ratio_max                      (ratio_max is 0 if there are no valid tokens)
+        approx_kl = mean((r_t - 1) - log r_t) with the token ratio r_t
+                    (k3 estimate of KL(old || new), whatever ``ratio_level``)
+        ratio_mean, ratio_max  of the ratio the loss used (ratio_max is 0 with no valid token)
     Shapes: logp, old_logp, advantages, mask, importance_weights (B, T) -> ((), dict of ()).
     """
     valid = _as_bool(mask)
@@ -42,20 +125,29 @@ def ppo_policy_loss(
     # an overflowing ratio computed from garbage in padded positions.
     log_ratio = torch.where(valid, logp - old_logp, zero)
     advantages = torch.where(valid, advantages.detach(), 0.0)
-    ratio = torch.exp(log_ratio)
+    token_ratio = torch.exp(log_ratio)
+    if ratio_level == "token":
+        ratio = token_ratio
+    elif ratio_level == "sequence":
+        n = valid.sum(dim=-1, keepdim=True).clamp(min=1)
+        seq_log_ratio = (log_ratio.sum(dim=-1, keepdim=True) / n).detach()
+        own = torch.where(valid, logp, zero)
+        ratio = torch.exp(torch.where(valid, seq_log_ratio + own - own.detach(), zero))
+    else:
+        raise ValueError(f"unknown ratio level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     if importance_weights is not None:
         per_token = per_token * torch.where(valid, importance_weights.detach(), 0.0)
-    loss = masked_mean(per_token, valid)
+    loss = aggregate_loss(per_token, valid, loss_agg, loss_norm)
 
     with torch.no_grad():
         has_token = valid.any()
         ratio_max = torch.where(valid, ratio, float("-inf")).amax() if ratio.numel() else zero
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), valid),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, valid),
+            "approx_kl": masked_mean((token_ratio - 1.0) - log_ratio, valid),
             "ratio_mean": masked_mean(ratio, valid),
             "ratio_max": torch.where(has_token, ratio_max, zero),
         }

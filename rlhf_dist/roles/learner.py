@@ -1,24 +1,37 @@
-"""Learner: policy and critic as DeepSpeed engines, one data-parallel rank per instance.
+"""Learner: the policy (and, with ``ppo.estimator=gae``, the critic) as DeepSpeed engines, one
+data-parallel rank per instance.
 
 Each rank receives its shard of the step's scored samples and
 1. recomputes the old log-probs (policy) and values (critic) with the current weights,
-2. turns scores and reference log-probs into KL-penalised per-token rewards and GAE
-   advantages (whitened with statistics gathered across ranks),
+2. turns scores and reference log-probs into KL-penalised per-token rewards and advantages:
+   GAE with the critic's values (whitened with statistics gathered across ranks), or a
+   critic-free estimator (``rlhf_dist.algo.shaped_scores``: GRPO, Dr. GRPO, RLOO, REINFORCE++
+   and its baseline variant). Group statistics are taken over the rank's whole shard, once,
+   before minibatching: the shard holds whole groups (a prompt's samples are consecutive and
+   ``validate`` refuses a split that would cut one), so minibatches may cut a group freely.
+   REINFORCE++ whitens across ranks like GAE; grpo, dr_grpo and rloo never whiten;
 3. runs ``ppo.epochs`` passes of minibatches, each made of micro-batches whose gradients
    DeepSpeed accumulates (and averages across ranks) before one optimizer step.
+A critic-free learner builds no critic, computes no values, checkpoints no ``critic/`` and
+reports none of the critic's metrics (value loss and clip fraction, critic grad norm and lr,
+explained variance; ``train/returns_mean`` only for gae and reinforce_pp*, whose returns are
+defined).
 In async mode some samples come from an older policy than the learner's (their ``versions``
 are lower). Decoupled PPO (AReaL, arXiv 2505.24298) then takes the recomputed log-probs of
 step 1 as the *proximal* policy that the ratio is clipped against, and weights each stale
 token by pi_proximal / pi_behaviour, truncated at ``async.is_cap``. Samples of the learner's
 own version are on-policy: their weight is exactly 1, so a run without stale samples trains
 exactly as synchronous PPO does.
-Losses are token means per micro-batch; DeepSpeed averages them over accumulation steps.
+Losses are aggregated per micro-batch (``ppo.loss_agg``, default the token mean; see
+``rlhf_dist.algo.aggregate_loss`` for what each mode means across micro-batches); DeepSpeed
+averages them over accumulation steps and ranks.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,16 +42,23 @@ from rlhf_dist.models import load_critic, load_policy, response_logprobs, respon
 from rlhf_dist.roles.common import WeightSyncMember
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
 
+WHITENED_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
+"""Estimators whose advantages ``ppo.whiten_advantages`` whitens over the step's batch; the
+group estimators (grpo, dr_grpo, rloo) are normalised within each prompt's group instead."""
+
 
 class Learner(DeepSpeedRank, WeightSyncMember):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size)
         self.sizes = validate(cfg)
         self.policy = self.critic = None
+        self.has_critic = cfg.ppo.estimator == "gae"
         self.version = 0
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
-        """Join the learner group and build both engines (collective: call on every rank)."""
+        """Join the learner group and build the policy's engine, and the critic's when
+        ``ppo.estimator=gae`` (``critic_path`` is unused otherwise). Collective: call on every
+        rank."""
         self.init_distributed(master_addr, master_port)
         dtype, micro, accum = (
             self.cfg.model.dtype,
@@ -48,19 +68,34 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.policy = self.make_engine(
             load_policy(policy_path, dtype), self.cfg.learner.lr, micro, accum
         )
-        self.critic = self.make_engine(
-            load_critic(critic_path, dtype), self.cfg.learner.critic_lr, micro, accum
-        )
+        if self.has_critic:
+            self.critic = self.make_engine(
+                load_critic(critic_path, dtype), self.cfg.learner.critic_lr, micro, accum
+            )
         # Dropout off: the PPO ratio must compare the same function before and after.
-        self.policy.eval()
-        self.critic.eval()
+        for engine in self.engines().values():
+            engine.eval()
         return self.setup_info()
 
+    def engines(self) -> dict:
+        """The engines this learner trains, by checkpoint directory name."""
+        out = {"policy": self.policy}
+        if self.critic is not None:
+            out["critic"] = self.critic
+        return out
+
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        self.save_engines(ckpt_dir, {"policy": self.policy, "critic": self.critic})
+        self.save_engines(ckpt_dir, self.engines())
 
     def load_checkpoint(self, ckpt_dir: str, version: int) -> None:
-        self.load_engines(ckpt_dir, {"policy": self.policy, "critic": self.critic})
+        """Restore the engines this learner has (a checkpoint's critic/ is ignored by a
+        critic-free learner; one without critic/ cannot restore a learner that has one)."""
+        if self.critic is not None and not (Path(ckpt_dir) / "critic").is_dir():
+            raise RuntimeError(
+                f"cannot load {ckpt_dir}: it holds no critic/ (saved by a run with a "
+                f"critic-free ppo.estimator) and ppo.estimator=gae needs one"
+            )
+        self.load_engines(ckpt_dir, self.engines())
         self.version = version
 
     def setup_info(self) -> dict:
@@ -71,14 +106,16 @@ class Learner(DeepSpeedRank, WeightSyncMember):
 
     @torch.no_grad()
     def _old_logprobs_and_values(self, seq, am, P):
+        """Log-probs of the current policy, and the critic's values (None without a critic)."""
         mb = self.cfg.ppo.micro_batch_size
         logps, values = [], []
         for i in range(0, seq.shape[0], mb):
             s, a = seq[i : i + mb], am[i : i + mb]
             logp, _ = response_logprobs(self.policy, s, a, P, self.cfg.rollout.temperature)
             logps.append(logp.float())
-            values.append(response_values(self.critic, s, a, P))
-        return torch.cat(logps), torch.cat(values)
+            if self.critic is not None:
+                values.append(response_values(self.critic, s, a, P))
+        return torch.cat(logps), torch.cat(values) if values else None
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         stats = torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double()
@@ -106,26 +143,40 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         ref_logp = batch.ref_logprobs.to(dev).float()
 
         old_logp, old_values = self._old_logprobs_and_values(seq, am, P)
-        old_values = old_values * mask
+        critic = self.critic is not None
+        if critic:
+            old_values = old_values * mask
         with torch.no_grad():
-            rewards, kl = algo.kl_penalized_rewards(
-                scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
-            )
-            adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if critic:
+                rewards, kl = algo.kl_penalized_rewards(
+                    scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
+                )
+                adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            else:
+                # Whole groups on this rank (validate), so the groups are its shard's rows
+                # cut every rollout.samples_per_prompt.
+                shaped = algo.shaped_scores(
+                    cfg.estimator, scores, self.cfg.rollout.samples_per_prompt
+                )
+                rewards, kl = algo.kl_penalized_rewards(
+                    shaped, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
+                )
+                returns = adv = algo.discounted_returns(rewards, mask, cfg.gamma)
         # A non-finite reward, log-prob, value or advantage on any rank: every rank skips the
         # update (deciding together keeps the collectives in step) and the driver counts it.
         checks = {
             "scores": scores,
             "ref_logprobs": ref_logp[mask > 0],
             "logprobs": old_logp[mask > 0],
-            "values": old_values[mask > 0],
-            "advantages": adv[mask > 0],
         }
+        if critic:
+            checks["values"] = old_values[mask > 0]
+        checks["advantages"] = adv[mask > 0]
         bad = [name for name, t in checks.items() if not torch.isfinite(t).all()]
         if self.all_reduce_max(float(bool(bad))) > 0:
             return {"skipped": True, "reason": bad, "compute_s": time.perf_counter() - t0}
         raw_adv = adv
-        if cfg.whiten_advantages:
+        if cfg.whiten_advantages and cfg.estimator in WHITENED_ESTIMATORS:
             adv = self._whiten(adv, mask)
         is_weights = None
         stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
@@ -144,6 +195,8 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         gen = torch.Generator().manual_seed(seed)
         n, mb, micro = len(batch), self.sizes.minibatch_per_rank, cfg.micro_batch_size
         value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
+        # seq_mean_token_sum's constant normaliser: the generation budget (Dr. GRPO)
+        loss_norm = float(self.cfg.rollout.max_new_tokens)
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen).to(dev)
             for start in range(0, n, mb):
@@ -160,36 +213,53 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         m,
                         cfg.clip_eps,
                         importance_weights=None if is_weights is None else is_weights[i],
+                        ratio_level=cfg.ratio_level,
+                        loss_agg=cfg.loss_agg,
+                        loss_norm=loss_norm,
                     )
                     entropy = algo.masked_mean(ent, m)
+                    if cfg.loss_agg != "token_mean":  # the bonus is aggregated like the loss
+                        bonus = algo.aggregate_loss(ent, m, cfg.loss_agg, loss_norm)
+                    else:
+                        bonus = entropy
                     boundary = self.policy.is_gradient_accumulation_boundary()
-                    loss = pg_loss - cfg.entropy_coef * entropy
+                    loss = pg_loss - cfg.entropy_coef * bonus
+                    if cfg.kl_loss_coef > 0:
+                        kl_loss = algo.reference_kl_loss(
+                            logp.float(), ref_logp[i], m, cfg.loss_agg, loss_norm
+                        )
+                        loss = loss + cfg.kl_loss_coef * kl_loss
+                        add("kl_loss", kl_loss.item())
                     if not torch.isfinite(loss):
                         # this micro-batch contributes nothing (every rank still steps)
                         add("nonfinite_losses", 1)
                         loss = logp.sum() * 0.0
                     self.policy.backward(loss)
                     self.policy.step()
-                    values = response_values(self.critic, s, a, P)
-                    v_loss, vst = algo.value_loss(values, old_values[i], returns[i], m, value_clip)
-                    v_loss = v_loss * cfg.vf_coef
-                    if not torch.isfinite(v_loss):
-                        add("nonfinite_losses", 1)
-                        v_loss = values.sum() * 0.0
-                    self.critic.backward(v_loss)
-                    self.critic.step()
+                    if critic:
+                        values = response_values(self.critic, s, a, P)
+                        v_loss, vst = algo.value_loss(
+                            values, old_values[i], returns[i], m, value_clip
+                        )
+                        v_loss = v_loss * cfg.vf_coef
+                        if not torch.isfinite(v_loss):
+                            add("nonfinite_losses", 1)
+                            v_loss = values.sum() * 0.0
+                        self.critic.backward(v_loss)
+                        self.critic.step()
+                        add("value_loss", v_loss.item())
+                        add("value_clipfrac", vst["value_clipfrac"])
                     add("policy_loss", pg_loss.item())
-                    add("value_loss", v_loss.item())
                     add("entropy", entropy.item())
                     add("clipfrac", st["clipfrac"])
                     add("approx_kl", st["approx_kl"])
                     add("ratio_mean", st["ratio_mean"])
                     ratio_max = max(ratio_max, float(st["ratio_max"]))
-                    add("value_clipfrac", vst["value_clipfrac"])
                     add("micro_steps", 1)
                     if boundary:
                         add("grad_norm", self.policy.get_global_grad_norm() or 0.0)
-                        add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
+                        if critic:
+                            add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
                         add("optimizer_steps", 1)
 
         add("nonfinite_losses", 0)
@@ -204,50 +274,46 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         add("score_sum", scores.sum())
         add("adv_sum", (raw_adv * mask).sum())
         add("adv_sq_sum", (raw_adv * raw_adv * mask).sum())
-        add("returns_sum", (returns * mask).sum())
-        add("ev_res_sq", (((returns - old_values) * mask) ** 2).sum())
-        add("ret_sq", ((returns * mask) ** 2).sum())
+        has_returns = critic or cfg.estimator in WHITENED_ESTIMATORS
+        if has_returns:
+            add("returns_sum", (returns * mask).sum())
+        if critic:
+            add("ev_res_sq", (((returns - old_values) * mask) ** 2).sum())
+            add("ret_sq", ((returns * mask) ** 2).sum())
         keys = sorted(sums)
         total = self.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         t = dict(zip(keys, total.tolist()))
 
         micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
-        ret_mean = t["returns_sum"] / tok
-        ret_var = t["ret_sq"] / tok - ret_mean**2
         adv_mean = t["adv_sum"] / tok
-        metrics = {
-            f"train/{k}": t[k] / micro_n
-            for k in (
-                "policy_loss",
-                "value_loss",
-                "entropy",
-                "clipfrac",
-                "approx_kl",
-                "ratio_mean",
-                "value_clipfrac",
-            )
-        }
+        means = ["policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean"]
+        means += ["value_clipfrac", "kl_loss"]
+        metrics = {f"train/{k}": t[k] / micro_n for k in means if k in t}
         metrics.update(
             {
                 "train/grad_norm": t["grad_norm"] / opt_n,
-                "train/critic_grad_norm": t["critic_grad_norm"] / opt_n,
                 "train/kl": t["kl_sum"] / tok,
                 "train/kl_per_sequence": t["kl_sum"] / t["sequences"],
                 "train/kl_coef": kl_coef,
                 "train/advantages_mean": adv_mean,
                 "train/advantages_std": math.sqrt(max(t["adv_sq_sum"] / tok - adv_mean**2, 0.0)),
-                "train/returns_mean": ret_mean,
-                "train/explained_variance": 1.0 - (t["ev_res_sq"] / tok) / ret_var
-                if ret_var > 0
-                else 0.0,
                 "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
                 "fault/nonfinite_losses": t["nonfinite_losses"],
                 "train/ratio_max": self.all_reduce_max(ratio_max),
                 "train/stale_token_frac": t["stale_tokens"] / tok,
                 "train/lr": self.policy.get_lr()[0],
-                "train/critic_lr": self.critic.get_lr()[0],
             }
         )
+        if has_returns:
+            metrics["train/returns_mean"] = t["returns_sum"] / tok
+        if critic:
+            ret_mean = t["returns_sum"] / tok
+            ret_var = t["ret_sq"] / tok - ret_mean**2
+            metrics["train/critic_grad_norm"] = t["critic_grad_norm"] / opt_n
+            metrics["train/explained_variance"] = (
+                1.0 - (t["ev_res_sq"] / tok) / ret_var if ret_var > 0 else 0.0
+            )
+            metrics["train/critic_lr"] = self.critic.get_lr()[0]
         if is_cap is not None:
             n_stale = max(t["stale_tokens"], 1.0)
             metrics["train/is_weight_mean"] = (

@@ -207,3 +207,264 @@ def test_decoupled_weights_are_exactly_one_on_policy_and_scale_the_loss():
     stale_w, _ = decoupled_importance_weights(old, behav, torch.ones(3, 5), cap=2.0)
     weighted, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, importance_weights=stale_w)
     assert not torch.allclose(weighted, plain)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _t(nested):
+    return torch.tensor(nested, dtype=torch.float64)
+
+
+def _agg_loop(per_token, mask, mode, norm=1.0):
+    """Plain floats: token mean, mean over rows of token means, mean over rows of token sums."""
+    rows = [[x for x, m in zip(r, mr) if m] for r, mr in zip(per_token, mask)]
+    if mode == "token_mean":
+        flat = [x for r in rows for x in r]
+        return sum(flat) / max(len(flat), 1)
+    if mode == "seq_mean_token_mean":
+        return sum(sum(r) / len(r) if r else 0.0 for r in rows) / len(rows)
+    return sum(sum(r) for r in rows) / len(rows) / norm
+
+
+def _agg_weights(mask, mode, norm=1.0):
+    """d loss / d l_bt of each aggregation, as plain floats."""
+    n_rows = len(mask)
+    total = sum(sum(r) for r in mask)
+    out = []
+    for r in mask:
+        n = sum(r)
+        if mode == "token_mean":
+            w = 1.0 / max(total, 1)
+        elif mode == "seq_mean_token_mean":
+            w = 1.0 / (n_rows * max(n, 1))
+        else:
+            w = 1.0 / (n_rows * norm)
+        out.append([w if m else 0.0 for m in r])
+    return out
+
+
+AGG_MASK = torch.tensor(
+    [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]
+)
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+
+
+def test_aggregate_loss_hand_case():
+    from rlhf_dist.algo import aggregate_loss
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_loss(x, m).item() == pytest.approx(10 / 4)
+    assert aggregate_loss(x, m, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(x, m, "seq_mean_token_sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(x, m, "seq_mean_token_sum", norm=8).item() == pytest.approx(10 / 16)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'mean'"):
+        aggregate_loss(x, m, "mean")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregate_loss_matches_loop_with_garbage_padding(mode):
+    from rlhf_dist.algo import aggregate_loss
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x[AGG_MASK == 0] = float("nan")  # padding never leaks
+    x.requires_grad_()
+    got = aggregate_loss(x, AGG_MASK, mode, norm=16.0)
+    assert got.item() == pytest.approx(
+        _agg_loop(x.tolist(), AGG_MASK.tolist(), mode, 16.0), abs=1e-12
+    )
+    got.backward()
+    assert torch.allclose(x.grad, _t(_agg_weights(AGG_MASK.tolist(), mode, 16.0)), atol=1e-12)
+
+
+def test_seq_mean_token_sum_has_no_length_bias():
+    """Dr. GRPO's point: with a per-sequence length division the same advantage pushes each
+    token of a short response harder than each token of a long one; with a constant norm both
+    are pushed alike."""
+    from rlhf_dist.algo import aggregate_loss
+
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    per_token = torch.ones(2, 8, requires_grad=True)
+    aggregate_loss(per_token, mask, "seq_mean_token_mean").backward()
+    short, long = per_token.grad[0, 0].item(), per_token.grad[1, 0].item()
+    assert short == pytest.approx(4 * long)
+    per_token.grad = None
+    aggregate_loss(per_token, mask, "seq_mean_token_sum", norm=8).backward()
+    assert per_token.grad[0, 0].item() == per_token.grad[1, 0].item() == pytest.approx(1 / 16)
+
+
+# ----------------------------------------------------------------------------- GSPO
+
+
+def _ppo_loop_general(logp, old, adv, mask, eps_low, eps_high, ratio_level, mode, norm):
+    """Per-token clipped loss with the token or the sequence ratio, aggregated by _agg_loop;
+    also the gradient d loss / d logp (0 where the clip wins)."""
+    per_token, grad_scale = [], []
+    for b, row in enumerate(mask):
+        valid = [t for t in range(len(row)) if row[t]]
+        seq = math.exp(sum(logp[b][t] - old[b][t] for t in valid) / max(len(valid), 1))
+        lrow, grow = [], []
+        for t in range(len(row)):
+            ratio = seq if ratio_level == "sequence" else math.exp(logp[b][t] - old[b][t])
+            a = adv[b][t]
+            clipped_ratio = min(max(ratio, 1 - eps_low), 1 + eps_high)
+            unclipped_loss, clipped_loss = -ratio * a, -clipped_ratio * a
+            lrow.append(max(unclipped_loss, clipped_loss) if row[t] else 0.0)
+            # d(-ratio * a) / d logp_t = -a * ratio (GSPO-token: -a * s_b) when not clipped
+            grow.append(0.0 if clipped_loss > unclipped_loss or not row[t] else -a * ratio)
+        per_token.append(lrow)
+        grad_scale.append(grow)
+    loss = _agg_loop(per_token, mask, mode, norm)
+    weights = _agg_weights(mask, mode, norm)
+    grad = [[g * w for g, w in zip(gr, wr)] for gr, wr in zip(grad_scale, weights)]
+    return loss, grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_policy_loss_levels_and_aggregations_match_loop(mode, ratio_level):
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    old = logp.detach() + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    logp.requires_grad_()
+    loss, stats = ppo_policy_loss(
+        logp, old, adv, AGG_MASK, 0.2, 0.28, ratio_level=ratio_level, loss_agg=mode, loss_norm=6.0
+    )
+    want, want_grad = _ppo_loop_general(
+        logp.tolist(),
+        old.tolist(),
+        adv.tolist(),
+        AGG_MASK.tolist(),
+        0.2,
+        0.28,
+        ratio_level,
+        mode,
+        6,
+    )
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    loss.backward()
+    assert torch.allclose(logp.grad, _t(want_grad), atol=1e-12)
+    # approx_kl is the token-level k3 whatever the ratio level
+    r = (logp - old).detach()[AGG_MASK.bool()]
+    assert stats["approx_kl"].item() == pytest.approx((r.exp() - 1 - r).mean().item())
+
+
+def test_gspo_hand_case_clips_whole_sequences():
+    # row 0: token log-ratios (0.3, -0.1) -> s = e^0.1 = 1.105, inside 1 +- 0.2, A = +1
+    # row 1: token log-ratios (0.5, 0.5, 0.5) -> s = e^0.5 = 1.65 > 1.2, A = +1: clipped
+    #        (every token at 1.2, no gradient), although a token ratio would be clipped too
+    # row 2: log-ratios (0.6, -0.6) -> s = 1, A = -1: token ratios e^0.6 / e^-0.6 would be
+    #        clipped on the first token; the sequence ratio is not
+    old = torch.zeros(3, 3)
+    logp = torch.tensor([[0.3, -0.1, 0.0], [0.5, 0.5, 0.5], [0.6, -0.6, 0.0]], requires_grad=True)
+    adv = torch.tensor([[1.0] * 3, [1.0] * 3, [-1.0] * 3])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2, ratio_level="sequence")
+    s0 = math.exp(0.1)
+    assert loss.item() == pytest.approx((-2 * s0 - 3 * 1.2 + 2 * 1.0) / 7)
+    assert stats["clipfrac"].item() == pytest.approx(3 / 7)
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(0.5))
+    loss.backward()
+    want = [[-s0 / 7, -s0 / 7, 0.0], [0.0, 0.0, 0.0], [1 / 7, 1 / 7, 0.0]]
+    assert torch.allclose(logp.grad, torch.tensor(want), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gspo_equals_the_sequence_objective_for_sequence_advantages(mode):
+    """With one advantage per sequence the GSPO-token form used here has the gradient of GSPO's
+    sequence objective -A_b * s_b(theta) (s_b differentiated through the mean log-ratio)."""
+    g = torch.Generator().manual_seed(8)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    old = logp + 0.05 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    seq_adv = torch.randn(4, generator=g, dtype=torch.float64)
+    adv = seq_adv[:, None].expand(4, 6)
+    mask = AGG_MASK.clone()
+    mask[3, 0] = 1  # every row has a token here
+    a = logp.clone().requires_grad_()
+    loss, _ = ppo_policy_loss(a, old, adv, mask, 0.2, ratio_level="sequence", loss_agg=mode)
+    loss.backward()
+
+    b = logp.clone().requires_grad_()
+    valid = mask.bool()
+    n = valid.sum(-1)
+    s = torch.exp(torch.where(valid, b - old, 0.0).sum(-1) / n)  # differentiable
+    per_seq = torch.maximum(-seq_adv * s, -seq_adv * s.clamp(0.8, 1.2))
+    per_token = torch.where(valid, per_seq[:, None].expand(4, 6), 0.0)
+    from rlhf_dist.algo import aggregate_loss
+
+    direct = aggregate_loss(per_token, valid, mode)
+    direct.backward()
+    assert loss.item() == pytest.approx(direct.item(), abs=1e-12)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+def test_unknown_ratio_level_refused():
+    with pytest.raises(ValueError, match="unknown ratio level 'seq'"):
+        ppo_policy_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.ones(1, 2),
+            torch.ones(1, 2),
+            0.2,
+            ratio_level="seq",
+        )
+
+
+def test_gspo_garbage_padding_keeps_gradient_finite():
+    logp = torch.tensor([[0.0, 1000.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1000.0]])
+    adv = torch.tensor([[1.0, float("inf")]])
+    loss, stats = ppo_policy_loss(
+        logp, old, adv, torch.tensor([[1, 0]]), 0.2, ratio_level="sequence"
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0) and torch.isfinite(logp.grad).all()
+    assert stats["ratio_max"].item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- KL loss
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_kl_loss_matches_loop(mode):
+    from rlhf_dist.algo import reference_kl_loss
+
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    logp[AGG_MASK == 0] = float("inf")  # garbage in padding
+    logp.requires_grad_()
+    loss = reference_kl_loss(logp, ref, AGG_MASK, mode, norm=6.0)
+    per_token, grad_scale = [], []
+    for b in range(4):
+        lrow, grow = [], []
+        for t in range(6):
+            if AGG_MASK[b, t]:
+                d = ref[b, t].item() - logp[b, t].item()
+                lrow.append(math.exp(d) - d - 1)
+                grow.append(1 - math.exp(d))  # d/dlogp of e^(ref - logp) - (ref - logp) - 1
+            else:
+                lrow.append(0.0)
+                grow.append(0.0)
+        per_token.append(lrow)
+        grad_scale.append(grow)
+    mask = AGG_MASK.tolist()
+    assert loss.item() == pytest.approx(_agg_loop(per_token, mask, mode, 6.0), abs=1e-12)
+    loss.backward()
+    weights = _agg_weights(mask, mode, 6.0)
+    want = [[g_ * w for g_, w in zip(gr, wr)] for gr, wr in zip(grad_scale, weights)]
+    assert torch.allclose(logp.grad, _t(want), atol=1e-12)
+
+
+def test_reference_kl_loss_is_zero_at_the_reference_and_grows_away():
+    from rlhf_dist.algo import reference_kl_loss
+
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    mask = torch.ones(1, 2)
+    assert reference_kl_loss(logp, logp.clone(), mask).item() == 0.0
+    # d = ln 2 on both tokens: e^d - d - 1 = 1 - ln 2
+    ref = logp + math.log(2)
+    assert reference_kl_loss(logp, ref, mask).item() == pytest.approx(1 - math.log(2))

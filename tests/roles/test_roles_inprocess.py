@@ -1,5 +1,6 @@
 """Role classes run in-process (no Ray) with the tiny locally built models."""
 
+import math
 import threading
 
 import pytest
@@ -13,6 +14,15 @@ from rlhf_dist.roles.common import free_port
 from rlhf_dist.tasks.tiny import WARM, build_policy, build_tokenizer
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
+# what only a learner with a critic (ppo.estimator=gae) reports
+VALUE_METRICS = (
+    "train/value_loss",
+    "train/value_clipfrac",
+    "train/critic_grad_norm",
+    "train/critic_lr",
+    "train/explained_variance",
+    "train/returns_mean",
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +185,7 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["train/optimizer_steps"] == 2  # 8 samples / minibatch 4
+    assert set(VALUE_METRICS) <= metrics.keys() and "train/kl_loss" not in metrics
     # first epoch, first minibatch: the policy still equals the one that sampled
     assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-5)
     after = learner.policy_checksum()
@@ -350,3 +361,148 @@ def test_checkpoints_load_weights_only_and_refuse_arbitrary_objects(learner, tmp
     torch.save({"x": _Evil()}, evil)
     with pytest.raises(Exception, match="Weights only load failed"):
         safe_load(str(evil))
+
+
+# ----------------------------------------------------------------------------- critic-free
+
+
+@pytest.fixture(scope="module")
+def grpo_learner(tiny_policy):
+    cfg = load_config(
+        None,
+        [
+            "learner.num_workers=1",
+            "learner.lr=1e-3",
+            "rollout.num_workers=1",
+            "rollout.prompts_per_step=4",
+            "rollout.samples_per_prompt=2",
+            "ppo.minibatch_size=4",
+            "ppo.micro_batch_size=2",
+            "ppo.estimator=grpo",
+            "ppo.kl_coef=0",
+            "ppo.kl_loss_coef=0.01",
+        ],
+    )
+    learner = Learner(cfg, rank=0, world_size=1)
+    learner.setup(tiny_policy, "/no/critic/is/loaded", "127.0.0.1", free_port())
+    return learner
+
+
+def _scored(batch, tiny_policy, scores):
+    out = batch.select(list(range(len(batch))))
+    out.scores = torch.tensor(scores)
+    out.ref_logprobs = ReferenceScorer(tiny_policy).ref_logprobs(out)["ref_logprobs"]
+    return out
+
+
+def test_critic_free_learner_builds_no_critic(grpo_learner, learner):
+    assert grpo_learner.critic is None and list(grpo_learner.engines()) == ["policy"]
+    assert list(learner.engines()) == ["policy", "critic"]
+    n_policy = sum(p.numel() for p in grpo_learner.policy.module.parameters())
+    assert grpo_learner.setup_info()["policy_params"] == n_policy
+
+
+def test_grpo_update_uses_group_advantages_and_reports_no_value_metrics(
+    grpo_learner, batch, tiny_policy
+):
+    # groups (samples 2k, 2k + 1): scores (0, 1), (1, 0), (0.5, 0.5), (0, 3)
+    scored = _scored(batch, tiny_policy, [0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 3.0])
+    before = grpo_learner.policy_checksum()
+    m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0)
+    assert grpo_learner.policy_checksum() != before
+    assert not set(VALUE_METRICS) & m.keys()
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["train/optimizer_steps"] == 2 and m["train/kl_loss"] >= 0
+    # GRPO by hand: a group (a, b) has mean (a + b) / 2 and Bessel std |a - b| / sqrt(2); each
+    # sample's advantage (r - mean) / (std + 1e-6) is broadcast over its response's tokens
+    # (kl_coef = 0, no whitening); the metrics are their token mean and std (with responses of
+    # equal length: 0 and 0.61; Dr. GRPO's, without the division, would have a std of 0.83).
+    per_sample = []
+    for a, b in [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.0, 3.0)]:
+        std = abs(a - b) / math.sqrt(2)
+        mean = (a + b) / 2
+        per_sample += [(a - mean) / (std + 1e-6), (b - mean) / (std + 1e-6)]
+    lengths = scored.response_mask.sum(-1).tolist()
+    n = sum(lengths)
+    mean = sum(x * k for x, k in zip(per_sample, lengths)) / n
+    std = math.sqrt(sum(x * x * k for x, k in zip(per_sample, lengths)) / n - mean**2)
+    assert m["train/advantages_mean"] == pytest.approx(mean, abs=1e-6)
+    assert m["train/advantages_std"] == pytest.approx(std, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "learns"),
+    [("grpo", False), ("rloo", False), ("reinforce_pp_baseline", False), ("reinforce_pp", True)],
+)
+def test_groups_that_all_scored_alike_teach_nothing(
+    grpo_learner, batch, tiny_policy, estimator, learns
+):
+    """Every prompt's samples scored the same (but prompts differ): a group baseline leaves no
+    advantage at all, so the policy gradient is exactly 0 (Adam's momentum from earlier updates
+    may still move the weights): the differences between prompts are no signal. REINFORCE++
+    without a group baseline does learn from them."""
+    scored = _scored(batch, tiny_policy, [1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 5.0, 5.0])
+    ppo = grpo_learner.cfg.ppo
+    saved = ppo.estimator, ppo.kl_loss_coef
+    ppo.estimator, ppo.kl_loss_coef = estimator, 0.0  # the KL loss would pull towards the ref
+    try:
+        m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0)
+    finally:
+        ppo.estimator, ppo.kl_loss_coef = saved
+    assert (m["train/grad_norm"] > 0) == learns
+    assert (m["train/advantages_std"] > 0) == learns
+    if not learns:
+        assert m["train/policy_loss"] == 0.0
+
+
+def test_every_critic_free_estimator_and_loss_option_trains(grpo_learner, batch, tiny_policy):
+    """The options are read at each update, so one critic-free learner runs them all."""
+    scored = _scored(batch, tiny_policy, [0.0, 1.0, 1.0, 0.0, 0.2, 0.7, 0.0, 2.0])
+    ppo = grpo_learner.cfg.ppo
+    saved = (ppo.estimator, ppo.loss_agg, ppo.ratio_level)
+    try:
+        for estimator, loss_agg, ratio_level in [
+            ("dr_grpo", "seq_mean_token_sum", "token"),
+            ("rloo", "seq_mean_token_mean", "token"),
+            ("grpo", "seq_mean_token_mean", "sequence"),
+            ("reinforce_pp_baseline", "token_mean", "token"),
+            ("reinforce_pp", "token_mean", "token"),
+        ]:
+            ppo.estimator, ppo.loss_agg, ppo.ratio_level = estimator, loss_agg, ratio_level
+            before = grpo_learner.policy_checksum()
+            m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=1)
+            assert grpo_learner.policy_checksum() != before, estimator
+            assert all(math.isfinite(v) for v in m.values()), estimator
+            whitened = estimator.startswith("reinforce_pp")
+            assert ("train/returns_mean" in m) == whitened, estimator
+            assert not set(VALUE_METRICS) - {"train/returns_mean"} & m.keys()
+        # reinforce_pp with kl_coef = 0: the return is the score on every token, and the
+        # metrics report it before whitening
+        lengths = scored.response_mask.sum(-1)
+        expected = float((scored.scores * lengths).sum() / lengths.sum())
+        assert m["train/returns_mean"] == pytest.approx(expected, rel=1e-6)
+        assert m["train/advantages_mean"] == pytest.approx(expected, rel=1e-6)
+    finally:
+        ppo.estimator, ppo.loss_agg, ppo.ratio_level = saved
+
+
+def test_critic_free_checkpoint_holds_no_critic_and_round_trips(
+    grpo_learner, learner, batch, tiny_policy, tmp_path
+):
+    from rlhf_dist import checkpoint
+
+    tmp = checkpoint.begin(tmp_path, 3)
+    grpo_learner.save_checkpoint(str(tmp))
+    assert sorted(p.name for p in tmp.iterdir()) == ["policy"]
+    ckpt = checkpoint.commit(tmp, {"step": 3, "version": 3, "cursor": {}, "kl_controller": {}}, 2)
+    assert checkpoint.read_state(ckpt)["engines"] == ["policy"]
+    saved = grpo_learner.policy_checksum()
+
+    scored = _scored(batch, tiny_policy, [0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 2.0])
+    grpo_learner.ppo_update(scored, kl_coef=0.0, seed=2)
+    assert grpo_learner.policy_checksum() != saved
+    grpo_learner.load_checkpoint(str(ckpt), version=3)
+    assert grpo_learner.policy_checksum() == saved and grpo_learner.version == 3
+    # a learner with a critic cannot be restored from it, and says why
+    with pytest.raises(RuntimeError, match="holds no critic/"):
+        learner.load_checkpoint(str(ckpt), version=3)
