@@ -14,63 +14,30 @@ saving, and the steps a learner loss redoes (on average half an interval, at mos
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from default_job import default_job
 
 
 def main() -> None:
-    import ray
-
-    from rlhf_dist.config import load_config
-    from rlhf_dist.launch import init_ray
-    from rlhf_dist.orchestrator import Orchestrator
-    from rlhf_dist.preflight import resolve_inputs
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            root / "configs" / "default.yaml",
-            [
-                "run.stage=ppo",
-                f"run.steps={args.steps}",
-                f"run.dir={tmp}/run",
-                "model.policy=builtin:describe",
-                f"model.assets_dir={tmp}/assets",
-                "reward.model=",
-                "reward.function=rlhf_dist.tasks.lang:gold_reward",
-                "eval.gold=",
-                "checkpoint.every=0",
-                "checkpoint.keep=1",
-                "wandb.enabled=false",
-            ],
-        )
-        started = init_ray(cfg, "")
-        orch = Orchestrator(cfg, resolve_inputs(cfg), cfg.run.dir)
-        step_s, save_s = [], []
-        try:
-            for out in orch.loop.steps():
-                orch.record(out)
-                t0 = time.perf_counter()
-                orch.save_checkpoint()
-                if orch.state.step > 1:  # the first step warms up
-                    save_s.append(time.perf_counter() - t0)
-                    step_s.append(out.step_time)
-        finally:
-            orch.shutdown()
-            if started:
-                ray.shutdown()
+    overrides = (
+        "model.policy=builtin:describe",
+        "reward.function=rlhf_dist.tasks.lang:gold_reward",
+        "checkpoint.keep=1",
+    )
+    step_s, save_s = [], []
+    with default_job(args.steps, *overrides) as (orch, _):
+        for out in orch.loop.steps():
+            orch.record(out)
+            t0 = time.perf_counter()
+            orch.save_checkpoint()
+            if orch.state.step > 1:  # the first step warms up
+                save_s.append(time.perf_counter() - t0)
+                step_s.append(out.step_time)
     step, save = statistics.median(step_s), statistics.median(save_s)
     print(f"median step {step:.2f} s, median checkpoint save {save:.2f} s\n")
     print(

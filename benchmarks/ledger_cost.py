@@ -12,70 +12,35 @@ job's, so the share printed is an upper bound. Target (issue #18): <= 2% of step
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from default_job import default_job
 
 
 def main() -> None:
-    import ray
-
-    from rlhf_dist.config import load_config
-    from rlhf_dist.launch import init_ray
     from rlhf_dist.ledger import SampleLedger, data_epochs, ledger_rows
-    from rlhf_dist.orchestrator import Orchestrator
-    from rlhf_dist.preflight import resolve_inputs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            root / "configs" / "default.yaml",
-            [
-                "run.stage=ppo",
-                f"run.steps={args.steps}",
-                f"run.dir={tmp}/run",
-                "run.ledger=false",
-                "model.policy=builtin:tiny",
-                f"model.assets_dir={tmp}/assets",
-                "data.prompts=builtin:tiny",
-                "reward.model=",
-                "eval.gold=",
-                "checkpoint.every=0",
-                "wandb.enabled=false",
-            ],
-        )
-        started = init_ray(cfg, "")
-        orch = Orchestrator(cfg, resolve_inputs(cfg), cfg.run.dir)
-        (Path(tmp) / "ledger").mkdir()
-        book = SampleLedger(Path(tmp) / "ledger", len(orch.inputs.prompts), 1)
+    overrides = ("run.ledger=false", "model.policy=builtin:tiny", "data.prompts=builtin:tiny")
+    with default_job(args.steps, *overrides) as (orch, tmp):
+        cfg = orch.cfg
+        (tmp / "ledger").mkdir()
+        book = SampleLedger(tmp / "ledger", len(orch.inputs.prompts), 1)
         share, ledger_ms, step_s = [], [], []
-        try:
-            for out in orch.loop.steps():
-                t0 = time.perf_counter()
-                pos = out.data_position["cursor"]
-                epochs = data_epochs(pos, orch.state.cursor.size, cfg.rollout.prompts_per_step)
-                book.write(ledger_rows(orch.state.step, out.batch, epochs, orch.state.version - 1))
-                spent = time.perf_counter() - t0
-                orch.record(out)
-                if orch.state.step > 1:  # the first step warms up
-                    share.append(spent / out.step_time)
-                    ledger_ms.append(spent * 1e3)
-                    step_s.append(out.step_time)
-        finally:
-            orch.shutdown()
-            if started:
-                ray.shutdown()
+        for out in orch.loop.steps():
+            t0 = time.perf_counter()
+            pos = out.data_position["cursor"]
+            epochs = data_epochs(pos, orch.state.cursor.size, cfg.rollout.prompts_per_step)
+            book.write(ledger_rows(orch.state.step, out.batch, epochs, orch.state.version - 1))
+            spent = time.perf_counter() - t0
+            orch.record(out)
+            if orch.state.step > 1:  # the first step warms up
+                share.append(spent / out.step_time)
+                ledger_ms.append(spent * 1e3)
+                step_s.append(out.step_time)
     print(
         "| samples/step | step s (median) | ledger ms/step (median) | share (median) | share (max) |"
     )
