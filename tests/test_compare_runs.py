@@ -46,6 +46,16 @@ def test_a_run_equals_its_copy_whatever_its_timings(tmp_path):
         (lambda rows: [{k: v for k, v in rows[0].items() if k != "train/kl"}, rows[1]], "want"),
         (lambda rows: [rows[0], {**rows[1], "train/kl": float("nan")}], "train/kl: nan"),
     ],
+    ids=[
+        "row_missing",
+        "row_extra",
+        "step_differs",
+        "value_off",
+        "counter_off",
+        "key_extra",
+        "key_missing",
+        "nan",
+    ],
 )
 def test_every_metric_difference_is_found(tmp_path, change, match):
     got = make_run(tmp_path / "got", change([dict(r) for r in ROWS]))
@@ -70,6 +80,7 @@ def test_ignored_keys_may_differ_or_be_missing(tmp_path):
         ({"wte": WEIGHTS["wte"]}, r"tensor names differ: \['head'\]"),
         ({**WEIGHTS, "wte": torch.full((2, 3), float("nan"))}, "wte: max abs difference nan"),
     ],
+    ids=["value_off", "shape", "tensor_missing", "nan"],
 )
 def test_exported_weights_are_compared(tmp_path, weights, match):
     got = make_run(tmp_path / "got", weights=weights)
