@@ -252,9 +252,10 @@ class AsyncLoop(StepLoop):
         while state.step < cfg.run.steps:
             self._dispatch()
             if prepared is None and self.next_prepare < cfg.run.steps:
+                dropped = self.dropped_stale
                 prepared = self._prepare()
-                if prepared is not None:
-                    continue
+                if prepared is not None or self.dropped_stale > dropped:
+                    continue  # a batch to train, or chunks dropped as too old to hand out again
             if training is None and prepared is not None:
                 b = self.next_prepare - 1
                 seed = derive_seed(cfg.run.seed, b, "ppo")  # as synchronous mode seeds it

@@ -11,8 +11,9 @@ from rlhf_dist.preflight import resolve_inputs
 def run_checked(cfg, run_dir, on_dispatch=None) -> list[dict]:
     """Run every step and return the metric rows, after checking that every generator holds
     the learner's final weights, that metrics.jsonl has one row per step, and that every
-    prompt taken was trained exactly once. ``on_dispatch(orch)`` makes the orchestrator's
-    dispatch hook (fault injection)."""
+    prompt taken was trained exactly once. The final policy is exported to
+    ``run_dir/policy``, so that ``compare_runs.assert_same_runs`` can compare two runs' weights.
+    ``on_dispatch(orch)`` makes the orchestrator's dispatch hook (fault injection)."""
     orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
     try:
         orch.on_dispatch = on_dispatch(orch) if on_dispatch else None
@@ -20,6 +21,7 @@ def run_checked(cfg, run_dir, on_dispatch=None) -> list[dict]:
         learner = ray.get(orch.learners.call("policy_checksum"))[0]
         held = [(s["version"], s["checksum"]) for s in ray.get(orch.generators.call("status"))]
         assert held == [(orch.version, learner)] * len(orch.generators)
+        orch.export_policy(run_dir / "policy")
     finally:
         orch.shutdown()
     saved = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
