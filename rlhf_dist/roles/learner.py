@@ -91,6 +91,20 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             adv, mask, mean=torch.tensor(mean), var=torch.tensor(max(var, 0.0))
         )
 
+    def _step(self, engine, boundary: bool) -> float:
+        """``engine.step()``; at an accumulation boundary, the global norm of the gradients the
+        optimizer step applied (before clipping). DeepSpeed reports that norm at ZeRO 1-3 and in
+        bf16, but its fp32 ZeRO-0 clipping discards it (``get_global_grad_norm()`` stays None).
+        At ZeRO 0 every rank holds the full gradients, already averaged over ranks at the
+        boundary, so the norm is taken from them before the step clears them."""
+        own = None
+        if boundary and self.cfg.learner.zero_stage == 0:
+            grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
+            own = float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
+        engine.step()
+        reported = engine.get_global_grad_norm() if boundary else None
+        return float(reported) if reported is not None else (own or 0.0)
+
     def ppo_update(
         self, batch: RolloutBatch, kl_coef: float, seed: int, is_cap: float | None = None
     ) -> dict:
@@ -169,7 +183,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         add("nonfinite_losses", 1)
                         loss = logp.sum() * 0.0
                     self.policy.backward(loss)
-                    self.policy.step()
+                    grad_norm = self._step(self.policy, boundary)
                     values = response_values(self.critic, s, a, P)
                     v_loss, vst = algo.value_loss(values, old_values[i], returns[i], m, value_clip)
                     v_loss = v_loss * cfg.vf_coef
@@ -177,7 +191,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         add("nonfinite_losses", 1)
                         v_loss = values.sum() * 0.0
                     self.critic.backward(v_loss)
-                    self.critic.step()
+                    critic_grad_norm = self._step(self.critic, boundary)
                     add("policy_loss", pg_loss.item())
                     add("value_loss", v_loss.item())
                     add("entropy", entropy.item())
@@ -188,8 +202,8 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                     add("value_clipfrac", vst["value_clipfrac"])
                     add("micro_steps", 1)
                     if boundary:
-                        add("grad_norm", self.policy.get_global_grad_norm() or 0.0)
-                        add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
+                        add("grad_norm", grad_norm)
+                        add("critic_grad_norm", critic_grad_norm)
                         add("optimizer_steps", 1)
 
         add("nonfinite_losses", 0)
