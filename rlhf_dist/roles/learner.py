@@ -128,6 +128,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
         # A non-finite reward, log-prob, value or advantage on any rank: every rank skips the
         # update (deciding together keeps the collectives in step) and the driver counts it.
+        # The reasons are gathered too: the driver records rank 0's, whichever rank saw them.
         checks = {
             "scores": scores,
             "ref_logprobs": ref_logp[mask > 0],
@@ -135,8 +136,10 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             "values": old_values[mask > 0],
             "advantages": adv[mask > 0],
         }
-        bad = [name for name, t in checks.items() if not torch.isfinite(t).all()]
-        if self.all_reduce_max(float(bool(bad))) > 0:
+        local = [0.0 if torch.isfinite(t).all() else 1.0 for t in checks.values()]
+        seen = self.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        bad = [name for name, n_ranks in zip(checks, seen) if n_ranks > 0]
+        if bad:
             return {"skipped": True, "reason": bad, "compute_s": time.perf_counter() - t0}
         raw_adv = adv
         if cfg.whiten_advantages:
