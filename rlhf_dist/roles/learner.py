@@ -128,6 +128,20 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             adv, mask, mean=torch.tensor(mean), var=torch.tensor(max(var, 0.0))
         )
 
+    def _step(self, engine, boundary: bool) -> float:
+        """``engine.step()``; at an accumulation boundary, the global norm of the gradients the
+        optimizer step applied (before clipping). DeepSpeed reports that norm at ZeRO 1-3 and in
+        bf16, but its fp32 ZeRO-0 clipping discards it (``get_global_grad_norm()`` stays None).
+        At ZeRO 0 every rank holds the full gradients, already averaged over ranks at the
+        boundary, so the norm is taken from them before the step clears them."""
+        own = None
+        if boundary and self.cfg.learner.zero_stage == 0:
+            grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
+            own = float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
+        engine.step()
+        reported = engine.get_global_grad_norm() if boundary else None
+        return float(reported) if reported is not None else (own or 0.0)
+
     def ppo_update(
         self, batch: RolloutBatch, kl_coef: float, seed: int, is_cap: float | None = None
     ) -> dict:
@@ -164,6 +178,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                 returns = adv = algo.discounted_returns(rewards, mask, cfg.gamma)
         # A non-finite reward, log-prob, value or advantage on any rank: every rank skips the
         # update (deciding together keeps the collectives in step) and the driver counts it.
+        # The reasons are gathered too: the driver records rank 0's, whichever rank saw them.
         checks = {
             "scores": scores,
             "ref_logprobs": ref_logp[mask > 0],
@@ -172,8 +187,10 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         if critic:
             checks["values"] = old_values[mask > 0]
         checks["advantages"] = adv[mask > 0]
-        bad = [name for name, t in checks.items() if not torch.isfinite(t).all()]
-        if self.all_reduce_max(float(bool(bad))) > 0:
+        local = [0.0 if torch.isfinite(t).all() else 1.0 for t in checks.values()]
+        seen = self.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        bad = [name for name, n_ranks in zip(checks, seen) if n_ranks > 0]
+        if bad:
             return {"skipped": True, "reason": bad, "compute_s": time.perf_counter() - t0}
         raw_adv = adv
         if cfg.whiten_advantages and cfg.estimator in WHITENED_ESTIMATORS:
@@ -235,7 +252,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                         add("nonfinite_losses", 1)
                         loss = logp.sum() * 0.0
                     self.policy.backward(loss)
-                    self.policy.step()
+                    grad_norm = self._step(self.policy, boundary)
                     if critic:
                         values = response_values(self.critic, s, a, P)
                         v_loss, vst = algo.value_loss(
@@ -246,7 +263,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                             add("nonfinite_losses", 1)
                             v_loss = values.sum() * 0.0
                         self.critic.backward(v_loss)
-                        self.critic.step()
+                        critic_grad_norm = self._step(self.critic, boundary)
                         add("value_loss", v_loss.item())
                         add("value_clipfrac", vst["value_clipfrac"])
                     add("policy_loss", pg_loss.item())
@@ -257,9 +274,9 @@ class Learner(DeepSpeedRank, WeightSyncMember):
                     ratio_max = max(ratio_max, float(st["ratio_max"]))
                     add("micro_steps", 1)
                     if boundary:
-                        add("grad_norm", self.policy.get_global_grad_norm() or 0.0)
+                        add("grad_norm", grad_norm)
                         if critic:
-                            add("critic_grad_norm", self.critic.get_global_grad_norm() or 0.0)
+                            add("critic_grad_norm", critic_grad_norm)
                         add("optimizer_steps", 1)
 
         add("nonfinite_losses", 0)
