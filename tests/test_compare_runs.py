@@ -91,3 +91,40 @@ def test_exported_weights_are_compared(tmp_path, weights, match):
 def test_weights_within_the_tolerance_asked_for_pass(tmp_path):
     got = make_run(tmp_path / "got", weights={**WEIGHTS, "head": torch.ones(3) + 1e-4})
     assert_same_runs(got, make_run(tmp_path / "want"), weights_atol=1e-3)
+
+
+SAMPLES = [
+    {
+        "step": s,
+        "epoch": 0,
+        "row": r,
+        "sample": 0,
+        "chunk": r,
+        "seed": 7 + r,
+        "version": s - 1,
+        "slot": 0,
+        "reward": 0.5 * r,
+    }
+    for s, r in [(1, 0), (1, 1), (2, 2), (2, 3)]
+]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda rows: rows[:-1], r"sample \(2, 0, 3, 0, 3, 10, 1\) trained 0x, want 1x"),
+        (lambda rows: rows + rows[-1:], r"trained 2x, want 1x"),  # a chunk trained twice
+        (lambda rows: [{**r, "reward": 9.0} if r["row"] == 1 else r for r in rows], "reward"),
+        (lambda rows: [{**r, "seed": 99} if r["row"] == 2 else r for r in rows], "trained 0x"),
+    ],
+    ids=["sample lost", "sample trained twice", "reward off", "other seed"],
+)
+def test_sample_ledgers_must_agree_sample_by_sample(tmp_path, change, match):
+    want, got = make_run(tmp_path / "want"), make_run(tmp_path / "got")
+    (want / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SAMPLES))
+    rows = [{**r, "slot": 1} for r in SAMPLES]  # another generator: not a difference
+    (got / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_same_runs(got, want)
+    (got / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in change(rows)))
+    with pytest.raises(AssertionError, match=match):
+        assert_same_runs(got, want)

@@ -1,7 +1,10 @@
 """Two runs compared fully, for every test that claims a run is "the same as an undisturbed
 run" or learns "exactly like sync": every metric of every row of ``metrics.jsonl`` except the
 keys that measure time, speed or the machine (``pinned_runs.UNPINNED``), the same rows with the
-same steps and the same keys, and the exported policy weights.
+same steps and the same keys, the exported policy weights, and, sample by sample, what the
+two runs trained (the sample ledgers, ``samples.jsonl``: the same data rows and sample slots,
+from the same chunks and seeds, by the same policy versions, with the same rewards; nothing
+lost, nothing trained twice).
 
 A run that legitimately differs in a few counters (a faulted run's ``fault/restarts``) names
 them in ``ignore``; the test then asserts those counters on their own.
@@ -78,6 +81,34 @@ def weight_differences(got_dir: Path, want_dir: Path, atol: float) -> list[str]:
     return diffs
 
 
+LEDGER_KEYS = ("step", "epoch", "row", "sample", "chunk", "seed", "version")
+
+
+def ledger_differences(got_dir: Path, want_dir: Path, rel: float, abs_: float) -> list[str]:
+    """Samples one run trained and the other did not (or trained a different number of
+    times), and rewards that differ, by (step, data position, chunk, seed, version)."""
+    from collections import Counter
+
+    from rlhf_dist.ledger import read_ledger
+
+    def trained(run_dir):
+        rows = [r for r in read_ledger(run_dir) if not r.get("dropped")]
+        return Counter(tuple(r[k] for k in LEDGER_KEYS) for r in rows), {
+            tuple(r[k] for k in LEDGER_KEYS): r["reward"] for r in rows
+        }
+
+    (got, got_reward), (want, want_reward) = trained(got_dir), trained(want_dir)
+    diffs = [
+        f"sample {k} trained {got[k]}x, want {want[k]}x"
+        for k in sorted(set(got) | set(want))
+        if got[k] != want[k]
+    ]
+    for k in sorted(set(got) & set(want)):
+        if _differs(got_reward[k], want_reward[k], rel, abs_):
+            diffs.append(f"sample {k}: reward {got_reward[k]!r} != {want_reward[k]!r}")
+    return diffs
+
+
 def assert_same_runs(
     got_dir: Path,
     want_dir: Path,
@@ -95,4 +126,6 @@ def assert_same_runs(
     got_dir, want_dir = Path(got_dir), Path(want_dir)
     diffs = row_differences(metric_rows(got_dir), metric_rows(want_dir), ignore, rel, abs)
     diffs += weight_differences(got_dir / policy, want_dir / policy, weights_atol)
+    if (want_dir / "samples.jsonl").exists() or (got_dir / "samples.jsonl").exists():
+        diffs += ledger_differences(got_dir, want_dir, rel, abs)
     assert not diffs, f"{got_dir} differs from {want_dir}:\n" + "\n".join(diffs[:40])
