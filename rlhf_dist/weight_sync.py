@@ -134,7 +134,11 @@ def model_checksum(model: nn.Module) -> str:
 
 
 class SyncGroup:
-    """One membership of the weight-sync group; rank 0 hosts the store."""
+    """One membership of the weight-sync group; rank 0 hosts the store.
+
+    Rank 0 passes the store it already hosts (``store``, bound at port 0 so that no other
+    process can take its port first; ``port`` is then its port); without one, rank 0 opens
+    a server at ``port``. The other ranks connect to ``host:port``."""
 
     def __init__(
         self,
@@ -145,12 +149,24 @@ class SyncGroup:
         prefix: str,
         backend: str,
         timeout_s: float,
+        store: dist.TCPStore | None = None,
     ):
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
-        self.store = dist.TCPStore(
-            host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
-        )
+        if store is not None and (rank != 0 or store.port != port):
+            raise ValueError(
+                f"weight sync: rank {rank} given a store on port {store.port}, not {port}"
+            )
+        if store is None:
+            store = dist.TCPStore(
+                host,
+                port,
+                world_size,
+                is_master=(rank == 0),
+                timeout=timeout,
+                wait_for_workers=False,
+            )
+        self.store = store
         store = dist.PrefixStore(prefix, self.store)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)

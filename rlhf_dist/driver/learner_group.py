@@ -1,9 +1,10 @@
 """The learner group: the DeepSpeed ranks of one model stage (PPO, SFT or reward model).
 
 Every rank is a Ray actor of a role class from ``rlhf_dist.roles``; the group starts them,
-does the start-up handshake (rank 0's address and a free port, then ``setup`` on every rank
-together), and fans each collective call out to all ranks. A learner rank cannot be replaced
-in-job: losing one ends the run (the top level names the last checkpoint).
+does the start-up handshake (rank 0's address and the port of the store it hosts, then
+``setup`` on every rank together), and fans each collective call out to all ranks. A learner
+rank cannot be replaced in-job: losing one ends the run (the top level names the last
+checkpoint).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class LearnerGroup(PoolGroup):
         """Join the ranks into one DeepSpeed group: ``setup(*setup_args, addr, port)`` on
         every rank, rank 0 hosting the rendezvous."""
         addr = self.pool.node_ip(0)
-        port = ray.get(self.actors[0].free_port.remote())
+        port = ray.get(self.actors[0].host_rendezvous.remote())  # bound already: no race
         return self.run("setup", *setup_args, addr, port)
 
     def each(self, method: str, shards: list, *args) -> list[ray.ObjectRef]:

@@ -55,7 +55,7 @@ class WeightSyncGroup:
             return True
         rank0 = self.learners.actors[0]
         host = self.learners.pool.node_ip(0)
-        port = ray.get(rank0.free_port.remote())
+        port = ray.get(rank0.host_weight_sync.remote())  # bound already: no race
         members = [rank0, *generators]
         prefix = f"wsync-{time.time_ns()}"
         args = (len(members), prefix, self.backend, self.cfg.sync.timeout_s)

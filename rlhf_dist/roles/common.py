@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -16,9 +18,25 @@ def pick_device(num_gpus: float) -> torch.device:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process may take it before the caller binds
+    it: the roles host their stores with ``host_store`` instead; this is for in-process
+    callers (benchmarks) that pass a port to a store opened later."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def host_store(timeout_s: float) -> dist.TCPStore:
+    """A ``TCPStore`` server bound at port 0: the OS picks a free port as it binds, so no other
+    process can take the port between choosing and binding it. Hand ``store.port`` to the
+    members that connect to it (the server listens on every interface)."""
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
 
 
 class SystemStats:
@@ -43,6 +61,3 @@ class WeightSyncMember(SystemStats):
 
     sync_group = None
     version: int = 0
-
-    def free_port(self) -> int:
-        return free_port()

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_dist.config import Config
-from rlhf_dist.roles.common import SystemStats, free_port, pick_device
+from rlhf_dist.roles.common import SystemStats, host_store, pick_device
 
 
 def deepspeed_config(
@@ -78,11 +78,19 @@ class DeepSpeedRank(SystemStats):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.device = pick_device(cfg.learner.num_gpus)
+        self.rendezvous = None  # rank 0: the store the ranks meet through, once hosted
 
-    def free_port(self) -> int:
-        return free_port()
+    def host_rendezvous(self) -> int:
+        """Rank 0: host the store the ranks meet through (bound at port 0, so no other process
+        can take its port first) and return its port for every rank's ``setup``."""
+        assert self.rank == 0, "only rank 0 hosts the rendezvous"
+        self.rendezvous = host_store(self.cfg.sync.timeout_s)
+        return self.rendezvous.port
 
     def init_distributed(self, master_addr: str, master_port: int) -> None:
+        """Join the ranks' process group through the store rank 0 hosts at ``master_port``
+        (``host_rendezvous``; without it rank 0 opens one there), then hand the group to
+        DeepSpeed. A process whose group exists already keeps it, as DeepSpeed would."""
         import deepspeed
 
         os.environ.update(
@@ -95,14 +103,36 @@ class DeepSpeedRank(SystemStats):
         if self.device.type == "cpu":
             # Skips compiling DeepSpeed's shared-memory allreduce (about 30 s); gloo is used.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=self.cfg.sync.timeout_s)
+        if not dist.is_initialized():
+            if self.rendezvous is not None and self.rendezvous.port != master_port:
+                raise ValueError(
+                    f"rank 0 hosts its rendezvous on port {self.rendezvous.port}, not {master_port}"
+                )
+            store = self.rendezvous
+            if store is None:  # not hosted ahead: rank 0 opens it at master_port now
+                store = dist.TCPStore(
+                    master_addr,
+                    master_port,
+                    self.world_size,
+                    is_master=self.rank == 0,
+                    timeout=timeout,
+                    wait_for_workers=False,
+                )
+            # What DeepSpeed passes for NCCL with peers: the group is bound to this device.
+            bind = {"device_id": self.device} if backend == "nccl" and self.world_size > 1 else {}
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
+                **bind,
+            )
+        # DeepSpeed takes the group that exists (it initialises none of its own).
         deepspeed.init_distributed(
-            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-            auto_mpi_discovery=False,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=timedelta(seconds=self.cfg.sync.timeout_s),
-            verbose=False,
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False
         )
         # Same seed on every rank: fresh heads (critic, reward) start identical everywhere.
         torch.manual_seed(self.cfg.run.seed)

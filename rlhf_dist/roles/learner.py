@@ -39,7 +39,7 @@ from rlhf_dist import algo, weight_sync
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config, validate
 from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
-from rlhf_dist.roles.common import WeightSyncMember
+from rlhf_dist.roles.common import WeightSyncMember, host_store
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
 
 WHITENED_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
@@ -54,6 +54,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.policy = self.critic = None
         self.has_critic = cfg.ppo.estimator == "gae"
         self.version = 0
+        self.sync_store = None  # the weight-sync store, once hosted
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
         """Join the learner group and build the policy's engine, and the critic's when
@@ -356,10 +357,21 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             with self.gathered(ps):
                 yield bucket, ps if self.rank == 0 else None
 
+    def host_weight_sync(self) -> int:
+        """Host the store every weight-sync group of this run meets through (once, bound at
+        port 0; each group uses a prefix of its own) and return its port for the members'
+        ``join_weight_sync``."""
+        assert self.rank == 0, "only learner rank 0 hosts the weight-sync store"
+        if self.sync_store is None:
+            self.sync_store = host_store(self.cfg.sync.timeout_s)
+        return self.sync_store.port
+
     def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
+        """Join as rank 0, through the store ``host_weight_sync`` hosts (or, without one, a
+        store opened at ``port``)."""
         assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
         self.sync_group = weight_sync.SyncGroup(
-            host, port, rank, world_size, prefix, backend, timeout_s
+            host, port, rank, world_size, prefix, backend, timeout_s, store=self.sync_store
         )
 
     def broadcast_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:

@@ -1,8 +1,20 @@
 """Lost workers on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two
 worker nodes on this machine). Generators and scorers that die are replaced and their work is
 redone; since each chunk of prompts is sampled with a seed of its own, a run that lost workers
-trains on exactly the samples an undisturbed run does, so every metric and its final weights must equal the undisturbed run's
-(``compare_runs.assert_same_runs``), the fault counters aside."""
+trains on exactly the samples an undisturbed run does, so every metric, its final weights and
+its sample ledger must equal the undisturbed run's (``compare_runs.assert_same_runs``), the
+fault counters aside.
+
+Every kill lands inside a named call, for certain: the call is trapped by a kill point
+(``tests/helpers/kill_points.py``). The test arms it at a quiet moment before the call (the
+trap is put into the live actors through ``actor.__ray_call__``: a reward scorer's ``fn``, a
+generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` in a generator's
+process); the first trapped call after that writes its PID to the kill point's directory and
+sleeps. The ``on_dispatch`` hook, at the first submission of that call's step, waits for the
+PID, then kills that worker (SIGKILL of the PID, ``ray.kill`` of its actor, or removal of its
+node), so the kill lands after the call started and before it could return. No production
+code knows of it.
+"""
 
 import os
 import signal
@@ -20,12 +32,21 @@ from rlhf_dist.preflight import resolve_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from compare_runs import assert_same_runs  # noqa: E402
+from kill_points import KillPoint  # noqa: E402
 from ppo_runs import run_checked  # noqa: E402
 
 STEPS = 3
 PROMPTS = 8
 # what a faulted run counts and an undisturbed one does not; each test asserts them itself
 FAULT_COUNTERS = {"fault/restarts", "fault/redone_chunks"}
+
+
+# Worker nodes by kind: reward scorers go to scorer nodes (``reward.resources``), and
+# generators to rollout nodes where a test pins them there (``rollout.resources``).
+NODE_KINDS = {
+    "scorer": {"num_cpus": 2, "resources": {"scorer_slot": 1}},
+    "rollout": {"num_cpus": 2, "resources": {"rollout_slot": 2}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +68,28 @@ def cluster():
             "_system_config": fast_health,
         },
     )
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={"scorer_slot": 1})
+    for kind in NODE_KINDS.values():
+        c.add_node(**kind)
     c.wait_for_nodes()
     ray.init(address=c.address, runtime_env=worker_runtime_env())
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+def replace_node(cluster, node_id: str) -> None:
+    """Take the worker node ``node_id`` out of the cluster (no graceful drain) and, once Ray
+    has marked it dead, add a fresh node of the same kind, as a cloud would."""
+    (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    (info,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
+    (kind,) = [k for k in NODE_KINDS.values() if set(k["resources"]) <= set(info["Resources"])]
+    cluster.remove_node(node, allow_graceful=False)
+    deadline = time.monotonic() + 60
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "Ray never marked the removed node dead"
+        time.sleep(0.2)
+    cluster.add_node(**kind)
+    cluster.wait_for_nodes()
 
 
 def make_cfg(tiny_assets, *extra):
@@ -94,63 +130,81 @@ def assert_same_training(run_dir, reference):
     assert_same_runs(run_dir, reference, ignore=FAULT_COUNTERS)
 
 
-def pid_of(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-
-
-def node_of(actor) -> str:
-    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-
-
-def kill_once(pool_name: str, at_step: int, how: str):
-    """An ``on_dispatch`` hook that kills the worker just handed work in ``pool_name`` during
-    step ``at_step`` (1-based), once."""
+def scripted(actions: dict):
+    """An ``on_dispatch`` hook maker, and the actions it has not run yet. ``actions["start"]``
+    runs before the run; ``actions[(pool, step)]`` once, at the first submission to ``pool``
+    in PPO step ``step`` (1-based; ``weight_sync`` is the sync after step ``step``'s
+    update). Each action is called with the orchestrator."""
+    left = dict(actions)
 
     def make(orch):
-        done = []
+        if "start" in left:
+            left.pop("start")(orch)
 
         def hook(name, slot, task):
             # the step counter moves on after the update, before the weight sync
             step = orch.step_idx + (0 if name == "weight_sync" else 1)
-            if name != pool_name or step != at_step or done:
-                return
-            done.append(slot)
-            pool = orch.generators if name in ("rollout", "weight_sync") else orch.scorers.rewards
-            actor = pool.actors[slot]
-            if how == "ray.kill":
-                ray.kill(actor)
-            else:
-                os.kill(pid_of(actor), signal.SIGKILL)
+            action = left.pop((name, step), None)
+            if action is not None:
+                action(orch)
 
         return hook
 
-    return make
+    return make, left
 
 
-@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
-def test_generator_killed_mid_step_is_replaced_and_its_chunk_redone(
+def rewards(orch):
+    return orch.scorers.rewards
+
+
+def generators(orch):
+    return orch.generators
+
+
+def arm(point: KillPoint, pool, path: str):
+    """Trap ``path`` in every worker ``pool(orch)`` holds now and arm ``point``."""
+    return lambda orch: point.arm(pool(orch).actors, path)
+
+
+def kill(point: KillPoint, how: str, cluster=None):
+    """Wait until a worker is held inside the call ``point`` traps, then kill it."""
+
+    def action(orch):
+        pid = point.caught()
+        actor, node_id = point.actors[pid]
+        if how == "SIGKILL":
+            os.kill(pid, signal.SIGKILL)
+        elif how == "ray.kill":
+            ray.kill(actor)
+        else:
+            replace_node(cluster, node_id)
+
+    return action
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "ray.kill"])
+def test_workers_killed_inside_their_calls_are_replaced_and_the_work_redone(
     cluster, tiny_assets, tmp_path, undisturbed, how
 ):
-    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", kill_once("rollout", 2, how))
-    assert [r["fault/restarts"] for r in rows] == [0, 1, 1]
-    assert rows[0]["fault/redone_chunks"] == 0 and rows[1]["fault/redone_chunks"] >= 1
-    assert_same_training(tmp_path / "run", undisturbed)
-
-
-def test_generator_killed_during_weight_sync(cluster, tiny_assets, tmp_path, undisturbed):
-    # 10 KB buckets: the receive takes long enough for the kill to land in it (were it to lose
-    # the race, the loss would show at step 3's generate and rows[1] would say 0 restarts).
-    cfg = make_cfg(tiny_assets, "sync.bucket_mb=0.01")
-    rows = run_checked(cfg, tmp_path / "run", kill_once("weight_sync", 2, "ray.kill"))
-    # the killed generator, and any left waiting on the broken group, were replaced
-    assert rows[0]["fault/restarts"] == 0 and rows[1]["fault/restarts"] >= 1
-    assert_same_training(tmp_path / "run", undisturbed)
-
-
-def test_reward_scorer_killed_mid_step(cluster, tiny_assets, tmp_path, undisturbed):
-    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", kill_once("reward", 1, "ray.kill"))
-    assert [r["fault/restarts"] for r in rows] == [1, 1, 1]
-    assert rows[0]["fault/redone_chunks"] >= 1
+    score, sample, receive = (KillPoint(tmp_path / n) for n in ("score", "sample", "receive"))
+    make, left = scripted(
+        {
+            "start": arm(score, rewards, "fn"),
+            ("reward", 1): kill(score, how),  # the reward scorer, inside step 1's first call
+            ("weight_sync", 1): arm(sample, generators, "model.generate"),
+            ("rollout", 2): kill(sample, how),  # a generator inside step 2's first chunk
+            ("reward", 2): arm(receive, generators, "rlhf_dist.weight_sync:receive"),
+            ("weight_sync", 2): kill(receive, how),  # a generator receiving step 2's weights
+        }
+    )
+    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", make)
+    assert not left, f"never reached: {list(left)}"
+    restarts = [r["fault/restarts"] for r in rows]
+    # Step 2 lost the sampling generator, then the receiving one and any generator left
+    # waiting on the broken group; the sync was redone, and step 3 lost nothing.
+    assert restarts[0] == 1 and restarts[1] >= 3 and restarts[2] == restarts[1]
+    # the unfinished scorer call and the unfinished chunk were redone, once each
+    assert [r["fault/redone_chunks"] for r in rows] == [1, 2, 2]
     assert_same_training(tmp_path / "run", undisturbed)
 
 
@@ -225,27 +279,24 @@ def test_unplaceable_worker_fails_after_the_placement_timeout(cluster, tiny_asse
     assert ray.available_resources().get("CPU") == 7
 
 
-# Last in the module: it takes a node out of the cluster.
-def test_node_holding_the_reward_scorer_is_lost(cluster, tiny_assets, tmp_path, undisturbed):
-    def make(orch):
-        done = []
-
-        def hook(name, slot, task):
-            if name != "reward" or orch.step_idx != 1 or done:
-                return
-            node_id = node_of(orch.scorers.rewards.actors[slot])
-            (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
-            done.append(node_id)
-            cluster.remove_node(node, allow_graceful=False)
-            deadline = time.monotonic() + 60
-            while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
-                assert time.monotonic() < deadline, "Ray never marked the removed node dead"
-                time.sleep(0.2)
-
-        return hook
-
-    rows = run_checked(make_cfg(tiny_assets), tmp_path / "run", make)
-    # The scorer, and whatever else ran on that node, were replaced on the other nodes: in
-    # step 2, or in step 3 where the node went down after its step-2 results came back.
-    assert rows[0]["fault/restarts"] == 0 and rows[-1]["fault/restarts"] >= 1
+# Last in the module: it replaces nodes of the cluster.
+def test_nodes_lost_with_a_worker_inside_its_call(cluster, tiny_assets, tmp_path, undisturbed):
+    cfg = make_cfg(tiny_assets, "rollout.resources={rollout_slot: 1}")  # both on the rollout node
+    score, sample = KillPoint(tmp_path / "score"), KillPoint(tmp_path / "sample")
+    make, left = scripted(
+        {
+            "start": arm(score, rewards, "fn"),
+            ("reward", 1): kill(score, "node", cluster),  # the scorer's node, inside a call
+            ("weight_sync", 1): arm(sample, generators, "model.generate"),
+            ("rollout", 2): kill(sample, "node", cluster),  # the generators' node, mid-chunk
+        }
+    )
+    rows = run_checked(cfg, tmp_path / "run", make)
+    assert not left, f"never reached: {list(left)}"
+    # Whatever ran on a lost node (the reference scorer may have too) was replaced on the
+    # node that took its place, and the unfinished calls were redone.
+    restarts = [r["fault/restarts"] for r in rows]
+    redone = [r["fault/redone_chunks"] for r in rows]
+    assert restarts[0] >= 1 and redone[0] >= 1
+    assert restarts[1] >= restarts[0] + 2 and redone[1] >= redone[0] + 1  # both generators
     assert_same_training(tmp_path / "run", undisturbed)

@@ -1,12 +1,20 @@
-"""Checkpoints and exact resume: a driver killed with SIGKILL after step k, resumed with
-``launch.py --resume``, writes the same metrics for the steps after k as a run never killed."""
+"""Checkpoints and exact resume: a driver killed with SIGKILL at a named point, resumed with
+``launch.py --resume``, writes the same metrics for the steps after its checkpoint as a run
+never killed.
+
+The kill lands at a named point, the same in every run: the runs score with
+``kill_points:reward`` (``tests/helpers/kill_points.py``: the built-in reward, trapped), and
+in the killed run the kill point is armed to catch step 4's first reward call, after the six
+calls of steps 1-3 (8 prompts, one reward scorer, two chunks a step). The scorer holds in
+that call and the test kills the driver's whole process group: step 4 was under way, so the
+newest checkpoint is step 2 (``checkpoint.every=2``) and step 3's row was written after it.
+"""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +22,15 @@ import pytest
 from rlhf_dist.checkpoint import checkpoint_dirs, read_state
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+HELPERS = ROOT / "tests" / "helpers"
+sys.path.insert(0, str(HELPERS))
 from compare_runs import assert_same_runs  # noqa: E402
+from kill_points import ENV, KillPoint  # noqa: E402
+
+REWARD_CALLS_PER_STEP = 2  # 8 prompts for one reward scorer, dealt in two chunks
+TRAPPED = "reward.function=kill_points:reward"
+# The workers (started by launch.py's own Ray) import the trapped reward through PYTHONPATH.
+ENV_WITH_HELPERS = dict(os.environ, PYTHONPATH=str(HELPERS))
 
 
 def _args(tiny_assets, run_dir, *extra):
@@ -50,7 +65,12 @@ def _rows(run_dir, name="metrics.jsonl"):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path):
     straight = tmp_path / "straight"
     p = subprocess.run(
-        _args(tiny_assets, straight), cwd=ROOT, capture_output=True, text=True, timeout=600
+        _args(tiny_assets, straight, TRAPPED),
+        cwd=ROOT,
+        env=ENV_WITH_HELPERS,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
     # the last step is checkpointed too, and only the last two are kept
@@ -60,28 +80,29 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     ]
 
     killed = tmp_path / "killed"
+    point = KillPoint(tmp_path / "kill-point")
+    point.arm(skip=3 * REWARD_CALLS_PER_STEP)  # steps 1-3 pass; step 4's first call is held
     proc = subprocess.Popen(
-        _args(tiny_assets, killed),
+        _args(tiny_assets, killed, TRAPPED),
         cwd=ROOT,
+        env={**ENV_WITH_HELPERS, ENV: str(point.dir)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r.get("step") == 3 for r in _rows(killed)):
-        time.sleep(0.2)
-    assert any(r.get("step") == 3 for r in _rows(killed)), "the run never reached step 3"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait(timeout=60)
-    # The kill lands after step 3's row: usually before step 4's checkpoint, sometimes after.
+    try:
+        point.caught(timeout_s=300, alive=lambda: proc.poll() is None)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait(timeout=60)
     newest = checkpoint_dirs(killed)[-1]
-    k = read_state(newest)["step"]
-    assert k in (2, 4), k
-    written_after = [r["step"] for r in _rows(killed) if r["step"] > k]
+    assert newest.name == "step-00000002" and read_state(newest)["step"] == 2
+    assert [r["step"] for r in _rows(killed)] == [1, 2, 3]  # step 3's row came after it
 
     p = subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), "--resume", str(killed)],
         cwd=ROOT,
+        env=ENV_WITH_HELPERS,
         capture_output=True,
         text=True,
         timeout=600,
@@ -90,11 +111,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     assert "resumed from" in p.stdout and newest.name in p.stdout
 
     assert [r["step"] for r in _rows(killed)] == [1, 2, 3, 4, 5]  # steps after k redone once
-    # every metric of every step, and the exported final policies, equal the run never killed
+    # every metric of every step, the exported final policies and the samples trained equal
+    # the run never killed
     assert_same_runs(killed, straight, policy="ppo/policy", abs=1e-6, weights_atol=1e-5)
-    if written_after:  # rows written after the checkpoint are kept aside, not lost
-        rolled_back = _rows(killed, "metrics.rolled_back.jsonl")
-        assert [r["step"] for r in rolled_back] == written_after
+    # the row written after the checkpoint is kept aside, not lost
+    assert [r["step"] for r in _rows(killed, "metrics.rolled_back.jsonl")] == [3]
 
 
 @pytest.mark.parametrize("damage", ["truncate_engine", "corrupt_state"])

@@ -1,6 +1,8 @@
 """Role classes run in-process (no Ray) with the tiny locally built models."""
 
+import errno
 import math
+import socket
 import threading
 
 import pytest
@@ -10,7 +12,7 @@ from rlhf_dist import weight_sync
 from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
-from rlhf_dist.roles.common import free_port
+from rlhf_dist.roles.common import host_store
 from rlhf_dist.tasks.tiny import WARM, build_policy, build_tokenizer
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
@@ -154,9 +156,8 @@ def _in_threads(*calls):
     return results
 
 
-@pytest.fixture(scope="module")
-def learner(tiny_policy):
-    cfg = load_config(
+def _learner_cfg():
+    return load_config(
         None,
         [
             "learner.num_workers=1",
@@ -168,10 +169,36 @@ def learner(tiny_policy):
             "ppo.micro_batch_size=2",
         ],
     )
-    learner = Learner(cfg, rank=0, world_size=1)
-    info = learner.setup(tiny_policy, tiny_policy, "127.0.0.1", free_port())
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_policy):
+    learner = Learner(_learner_cfg(), rank=0, world_size=1)
+    info = learner.setup(tiny_policy, tiny_policy, "127.0.0.1", learner.host_rendezvous())
     assert info["policy_params"] > 0
     return learner
+
+
+def _taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            assert e.errno == errno.EADDRINUSE, e
+            return True
+        return False
+
+
+def test_ports_are_bound_before_they_are_handed_over():
+    """The port a store's host hands to the other members is bound already (the OS picked it
+    at port 0), so no other process can take it between choosing and binding it; the
+    learner hosts one weight-sync store for all its groups."""
+    learner = Learner(_learner_cfg(), rank=0, world_size=1)  # no engines needed
+    port = learner.host_weight_sync()
+    assert _taken(port) and learner.host_weight_sync() == port
+    assert _taken(learner.host_rendezvous())
+    store = host_store(10)
+    assert _taken(store.port) and store.port != port
 
 
 def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
@@ -195,7 +222,7 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     names = [s.name for s in learner.sync_manifest()]
     assert "lm_head.weight" not in names and "transformer.wte.weight" in names
 
-    port = free_port()
+    port = learner.host_weight_sync()
     _in_threads(
         lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "t", "gloo", 60),
         lambda: generator.join_weight_sync("127.0.0.1", port, 1, 2, "t", "gloo", 60),
@@ -243,10 +270,10 @@ def test_decoupled_ppo_weights_stale_samples_only(learner, batch, tiny_policy):
 
 def _sender_and(join):
     """A stand-in for learner rank 0 (rank 0 of a gloo group) and ``join`` as rank 1."""
-    port = free_port()
+    store = host_store(60)
     group, _ = _in_threads(
-        lambda: weight_sync.SyncGroup("127.0.0.1", port, 0, 2, "t", "gloo", 60),
-        lambda: join("127.0.0.1", port, 1, 2, "t", "gloo", 60),
+        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
+        lambda: join("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
     )
     return group
 
@@ -314,10 +341,10 @@ def test_weight_sync_round_trips_bf16_and_mixed_dtypes_exactly(tmp_path, dtypes)
     _perturb(sender, 0.5)
     manifest = weight_sync.manifest_of(sender)
     assert len({s.dtype for s in manifest}) == (3 if dtypes == "mixed" else 1)
-    port = free_port()
+    store = host_store(60)
     group_0, group_1 = _in_threads(
-        lambda: weight_sync.SyncGroup("127.0.0.1", port, 0, 2, "t", "gloo", 60),
-        lambda: weight_sync.SyncGroup("127.0.0.1", port, 1, 2, "t", "gloo", 60),
+        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
+        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
     )
     sent, _ = _in_threads(
         lambda: _send(group_0, sender, 4096),
@@ -384,7 +411,7 @@ def grpo_learner(tiny_policy):
         ],
     )
     learner = Learner(cfg, rank=0, world_size=1)
-    learner.setup(tiny_policy, "/no/critic/is/loaded", "127.0.0.1", free_port())
+    learner.setup(tiny_policy, "/no/critic/is/loaded", "127.0.0.1", learner.host_rendezvous())
     return learner
 
 
