@@ -26,3 +26,6 @@ def test_fixed_seed_run_writes_the_recorded_metrics(ray_cluster, tiny_assets, tm
                 assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (w.get("step"), key)
             else:
                 assert g[key] == value, (w.get("step"), key)
+    # the run ended as launch.train ends a run: the final policy exported
+    policy = tmp_path / name / "ppo" / "policy"
+    assert (policy / "config.json").is_file() and (policy / "model.safetensors").is_file()
