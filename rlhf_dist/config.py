@@ -48,8 +48,10 @@ class RunConfig:
     """Write ``samples.jsonl``: one line per sample a PPO step took (its data row, chunk,
     generator, policy version, reward, ...; see ``rlhf_dist/ledger.py``)."""
     stage: Literal["sft", "rm", "ppo", "all"] = "ppo"
-    """What to run: one stage of the RLHF recipe, or all three in order. A stage run alone
-    reuses earlier stages' outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
+    """What to run: one stage of the RLHF recipe, or all of them in order (``all``: SFT, the
+    reward model when PPO uses it, i.e. ``reward.model``, ``model.policy`` or
+    ``model.critic`` is ``run:rm``, then PPO). A stage run alone reuses earlier stages'
+    outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
 
 
 @dataclass
@@ -215,7 +217,15 @@ class RewardConfig(PoolConfig):
     """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
     function: str = "rlhf_dist.tasks.tiny:reward"
     """Reward function ``module:function(prompts, responses) -> list[float]``; used when
-    ``model`` is empty."""
+    ``model`` is empty. A function may also take fields of the prompt's data row by name
+    (``function(prompts, responses, answer)``, the row's ``answer`` for each sample) or all
+    of them (``**fields``), as TRL's reward functions do. Several comma-separated
+    ``module:function`` specs are combined: the reward is their weighted sum
+    (``weights``), and with two or more each one's mean is logged as
+    ``rollout/reward_<function name>``."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per function in ``function``, in order; empty = 1.0 each. A weight of 0
+    logs a function without rewarding it."""
 
 
 @dataclass
@@ -467,6 +477,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (etp,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, etp) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -661,6 +676,44 @@ def _check_estimator(cfg: Config) -> None:
         )
 
 
+def reward_function_specs(value: str) -> list[str]:
+    """The ``module:function`` specs of ``reward.function`` (comma-separated), stripped."""
+    return [s.strip() for s in value.split(",")]
+
+
+def _check_reward_functions(cfg: Config) -> None:
+    """``reward.function``: one or more distinct ``module:function``; ``reward.weights``: one
+    finite weight per function (or none)."""
+    r = cfg.reward
+    specs = reward_function_specs(r.function) if r.function else []
+    for spec in specs:
+        module, _, fn = spec.partition(":")
+        if not module.strip() or not fn.strip():
+            raise ConfigError(
+                f"reward.function: expected 'module:function' (comma-separated for several), "
+                f"got {spec!r} in {r.function!r}"
+            )
+    if len(set(specs)) < len(specs):
+        twice = next(s for s in specs if specs.count(s) > 1)
+        raise ConfigError(f"reward.function: {twice!r} is listed twice in {r.function!r}")
+    if not r.weights:
+        return
+    if r.model:
+        raise ConfigError(
+            "reward.weights: weigh the functions of reward.function, but reward.model is set "
+            "(the reward model's score is used alone); leave reward.weights empty"
+        )
+    if len(r.weights) != len(specs):
+        raise ConfigError(
+            f"reward.weights: {len(r.weights)} weights for {len(specs)} functions in "
+            f"reward.function ({', '.join(specs)}); give one weight per function, or none "
+            f"(1.0 each)"
+        )
+    for i, w in enumerate(r.weights):
+        if not math.isfinite(w):
+            raise ConfigError(f"reward.weights[{i}]: must be a finite number, got {w}")
+
+
 def validate(cfg: Config) -> Sizes:
     """Refuse what is wrong, naming the key; return the derived sizes."""
     for section in POOL_SECTIONS:
@@ -739,10 +792,7 @@ def validate(cfg: Config) -> Sizes:
         raise ConfigError("model.policy: must name a model directory, hub id or builtin:tiny")
     if not cfg.reward.model and not cfg.reward.function:
         raise ConfigError("reward.model / reward.function: one of them must be set")
-    if cfg.reward.function and ":" not in cfg.reward.function:
-        raise ConfigError(
-            f"reward.function: expected 'module:function', got {cfg.reward.function!r}"
-        )
+    _check_reward_functions(cfg)
 
     samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     _positive(cfg, "rollout.chunk_prompts", "run.max_restarts", allow_zero=True)

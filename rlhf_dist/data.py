@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -42,12 +43,14 @@ def load_jsonl(
     config_key: str,
     skip_bad: bool = False,
     check: Callable[[dict], str | None] | None = None,
+    keep_all: bool = False,
 ) -> tuple[list[dict], list[int], int]:
     """Records with non-empty string ``fields`` from a JSONL file.
 
     A bad line (not UTF-8, not JSON, a field missing or empty, or ``check`` returning a
     reason) raises :class:`DataError` naming the file and line, or with ``skip_bad`` is
-    skipped and counted. Returns (records, their line numbers, number skipped).
+    skipped and counted. A record holds ``fields`` only, or with ``keep_all`` every field of
+    its line. Returns (records, their line numbers, number skipped).
     """
     p = Path(path)
     records, lines, skipped = [], [], 0
@@ -67,22 +70,61 @@ def load_jsonl(
                 raise obj
             skipped += 1
             continue
-        records.append({f: obj[f] for f in fields})
+        records.append(dict(obj) if keep_all else {f: obj[f] for f in fields})
         lines.append(lineno)
     if not records:
         raise DataError(f"{config_key}: file {str(p)!r} holds no usable records")
     return records, lines, skipped
 
 
-def load_prompts(path: str | Path, key: str = "prompt") -> tuple[list[str], list[int]]:
-    """Prompts from a JSONL file, one object per line with a string field ``key``;
-    returns the prompts and their line numbers (for error messages)."""
+@dataclass
+class PromptRows:
+    """A prompt file: the prompts, and every other field of its rows as columns.
+
+    ``fields[name][i]`` is row ``i``'s value of ``name`` (None where the row lacks it, and
+    ``missing[name]`` is then the first such line), for the reward functions that take the
+    data row's fields (``function(prompts, responses, answer=...)``).
+    """
+
+    path: str
+    prompts: list[str]
+    lines: list[int]  # line number of each row (for error messages)
+    fields: dict[str, list] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
+
+    def head(self, n: int) -> PromptRows:
+        """The first ``n`` rows."""
+        fields = {k: v[:n] for k, v in self.fields.items()}
+        last = self.lines[:n][-1] if n > 0 else 0
+        missing = {k: line for k, line in self.missing.items() if line <= last}
+        return PromptRows(self.path, self.prompts[:n], self.lines[:n], fields, missing)
+
+
+def load_prompt_rows(path: str | Path, key: str = "prompt") -> PromptRows:
+    """Prompts from a JSONL file, one object per line with a string field ``key``, and the
+    rows' other fields (a bad line is refused, naming the file and line)."""
     try:
-        records, lines, _ = load_jsonl(path, [key], "data.prompt_key")
+        records, lines, _ = load_jsonl(path, [key], "data.prompt_key", keep_all=True)
     except DataError as e:
         msg = str(e).replace("data.prompt_key: file", "data.prompts: file")
         raise DataError(msg.replace("holds no usable records", "holds no prompts")) from None
-    return [r[key] for r in records], lines
+    names: dict[str, None] = {}  # every field of any row, in first-seen order
+    for r in records:
+        names.update(dict.fromkeys(k for k in r if k != key))
+    fields = {name: [r.get(name) for r in records] for name in names}
+    missing = {}
+    for name in names:
+        first = next((line for r, line in zip(records, lines) if name not in r), None)
+        if first is not None:
+            missing[name] = first
+    return PromptRows(str(path), [r[key] for r in records], lines, fields, missing)
+
+
+def load_prompts(path: str | Path, key: str = "prompt") -> tuple[list[str], list[int]]:
+    """Prompts from a JSONL file, one object per line with a string field ``key``;
+    returns the prompts and their line numbers (for error messages)."""
+    rows = load_prompt_rows(path, key)
+    return rows.prompts, rows.lines
 
 
 def load_demonstrations(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], int]:

@@ -44,12 +44,19 @@ def pool_key(pool: str, stat: str) -> str:
     return f"{POOL}/{pool}_{stat}"
 
 
+def reward_part_key(name: str) -> str:
+    """The mean score of one of several combined reward functions (unweighted), by the
+    function's name: ``reward_part_key("accuracy") == "rollout/reward_accuracy"``."""
+    return f"{ROLLOUT}/reward_{name}"
+
+
 def in_namespace(key: str, namespace: str) -> bool:
     return key.startswith(f"{namespace}/")
 
 
 # ----------------------------------------------------------------------------- rollout/
-# one step's samples: proxy reward (mean and spread), response length, cut at max length
+# one step's samples: proxy reward (mean and spread), response length, cut at max length;
+# with several reward functions, each one's mean is reward_part_key(<function name>)
 REWARD_MEAN = "rollout/reward_mean"
 SCORE_STD = "rollout/score_std"
 RESPONSE_LENGTH_MEAN = "rollout/response_length_mean"

@@ -1,12 +1,13 @@
 """Checks that run in the driver before any actor starts, so bad input fails fast and clearly.
 
 Sources in the config are resolved here:
-- ``builtin:tiny`` / ``builtin:describe``: a built-in task's files, built locally on first use
-  into ``model.assets_dir``;
+- ``builtin:tiny`` / ``builtin:describe`` / ``builtin:arith``: a built-in task's files, built
+  locally on first use into ``model.assets_dir``;
 - ``run:sft`` / ``run:rm``: the model an earlier stage exported into the run directory;
 - anything else: a path or hub id, used as given.
-Then every model path must load its config, the reward function must import, data files must
-parse (errors name file and line), and prompts must fit ``rollout.max_prompt_tokens`` and the
+Then every model path must load its config, the reward functions must import, data files must
+parse (errors name file and line), the data fields a reward function takes by name must be
+fields of the prompt files it scores, and prompts must fit ``rollout.max_prompt_tokens`` and the
 policy's context window.
 """
 
@@ -16,14 +17,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_dist.config import Config, ConfigError
-from rlhf_dist.data import DataError, load_demonstrations, load_preference_pairs, load_prompts
+from rlhf_dist.data import (
+    DataError,
+    PromptRows,
+    load_demonstrations,
+    load_preference_pairs,
+    load_prompt_rows,
+)
 
 STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
 STAGE_ORDER = ["sft", "rm", "ppo"]
 
 
 def stages_of(cfg: Config) -> list[str]:
-    return STAGE_ORDER if cfg.run.stage == "all" else [cfg.run.stage]
+    """``run.stage``, or for ``all`` the stages PPO's sources need: SFT, the reward model only
+    when PPO uses it (a recipe with a rule reward, ``reward.function``, has no RM stage),
+    then PPO."""
+    if cfg.run.stage != "all":
+        return [cfg.run.stage]
+    sources = (cfg.reward.model, cfg.model.policy, cfg.model.critic)
+    return [s for s in STAGE_ORDER if s != "rm" or "run:rm" in sources]
 
 
 def stage_output(run_dir: Path, value: str) -> Path:
@@ -47,8 +60,19 @@ def resolve(cfg: Config, run_dir: Path, key: str, value: str, kind: str) -> str:
         return str(
             describe.build_assets(Path(cfg.model.assets_dir) / "describe") / describe.FILES[kind]
         )
+    if value == "builtin:arith":
+        from rlhf_dist.tasks import arith
+
+        if kind not in arith.FILES:
+            raise ConfigError(
+                f"{key}: builtin:arith has no {kind} (it is a verifiable task: its reward is "
+                f"the rule rlhf_dist.tasks.arith:reward, not a reward model)"
+            )
+        return str(arith.build_assets(Path(cfg.model.assets_dir) / "arith") / arith.FILES[kind])
     if value.startswith("builtin:"):
-        raise ConfigError(f"{key}: unknown built-in {value!r} (builtin:tiny, builtin:describe)")
+        raise ConfigError(
+            f"{key}: unknown built-in {value!r} (builtin:tiny, builtin:describe, builtin:arith)"
+        )
     if value in STAGE_OUTPUTS:
         return str(stage_output(run_dir, value))
     if value.startswith("run:"):
@@ -104,13 +128,33 @@ def _tokenizer(key: str, path: str):
         raise ConfigError(f"{key}: cannot load a tokenizer from {path!r}: {e}") from None
 
 
-def _import_function(key: str, spec: str) -> None:
-    from rlhf_dist.roles.scorers import import_reward_function
+def _import_functions(key: str, value: str, weights: list[float] | None = None) -> list:
+    """The reward functions ``value`` names (``reward.function`` may name several)."""
+    from rlhf_dist.roles.scorers import load_reward_functions
 
     try:
-        import_reward_function(spec)
+        return load_reward_functions(value, weights)
     except ValueError as e:
         raise ConfigError(str(e).replace("reward.function", key, 1)) from None
+
+
+def check_fields(key: str, functions: list, rows: PromptRows, file_key: str) -> None:
+    """Every data field a function of ``key`` requires by name is a field of every row of
+    ``rows`` (the file ``file_key`` names); the error names the key, the field and the file."""
+    for f in functions:
+        for name in f.use.required:
+            if name not in rows.fields:
+                have = ", ".join(rows.fields) or "none besides the prompt"
+                raise ConfigError(
+                    f"{key}: {f.spec} takes the data field {name!r}, but the rows of "
+                    f"{file_key} ({rows.path}) have no field {name!r} (their other fields: "
+                    f"{have})"
+                )
+            if name in rows.missing:
+                raise ConfigError(
+                    f"{key}: {f.spec} takes the data field {name!r}, but {file_key} "
+                    f"{rows.path}:{rows.missing[name]} has no field {name!r}"
+                )
 
 
 # ----------------------------------------------------------------------------- per stage
@@ -162,21 +206,26 @@ class Inputs:
     pad_token_id: int
     reward_model: str = ""
     eval_prompts: list[str] = field(default_factory=list)
+    prompt_fields: dict[str, list] = field(default_factory=dict)
+    """The other fields of data.prompts' rows: field -> one value per prompt (None where a
+    row lacks it), for reward functions that take them."""
+    eval_prompt_fields: dict[str, list] = field(default_factory=dict)
+    """The same for ``eval_prompts``."""
 
 
-def _prompts(cfg: Config, key: str, path: str, tokenizer, limit: int) -> list[str]:
+def _prompts(cfg: Config, key: str, path: str, tokenizer, limit: int) -> PromptRows:
     try:
-        prompts, lines = load_prompts(path, cfg.data.prompt_key)
+        rows = load_prompt_rows(path, cfg.data.prompt_key)
     except DataError as e:
         raise ConfigError(str(e).replace("data.prompts", key, 1)) from None
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    for n, line in zip(lengths, lines):
+    lengths = [len(ids) for ids in tokenizer(rows.prompts)["input_ids"]]
+    for n, line in zip(lengths, rows.lines):
         if n > limit:
             raise ConfigError(
                 f"{path}:{line}: prompt is {n} tokens, longer than "
                 f"rollout.max_prompt_tokens={limit}"
             )
-    return prompts
+    return rows
 
 
 def resolve_inputs(
@@ -188,13 +237,15 @@ def resolve_inputs(
     critic = policy
     if cfg.model.critic:
         critic = _model(cfg, run_dir, "model.critic", cfg.model.critic, pending)
-    reward_model = ""
+    reward_model, functions, gold = "", [], []
     if cfg.reward.model:
         reward_model = _model(cfg, run_dir, "reward.model", cfg.reward.model, pending)
     else:
-        _import_function("reward.function", cfg.reward.function)
+        functions = _import_functions("reward.function", cfg.reward.function, cfg.reward.weights)
     if cfg.eval.gold:
-        _import_function("eval.gold", cfg.eval.gold)
+        gold = _import_functions("eval.gold", cfg.eval.gold)
+        if len(gold) > 1:
+            raise ConfigError(f"eval.gold: one 'module:function', got {cfg.eval.gold!r}")
 
     # A pending policy is the SFT export: same tokenizer and architecture as sft.init.
     known = (
@@ -212,8 +263,9 @@ def resolve_inputs(
             f"{limit + cfg.rollout.max_new_tokens} exceeds the policy's context of {ctx} tokens"
         )
     prompt_file = resolve(cfg, run_dir, "data.prompts", cfg.data.prompts, "prompts")
-    prompts = _prompts(cfg, "data.prompts", prompt_file, tokenizer, limit)
-    eval_prompts: list[str] = []
+    rows = _prompts(cfg, "data.prompts", prompt_file, tokenizer, limit)
+    check_fields("reward.function", functions, rows, "data.prompts")
+    eval_rows = None
     if cfg.eval.gold:
         source, key = (
             (cfg.eval.prompts, "eval.prompts")
@@ -224,9 +276,20 @@ def resolve_inputs(
             )
         )
         eval_file = resolve(cfg, run_dir, key, source, "eval_prompts")
-        eval_prompts = _prompts(cfg, key, eval_file, tokenizer, limit)[: cfg.eval.num_prompts]
+        eval_rows = _prompts(cfg, key, eval_file, tokenizer, limit).head(cfg.eval.num_prompts)
+        check_fields("eval.gold", gold, eval_rows, key)
+        # evaluation scores the held-out samples with the reward functions too (the proxy)
+        check_fields("reward.function", functions, eval_rows, key)
     return Inputs(
-        policy, tokenizer_path, critic, prompts, tokenizer.pad_token_id, reward_model, eval_prompts
+        policy,
+        tokenizer_path,
+        critic,
+        rows.prompts,
+        tokenizer.pad_token_id,
+        reward_model,
+        eval_rows.prompts if eval_rows else [],
+        rows.fields,
+        eval_rows.fields if eval_rows else {},
     )
 
 

@@ -240,3 +240,43 @@ def test_utf8_bom_at_file_start_is_accepted(tmp_path):
 def test_cursor_over_nothing_is_refused():
     with pytest.raises(ValueError, match="at least one prompt"):
         PromptCursor(0, seed=0)
+
+
+# ----------------------------------------------------------------------------- load_prompt_rows
+
+
+def test_prompt_rows_keep_every_other_field_as_columns(tmp_path):
+    from rlhf_dist.data import load_prompt_rows
+
+    p = _jsonl(
+        tmp_path,
+        [
+            json.dumps({"prompt": "a", "answer": "1", "meta": {"k": [1]}}),
+            "",
+            json.dumps({"answer": 2, "prompt": "b"}),
+            json.dumps({"prompt": "c", "answer": None, "extra": True}),
+            json.dumps({"prompt": "d"}),
+        ],
+    )
+    rows = load_prompt_rows(p)
+    assert rows.prompts == ["a", "b", "c", "d"] and rows.lines == [1, 3, 4, 5]
+    assert rows.fields == {
+        "answer": ["1", 2, None, None],
+        "meta": [{"k": [1]}, None, None, None],
+        "extra": [None, None, True, None],
+    }
+    # a JSON null is a value; a row without the field is "missing" (first such line)
+    assert rows.missing == {"answer": 5, "meta": 3, "extra": 1}
+    head = rows.head(3)
+    assert head.prompts == ["a", "b", "c"] and head.fields["answer"] == ["1", 2, None]
+    assert head.missing == {"meta": 3, "extra": 1}
+    assert rows.head(1).missing == {"extra": 1}
+    assert load_prompts(p) == (rows.prompts, rows.lines)
+
+
+def test_prompt_rows_with_another_prompt_key_keep_the_rest(tmp_path):
+    from rlhf_dist.data import load_prompt_rows
+
+    p = _jsonl(tmp_path, [json.dumps({"question": "q", "prompt": "not the prompt"})])
+    rows = load_prompt_rows(p, key="question")
+    assert rows.prompts == ["q"] and rows.fields == {"prompt": ["not the prompt"]}

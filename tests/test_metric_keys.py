@@ -27,6 +27,8 @@ def test_helpers_build_the_keys_the_constants_hold():
     assert K.stage_key(K.SFT, "eval_loss") == K.SFT_EVAL_LOSS
     assert K.pool_key("learner", "rss_mb") == "pool/learner_rss_mb"
     assert K.in_namespace(K.GOLD, K.EVAL) and not K.in_namespace(K.GOLD, K.TRAIN)
+    assert K.reward_part_key("accuracy") == "rollout/reward_accuracy"
+    assert K.in_namespace(K.reward_part_key("format"), K.ROLLOUT)
 
 
 def test_every_key_written_or_read_as_a_literal_is_one_of_the_constants():

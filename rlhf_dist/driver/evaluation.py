@@ -3,6 +3,8 @@
 The gold scorer plays the human labeler; it never trains anything. Each evaluation samples
 the same held-out prompts with the same seeds (step 0's chunk plan, one sample each), so two
 evaluations differ by the policy only. The proxy reward of the same samples sits beside it.
+A gold function may take fields of the held-out rows, as reward functions do
+(``gold(prompts, responses, answer)``): a verifiable task's held-out accuracy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from rlhf_dist.config import Config
 from rlhf_dist.dispatch import chunk_plan
 from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.scorer_group import ScorerGroup
-from rlhf_dist.roles.scorers import import_reward_function
+from rlhf_dist.roles.scorers import RewardFunction
 
 
 class Evaluator:
@@ -25,7 +27,8 @@ class Evaluator:
     ):
         self.cfg, self.prompts = cfg, prompts
         self.generators, self.scorers = generators, scorers
-        self.gold = import_reward_function(cfg.eval.gold) if cfg.eval.gold else None
+        self.gold = RewardFunction.load(cfg.eval.gold) if cfg.eval.gold else None
+        self.fields = scorers.eval_fields  # the held-out rows' other fields
 
     def due(self, step: int) -> bool:
         """Before PPO (step 0), every ``eval.every`` steps and after the last one."""
@@ -38,8 +41,9 @@ class Evaluator:
         size = math.ceil(n / (2 * self.cfg.rollout.num_workers))
         chunks = chunk_plan(list(range(n)), size, self.cfg.run.seed, "eval", 0)
         batch = self.generators.generate(chunks, self.prompts, samples=1)
-        gold = torch.tensor(self.gold(batch.prompts, batch.responses), dtype=torch.float64)
-        proxy = self.scorers.rewards_of(batch)
+        fields = self.scorers.sample_fields(batch, self.fields, [self.gold])
+        gold = torch.tensor(self.gold(batch.prompts, batch.responses, fields), dtype=torch.float64)
+        proxy = self.scorers.rewards_of(batch, self.fields)
         return {
             K.GOLD: gold.mean().item(),
             K.GOLD_STDERR: (gold.std().item() / n**0.5) if n > 1 else 0.0,

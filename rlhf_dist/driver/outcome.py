@@ -71,6 +71,10 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
         "step": state.step,
         K.REWARD_MEAN: batch.scores.mean().item(),
         K.SCORE_STD: batch.scores.std().item() if len(batch) > 1 else 0.0,
+        **{
+            K.reward_part_key(name): part.mean().item()
+            for name, part in batch.extra.get("reward_parts", {}).items()
+        },
         K.RESPONSE_LENGTH_MEAN: lengths.float().mean().item(),
         K.TRUNCATED_FRAC: batch.truncated.float().mean().item(),
         **train,

@@ -2,6 +2,8 @@
 
 Each pool gets the batch in chunks (about two per worker), dealt by load; a lost scorer is
 replaced at once (a scorer holds nothing another cannot rebuild) and its chunk redone.
+Reward functions that take fields of the data row (``answer=...``) receive, with each chunk,
+those fields alone, for that chunk's samples (the rows ``batch.prompt_ids`` name).
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.pools import Pool, bundle_of
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import ReferenceScorer, RewardScorer
+from rlhf_dist.roles.scorers import load_reward_functions
 
 
 class ScorerGroup:
     def __init__(self, cfg: Config, inputs: Inputs, budget: RestartBudget):
         self.budget = budget
+        # The functions' signatures say which data fields travel with the samples.
+        self.functions = (
+            []
+            if inputs.reward_model
+            else load_reward_functions(cfg.reward.function, cfg.reward.weights)
+        )
+        self.fields = inputs.prompt_fields  # the rows of data.prompts: PPO's prompt_ids
+        self.eval_fields = inputs.eval_prompt_fields  # the rows of the held-out prompts
         timeout = cfg.ray.placement_timeout_s
         self.rewards = Pool(
             "reward",
@@ -34,6 +45,7 @@ class ScorerGroup:
                 dict(
                     model_path=inputs.reward_model,
                     function="" if inputs.reward_model else cfg.reward.function,
+                    weights=None if inputs.reward_model else cfg.reward.weights,
                     dtype=cfg.model.dtype,
                     num_gpus=cfg.reward.num_gpus,
                 ),
@@ -69,30 +81,49 @@ class ScorerGroup:
         deal(*jobs, on_dispatch=self.on_dispatch)
         self.budget.redone(sum(j.redone for j in jobs))
 
-    def _reward_job(self, batch: RolloutBatch) -> Job:
-        return self._job(
-            self.rewards,
-            batch,
-            lambda a, p: a.score.remote(
-                batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop]
-            ),
-        )
+    def sample_fields(self, batch: RolloutBatch, table: dict[str, list], functions=None):
+        """The data fields ``functions`` (default: the reward functions) take, one value per
+        sample of ``batch``, from ``table`` (the rows ``batch.prompt_ids`` index); None when
+        they take none."""
+        functions = self.functions if functions is None else functions
+        wanted = list(dict.fromkeys(k for f in functions for k in f.wanted(table)))
+        if not wanted:
+            return None
+        return {k: [table[k][i] for i in batch.prompt_ids] for k in wanted}
+
+    def _reward_job(self, batch: RolloutBatch, table: dict[str, list]) -> Job:
+        fields = self.sample_fields(batch, table)
+
+        def submit(a, p):
+            chunk = None if fields is None else {k: v[p.start : p.stop] for k, v in fields.items()}
+            return a.score.remote(
+                batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop], chunk
+            )
+
+        return self._job(self.rewards, batch, submit)
 
     def score(self, batch: RolloutBatch) -> float:
-        """Reward scores and reference log-probs of ``batch``, filled in; returns the slower
-        pool's critical-path compute."""
-        rewards = self._reward_job(batch)
+        """Reward scores and reference log-probs of ``batch`` (PPO's samples of data.prompts),
+        filled in; with several reward functions each one's scores go to
+        ``batch.extra["reward_parts"]``. Returns the slower pool's critical-path compute."""
+        rewards = self._reward_job(batch, self.fields)
         refs = self._job(
             self.references, batch, lambda a, p: a.ref_logprobs.remote(batch.select(list(p)))
         )
         self._deal(rewards, refs)
         batch.scores = torch.cat([r["scores"] for r in rewards.results])
+        if "parts" in rewards.results[0]:
+            names = rewards.results[0]["parts"]
+            batch.extra["reward_parts"] = {
+                n: torch.cat([r["parts"][n] for r in rewards.results]) for n in names
+            }
         batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs.results])
         return max(rewards.critical_path(), refs.critical_path())
 
-    def rewards_of(self, batch: RolloutBatch) -> torch.Tensor:
-        """The reward scores alone (evaluation's proxy reward)."""
-        job = self._reward_job(batch)
+    def rewards_of(self, batch: RolloutBatch, table: dict[str, list] | None = None) -> torch.Tensor:
+        """The reward scores alone (evaluation's proxy reward). ``table``: the data rows the
+        batch's ``prompt_ids`` index; default the held-out prompts'."""
+        job = self._reward_job(batch, self.eval_fields if table is None else table)
         self._deal(job)
         return torch.cat([r["scores"] for r in job.results])
 

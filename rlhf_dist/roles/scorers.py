@@ -1,14 +1,19 @@
-"""Scorers: the reward (a reward model or a ``module:function``) and the reference policy."""
+"""Scorers: the reward (a reward model, or ``module:function`` reward functions, weighted)
+and the reference policy."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.config import reward_function_specs
 from rlhf_dist.models import (
     load_policy,
     load_reward_model,
@@ -19,7 +24,7 @@ from rlhf_dist.models import (
 from rlhf_dist.roles.common import SystemStats, pick_device
 
 
-def import_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+def import_reward_function(spec: str) -> Callable[..., list[float]]:
     """Resolve ``module:function``; raise ValueError naming what failed."""
     module_name, _, fn_name = spec.partition(":")
     if not module_name or not fn_name:
@@ -34,8 +39,107 @@ def import_reward_function(spec: str) -> Callable[[list[str], list[str]], list[f
     return fn
 
 
+@dataclass(frozen=True)
+class FieldUse:
+    """Which fields of a sample's data row a reward function takes, from its signature.
+
+    The first two positional parameters take the prompts and the responses, whatever their
+    names; a further named parameter takes the data field of that name (one value per
+    sample), required unless it has a default; ``**kwargs`` takes every field.
+    """
+
+    named: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    any_field: bool = False
+    taken: tuple[str, ...] = ()  # the names of the (prompts, responses) parameters
+
+    @staticmethod
+    def of(fn: Callable) -> FieldUse:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):  # no signature to read (some builtins): two arguments
+            return FieldUse()
+        P = inspect.Parameter
+        positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        taken = tuple(p.name for p in positional[:2])
+        named = [
+            p
+            for p in params
+            if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and p.name not in taken
+        ]
+        return FieldUse(
+            named=tuple(p.name for p in named),
+            required=tuple(p.name for p in named if p.default is P.empty),
+            any_field=any(p.kind is P.VAR_KEYWORD for p in params),
+            taken=taken,
+        )
+
+    def wanted(self, columns) -> list[str]:
+        """The fields, of those ``columns`` a data file has, this function is given."""
+        if self.any_field:
+            return [c for c in columns if c not in self.taken]
+        return [c for c in self.named if c in columns]
+
+
+RESERVED_PART_NAMES = frozenset({"mean"})  # rollout/reward_mean is the combined reward's
+
+
+@dataclass
+class RewardFunction:
+    """One ``module:function`` of ``reward.function`` (or ``eval.gold``) with its weight and
+    the data fields it takes. Called as ``fn(prompts, responses, **fields)`` when it takes
+    fields, else ``fn(prompts, responses)``."""
+
+    spec: str
+    fn: Callable[..., list[float]]
+    weight: float = 1.0
+    name: str = ""  # in metric keys: rollout/reward_<name>
+    use: FieldUse = FieldUse()
+
+    @staticmethod
+    def load(spec: str, weight: float = 1.0, name: str = "") -> RewardFunction:
+        fn = import_reward_function(spec)
+        return RewardFunction(spec, fn, weight, name or spec.partition(":")[2], FieldUse.of(fn))
+
+    def wanted(self, columns) -> list[str]:
+        return self.use.wanted(columns)
+
+    def __call__(self, prompts, responses, fields: dict[str, list] | None = None) -> list[float]:
+        """The function's scores; ``fields``: data field -> one value per sample."""
+        fields = fields or {}
+        missing = [k for k in self.use.required if k not in fields]
+        if missing:
+            have = ", ".join(sorted(fields)) or "none"
+            raise ValueError(
+                f"reward function {self.spec!r} needs the data field {missing[0]!r}, "
+                f"which was not given (fields given: {have})"
+            )
+        kwargs = {k: list(fields[k]) for k in self.wanted(fields)}
+        return self.fn(list(prompts), list(responses), **kwargs)
+
+
+def load_reward_functions(value: str, weights: list[float] | None = None) -> list[RewardFunction]:
+    """The functions of ``reward.function`` (comma-separated ``module:function`` specs) with
+    ``reward.weights`` (empty = 1.0 each). Each gets a distinct name for its metric: the
+    function's name, or module and function when that is taken or reserved."""
+    specs = reward_function_specs(value)
+    weights = list(weights) if weights else [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise ValueError(
+            f"reward.weights: {len(weights)} weights for {len(specs)} functions in "
+            f"reward.function ({', '.join(specs)})"
+        )
+    base = [spec.partition(":")[2] for spec in specs]
+    names = [
+        b if base.count(b) == 1 and b not in RESERVED_PART_NAMES else re.sub(r"\W+", "_", spec)
+        for b, spec in zip(base, specs)
+    ]
+    return [RewardFunction.load(s, w, n) for s, w, n in zip(specs, weights, names)]
+
+
 class RewardScorer(SystemStats):
-    """One scalar score per response, from a sequence classifier or a Python function."""
+    """One scalar score per response, from a sequence classifier or reward functions (the
+    weighted sum of their scores; each function's scores are returned too)."""
 
     def __init__(
         self,
@@ -44,48 +148,84 @@ class RewardScorer(SystemStats):
         dtype: str = "float32",
         num_gpus: float = 0.0,
         batch_size: int = 32,
+        weights: list[float] | None = None,
     ):
         self.device = pick_device(num_gpus)
         self.batch_size = batch_size
+        self.functions: list[RewardFunction] = []
         if model_path:
-            self.fn = None
             self.tokenizer = load_tokenizer(model_path, padding_side="right")
             self.model = load_reward_model(model_path, dtype).to(self.device).eval()
         else:
-            self.fn = import_reward_function(function)
-            self.function = function
+            self.functions = load_reward_functions(function, weights)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> dict:
+    def score(
+        self, prompts: list[str], responses: list[str], fields: dict[str, list] | None = None
+    ) -> dict:
+        """``scores`` (and with several functions ``parts``: each function's own scores,
+        unweighted). ``fields``: data field -> the value of each sample's data row, for the
+        functions that take them."""
         t0 = time.perf_counter()
-        scores = (
-            self._score_fn(prompts, responses) if self.fn else self._score_model(prompts, responses)
-        )
-        return {"scores": scores, "compute_s": time.perf_counter() - t0}
+        out: dict = {}
+        if self.functions:
+            out["scores"], parts = self._score_fns(prompts, responses, fields or {})
+            if len(parts) > 1:
+                out["parts"] = parts
+        else:
+            out["scores"] = self._score_model(prompts, responses)
+        out["compute_s"] = time.perf_counter() - t0
+        return out
 
-    def _score_fn(self, prompts, responses) -> torch.Tensor:
-        """Scores from the user's function. An exception names the function and the first
-        sample it fails on; non-finite scores pass through (the learner skips such a step)."""
+    def _score_fns(self, prompts, responses, fields) -> tuple[torch.Tensor, dict]:
+        for name, values in fields.items():
+            if len(values) != len(responses):
+                raise RuntimeError(
+                    f"field {name!r}: {len(values)} values for {len(responses)} responses"
+                )
+        for f in self.functions:
+            missing = [k for k in f.use.required if k not in fields]
+            if missing:
+                raise RuntimeError(
+                    f"reward function {f.spec!r} needs the data field {missing[0]!r}, which "
+                    f"was not given (fields given: {', '.join(sorted(fields)) or 'none'})"
+                )
+        total = torch.zeros(len(responses), dtype=torch.float32)
+        parts = {}
+        for f in self.functions:
+            scores = self._score_fn(f, prompts, responses, fields)
+            parts[f.name] = scores
+            if f.weight != 0:  # a weight of 0 logs the function without rewarding it
+                total += f.weight * scores
+        return total, parts
+
+    def _score_fn(self, f: RewardFunction, prompts, responses, fields) -> torch.Tensor:
+        """Scores from one of the user's functions. An exception names the function and the
+        first sample it fails on; non-finite scores pass through (the learner skips such a
+        step)."""
         try:
-            out = [float(x) for x in self.fn(list(prompts), list(responses))]
+            out = [float(x) for x in f(prompts, responses, fields)]
         except Exception as e:
-            raise RuntimeError(
-                f"reward function {self.function!r} raised {e!r}{self._culprit(prompts, responses)}"
-            ) from e
+            culprit = self._culprit(f, prompts, responses, fields)
+            raise RuntimeError(f"reward function {f.spec!r} raised {e!r}{culprit}") from e
         if len(out) != len(responses):
             raise RuntimeError(
-                f"reward function {self.function!r} returned {len(out)} scores "
+                f"reward function {f.spec!r} returned {len(out)} scores "
                 f"for {len(responses)} responses"
             )
         return torch.tensor(out, dtype=torch.float32)
 
-    def _culprit(self, prompts, responses) -> str:
+    @staticmethod
+    def _culprit(f: RewardFunction, prompts, responses, fields) -> str:
         """Find the first sample the function fails on alone (only on the error path)."""
         for i, (p, r) in enumerate(zip(prompts, responses)):
             try:
-                self.fn([p], [r])
+                f([p], [r], {k: v[i : i + 1] for k, v in fields.items()})
             except Exception:
-                return f" on sample {i}: prompt={p!r}, response={r!r}"
+                row = {k: v[i] for k, v in fields.items() if k in f.wanted(fields)}
+                return f" on sample {i}: prompt={p!r}, response={r!r}" + (
+                    f", fields={row!r}" if row else ""
+                )
         return " (no single sample fails alone)"
 
     def _score_model(self, prompts, responses) -> torch.Tensor:
