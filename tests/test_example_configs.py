@@ -9,7 +9,7 @@ makes it fail here too):
   exported policy checked);
 - the tests in ``RUNNERS`` name the config they run (``"configs/<name>"``): the recipe test runs
   ``default.yaml`` SFT -> RM -> PPO in a short form, the CLI test runs ``smoke.yaml``
-  through ``launch.py``.
+  through ``launch.py``, the arith test runs ``arith.yaml`` SFT -> PPO.
 
 GPU configs cannot run here: ``tests/test_cluster_files.py`` checks every ``gpu-*.yaml`` asks for
 GPUs, bf16 and ZeRO and fits the clusters, and ``benchmarks/gpu_check.py`` (run on CPU by
@@ -27,7 +27,11 @@ sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from pinned_runs import RUNS  # noqa: E402
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").iterdir() if p.suffix in (".yaml", ".yml"))
-RUNNERS = ["tests/integration/test_recipe_stages.py", "tests/integration/test_launch_cli.py"]
+RUNNERS = [
+    "tests/integration/test_recipe_stages.py",
+    "tests/integration/test_launch_cli.py",
+    "tests/integration/test_arith_recipe.py",
+]
 GPU_GLOB = "gpu-*.yaml"  # what tests/test_cluster_files.py checks as GPU configs
 GPU_CHECK = "benchmarks/gpu_check.py"
 
