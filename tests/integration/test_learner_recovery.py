@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,12 @@ def test_async_run_survives_the_node_of_a_rank_lost_mid_update(cluster, tiny_ass
             (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
             removed.append(node_id)
             cluster.remove_node(node, allow_graceful=False)
+            # once Ray has marked the node dead, every later call to that rank fails for
+            # certain (the update in flight, or the sync after it)
+            deadline = time.monotonic() + 60
+            while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+                assert time.monotonic() < deadline, "Ray never marked the removed node dead"
+                time.sleep(0.2)
 
         return hook
 
