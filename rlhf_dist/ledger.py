@@ -10,7 +10,8 @@ Each line says where the sample came from and what became of it:
 | ``chunk``, ``seed`` | the chunk of the step's chunk plan that sampled it, and that chunk's seed |
 | ``slot``, ``worker`` | the generator slot that sampled it and that worker's ``host:pid`` |
 | ``version``, ``staleness`` | the policy version that sampled it; versions it lagged the learner |
-| ``reward`` | the reward it was trained with |
+| ``reward`` | the reward it was trained with (``reward_parts``: each reward function's own
+score, when ``reward.function`` combines several) |
 | ``kl`` | k1 KL of the sampling policy to the reference, summed over its response tokens |
 | ``length``, ``truncated`` | response tokens (EOS included); cut at ``rollout.max_new_tokens`` |
 | ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped) |
@@ -69,6 +70,7 @@ def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int)
         else None
     )
     lengths = mask.sum(-1).long().tolist()
+    parts = batch.extra.get("reward_parts", {}) if scored else {}
     rows = []
     for j, (chunk, seed, slot, worker, pos, sample) in enumerate(batch.extra["origins"]):
         version = int(batch.versions[j])
@@ -90,6 +92,8 @@ def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int)
                 "truncated": bool(batch.truncated[j]),
             }
         )
+        if parts:
+            rows[-1]["reward_parts"] = {name: float(part[j]) for name, part in parts.items()}
     return rows
 
 

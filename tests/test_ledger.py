@@ -67,6 +67,10 @@ def test_chunk_origins_and_rows_follow_the_chunk_plan():
     assert [r["epoch"] for r in rows] == [0] * 6 + [1] * 4
     assert {r["staleness"] for r in rows} == {1} and rows[0]["kl"] == 1.0
     assert [r["reward"] for r in rows] == list(range(10)) and rows[9]["worker"] == "w2"
+    assert "reward_parts" not in rows[0]  # one reward function: no parts
+    batch.extra["reward_parts"] = {"format": torch.ones(10), "answer": torch.arange(10.0) - 1}
+    rows = ledger.ledger_rows(6, batch, [0, 0, 0, 1, 1], learner=4)
+    assert rows[3]["reward_parts"] == {"format": 1.0, "answer": 2.0}
     # one chunk alone (a chunk dropped as too stale): positions still count from the step
     alone = ledger.chunk_origins(chunks, owners, [None, results[1], None])
     assert [o[4] for o in alone] == [2, 2, 3, 3]
