@@ -43,12 +43,10 @@ answer stays the likeliest one for every problem, which an RL policy can sharpen
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from pathlib import Path
 
-from rlhf_dist.tasks.tiny import SPECIAL, build_policy, build_tokenizer
+from rlhf_dist.tasks.tiny import SPECIAL, build_base_model, build_data_files
 
 OPS = {"add": "+", "sub": "-"}
 MAX_OPERAND = 9
@@ -188,12 +186,6 @@ def corpus_text() -> list[str]:
 # --------------------------------------------------------------------------- assets
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
-
-
 def build_assets(
     out_dir: str | Path,
     n_layer: int = 2,
@@ -207,22 +199,12 @@ def build_assets(
     """Build (once) the base model and tokenizer and the data files under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / FILES["model"]
-    if not (base / "config.json").exists():
-        tmp = out / "base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok = build_tokenizer(tmp, corpus=corpus_text())
-        build_policy(
-            tmp, tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=64, seed=seed
-        )
-        tmp.rename(base)
+    shape = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=64)
+    build_base_model(out / FILES["model"], corpus_text, seed, **shape)
     makers = {
         "demonstrations": lambda: make_demonstrations(num_demonstrations, seed=seed),
         "prompts": lambda: make_prompts(num_prompts, seed=seed + 2),
         "eval_prompts": lambda: make_prompts(num_eval_prompts, seed=seed + 1000),
     }
-    for kind, make in makers.items():
-        path = out / FILES[kind]
-        if not path.exists():
-            _write_jsonl(path, make())
+    build_data_files(out, FILES, makers)
     return out

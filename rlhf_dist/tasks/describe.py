@@ -14,12 +14,10 @@ They are the same file formats a user brings, loaded by the same code.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from rlhf_dist.tasks import lang
-from rlhf_dist.tasks.tiny import build_policy, build_tokenizer
+from rlhf_dist.tasks.tiny import build_base_model, build_data_files
 
 FILES = {
     "model": "base",
@@ -28,12 +26,6 @@ FILES = {
     "prompts": "prompts.jsonl",
     "eval_prompts": "eval_prompts.jsonl",
 }
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
 
 
 def build_assets(
@@ -49,13 +41,9 @@ def build_assets(
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / FILES["model"]
-    if not (base / "config.json").exists():
-        tmp = out / "base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok = build_tokenizer(tmp, corpus=lang.corpus_text(seed))
-        build_policy(tmp, tok, n_layer=n_layer, n_embd=n_embd, n_head=n_head, seed=seed)
-        tmp.rename(base)
+    corpus = lambda: lang.corpus_text(seed)  # noqa: E731 (only built when missing)
+    shape = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    build_base_model(out / FILES["model"], corpus, seed, **shape)
     makers = {
         "demonstrations": lambda: lang.make_demonstrations(num_demonstrations, seed=seed),
         "pairs": lambda: lang.make_preference_pairs(num_pairs, seed=seed + 1),
@@ -64,8 +52,5 @@ def build_assets(
             {"prompt": p} for p in lang.make_prompts(num_eval_prompts, seed=seed + 1000)
         ],
     }
-    for kind, make in makers.items():
-        path = out / FILES[kind]
-        if not path.exists():
-            _write_jsonl(path, make())
+    build_data_files(out, FILES, makers)
     return out

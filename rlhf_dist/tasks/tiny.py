@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 COLORS = "red orange yellow green blue purple pink brown black white gray gold".split()
@@ -133,3 +134,30 @@ def build_assets(
         prompts.with_suffix(".tmp").write_text("\n".join(lines) + "\n")
         prompts.with_suffix(".tmp").rename(prompts)
     return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines, written to a temporary file renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+
+
+def build_data_files(out: Path, files: dict[str, str], makers: dict) -> None:
+    """Each ``files[kind]`` under ``out`` written from ``makers[kind]()``, unless it exists."""
+    for kind, make in makers.items():
+        path = out / files[kind]
+        if not path.exists():
+            write_jsonl(path, make())
+
+
+def build_base_model(base: Path, corpus, seed: int, **shape) -> None:
+    """A word-level tokenizer trained on ``corpus()`` and a fresh GPT-2 of ``shape`` (seeded),
+    saved at ``base`` once (built beside it and renamed into place)."""
+    if (base / "config.json").exists():
+        return
+    tmp = base.with_name(base.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = build_tokenizer(tmp, corpus=corpus())
+    build_policy(tmp, tok, seed=seed, **shape)
+    tmp.rename(base)
