@@ -230,23 +230,15 @@ def build_tokenizer(out_dir: Path, vocab_size: int):
     ``Qwen2Tokenizer``, which rebuilds a byte-level BPE from the vocabulary and merges (a
     word-level tokenizer saved there would encode every text to nothing)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_dist.tasks.tiny import save_hf_tokenizer
 
     tokens = SPECIAL + _bytes_to_unicode()
     tokens += [f"Ġw{i}" for i in range(vocab_size - len(tokens))]  # Ġ: a leading space
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-        clean_up_tokenization_spaces=False,
-    )
-    hf.save_pretrained(out_dir)
-    return hf, [f"w{i}" for i in range(1000)]
+    return save_hf_tokenizer(tok, out_dir), [f"w{i}" for i in range(1000)]
 
 
 def build_models(work: Path, shape: dict, dtype: torch.dtype, device: torch.device) -> dict:

@@ -45,7 +45,6 @@ def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None):
     """Train a word-level tokenizer with ``tokenizers`` on ``corpus`` (default: this task's
     text) and save it as a Hugging Face tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -53,6 +52,14 @@ def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None):
     if corpus is None:
         corpus = make_prompts(2000, seed=1) + [" ".join(WORDS)]
     tok.train_from_iterator(corpus, trainer=trainer)
+    return save_hf_tokenizer(tok, out_dir)
+
+
+def save_hf_tokenizer(tok, out_dir: str | Path):
+    """A ``tokenizers.Tokenizer`` wrapped as a Hugging Face fast tokenizer with this
+    project's special tokens (``SPECIAL``), saved with ``save_pretrained``; returned."""
+    from transformers import PreTrainedTokenizerFast
+
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="[PAD]",
