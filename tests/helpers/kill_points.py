@@ -10,7 +10,7 @@ is in before it kills: the kill lands inside that call, not before or after it.
 A call is trapped in one of two ways:
 - ``KillPoint.arm(actors, "model.generate")`` first wraps an attribute of each live Ray
   actor's role object (through ``actor.__ray_call__``, queued behind the actor's current
-  call), e.g. a generator's HF model's ``generate`` or a reward scorer's ``fn``; a
+  call), e.g. a generator's HF model's ``generate`` or a reward scorer's ``_score_fns``; a
   ``module:function`` path (``"rlhf_dist.weight_sync:receive"``) wraps a module function in
   the actors' processes. Actors started later (replacements) are not trapped.
 - ``reward`` is a reward function (``reward.function=kill_points:reward``, with

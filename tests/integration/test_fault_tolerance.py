@@ -7,8 +7,8 @@ fault counters aside.
 
 Every kill lands inside a named call, for certain: the call is trapped by a kill point
 (``tests/helpers/kill_points.py``). The test arms it at a quiet moment before the call (the
-trap is put into the live actors through ``actor.__ray_call__``: a reward scorer's ``fn``, a
-generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` in a generator's
+trap is put into the live actors through ``actor.__ray_call__``: a reward scorer's
+``_score_fns``, a generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` in a generator's
 process); the first trapped call after that writes its PID to the kill point's directory and
 sleeps. The ``on_dispatch`` hook, at the first submission of that call's step, waits for the
 PID, then kills that worker (SIGKILL of the PID, ``ray.kill`` of its actor, or removal of its
@@ -189,7 +189,7 @@ def test_workers_killed_inside_their_calls_are_replaced_and_the_work_redone(
     score, sample, receive = (KillPoint(tmp_path / n) for n in ("score", "sample", "receive"))
     make, left = scripted(
         {
-            "start": arm(score, rewards, "fn"),
+            "start": arm(score, rewards, "_score_fns"),
             ("reward", 1): kill(score, how),  # the reward scorer, inside step 1's first call
             ("weight_sync", 1): arm(sample, generators, "model.generate"),
             ("rollout", 2): kill(sample, how),  # a generator inside step 2's first chunk
@@ -285,7 +285,7 @@ def test_nodes_lost_with_a_worker_inside_its_call(cluster, tiny_assets, tmp_path
     score, sample = KillPoint(tmp_path / "score"), KillPoint(tmp_path / "sample")
     make, left = scripted(
         {
-            "start": arm(score, rewards, "fn"),
+            "start": arm(score, rewards, "_score_fns"),
             ("reward", 1): kill(score, "node", cluster),  # the scorer's node, inside a call
             ("weight_sync", 1): arm(sample, generators, "model.generate"),
             ("rollout", 2): kill(sample, "node", cluster),  # the generators' node, mid-chunk
