@@ -199,6 +199,14 @@ class RolloutConfig(PoolConfig):
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    drop_uniform_groups: bool = False
+    """DAPO's dynamic sampling: drop the prompts whose ``samples_per_prompt`` samples all got
+    the same reward (under a group baseline they teach nothing), and sample more prompts
+    until the step holds ``prompts_per_step`` prompts with differing rewards. Dropped groups
+    are counted (``rollout/dropped_groups``) and recorded in the sample ledger. Sync mode."""
+    max_fill_rounds: int = 8
+    """With ``drop_uniform_groups``: rounds of extra sampling a step may take to fill its
+    batch; past them the run stops, saying the rewards give no signal on this data."""
     autoscale: AutoscaleConfig = field(default_factory=lambda: AutoscaleConfig())
     """Grow the pool while generation dominates the step."""
 
@@ -676,6 +684,24 @@ def _check_estimator(cfg: Config) -> None:
         )
 
 
+def _check_dynamic_sampling(cfg: Config) -> None:
+    r = cfg.rollout
+    if not r.drop_uniform_groups:
+        return
+    if r.samples_per_prompt < 2:
+        raise ConfigError(
+            f"rollout.drop_uniform_groups: needs rollout.samples_per_prompt >= 2 (got "
+            f"{r.samples_per_prompt}): a prompt with one sample is always a uniform group"
+        )
+    if cfg.mode == "async":
+        raise ConfigError(
+            "rollout.drop_uniform_groups: not supported with mode=async yet (the async loop "
+            "hands out whole steps' chunks ahead of scoring); use mode=sync"
+        )
+    if r.max_fill_rounds < 1:
+        raise ConfigError(f"rollout.max_fill_rounds: must be >= 1, got {r.max_fill_rounds}")
+
+
 def reward_function_specs(value: str) -> list[str]:
     """The ``module:function`` specs of ``reward.function`` (comma-separated), stripped."""
     return [s.strip() for s in value.split(",")]
@@ -811,6 +837,7 @@ def validate(cfg: Config) -> Sizes:
             raise ConfigError(
                 f"rollout.autoscale.generate_frac: must be in (0, 1), got {auto.generate_frac}"
             )
+    _check_dynamic_sampling(cfg)
     a = cfg.async_
     if cfg.mode == "async" and auto.max_workers:
         raise ConfigError(

@@ -14,7 +14,9 @@ Each line says where the sample came from and what became of it:
 score, when ``reward.function`` combines several) |
 | ``kl`` | k1 KL of the sampling policy to the reference, summed over its response tokens |
 | ``length``, ``truncated`` | response tokens (EOS included); cut at ``rollout.max_new_tokens`` |
-| ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped) |
+| ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped;
+``stale``: async, too old to train; with ``rollout.drop_uniform_groups``, ``uniform_group``:
+its prompt's samples all got the same reward, ``surplus``: its round found more than needed) |
 
 ``run.ledger=false`` turns it off. A resumed run moves the lines of the steps it redoes to
 ``samples.rolled_back.jsonl``, as it does with ``metrics.jsonl``. ``python -m rlhf_dist.report
@@ -33,6 +35,9 @@ from rlhf_dist.tracking import set_aside_rows
 
 LEDGER_FILE = "samples.jsonl"
 ROLLED_BACK_FILE = "samples.rolled_back.jsonl"
+UNIFORM = "uniform_group"  # ``dropped``: its prompt's samples all got the same reward
+SURPLUS = "surplus"  # ``dropped``: dynamic sampling found more groups than the step lacked
+SET_ASIDE = (UNIFORM, SURPLUS)  # dropped whole by design: its prompt is accounted for
 META_FILE = "samples.meta.json"  # {"num_prompts": ..., "samples_per_prompt": ...}
 
 
@@ -114,15 +119,17 @@ class SampleLedger:
 
     def write_step(self, out, state, taken: int) -> None:
         """A recorded step's samples (a ``StepOutcome``; ``state``: the ``RunState`` after
-        it), and any chunks it dropped as too stale. ``taken``: prompts per step."""
+        it), and any it dropped (too stale, or a uniform group). ``taken``: prompts per step,
+        unless the outcome says it took more."""
         if not self.enabled:
             return
+        taken = out.taken or taken
         epochs = data_epochs(out.data_position["cursor"], state.cursor.size, taken)
         trained_by = state.version - (0 if out.skipped else 1)  # the update's own version
         why = "nonfinite_step" if out.skipped else ""
         self.write(ledger_rows(state.step, out.batch, epochs, trained_by), why)
-        for chunk in out.dropped:
-            self.write(ledger_rows(state.step, chunk, epochs, trained_by), "stale")
+        for samples, reason in out.dropped:
+            self.write(ledger_rows(state.step, samples, epochs, trained_by), reason)
 
     def rollback(self, step: int) -> int:
         """Set aside the lines of the steps after ``step`` (a resumed run redoes them)."""
@@ -146,15 +153,25 @@ def read_meta(run_dir: str | Path) -> dict:
 
 def epoch_coverage(rows: list[dict], epoch: int, num_prompts: int, samples: int) -> dict:
     """Was every prompt of ``epoch`` trained exactly ``samples`` times, each sample index once?
-    Returns the rows missing (trained fewer times), repeated (more), and whether it holds."""
-    trained = Counter(
-        (r["row"], r["sample"]) for r in rows if r["epoch"] == epoch and not r.get("dropped")
-    )
+    A prompt whose whole group dynamic sampling set aside (``rollout.drop_uniform_groups``: a
+    uniform group, or a surplus one) counts as accounted for, once, instead of trained.
+    Returns the rows missing (fewer), repeated (more), the number of prompts set aside, and
+    whether it holds."""
+    mine = [r for r in rows if r["epoch"] == epoch]
+    trained = Counter((r["row"], r["sample"]) for r in mine if not r.get("dropped"))
+    uniform = Counter((r["row"], r["sample"]) for r in mine if r.get("dropped") in SET_ASIDE)
+    done = trained + uniform
     missing = sorted(
-        i for i in range(num_prompts) if any(trained[(i, s)] == 0 for s in range(samples))
+        i for i in range(num_prompts) if any(done[(i, s)] == 0 for s in range(samples))
     )
-    repeated = sorted({i for (i, s), n in trained.items() if n > 1 or s >= samples})
-    return {"missing": missing, "repeated": repeated, "exact": not missing and not repeated}
+    repeated = sorted({i for (i, s), n in done.items() if n > 1 or s >= samples})
+    split = sorted({i for (i, _) in uniform if any(trained[(i, s)] for s in range(samples))})
+    return {
+        "missing": missing,
+        "repeated": sorted(set(repeated) | set(split)),  # a group half trained, half dropped
+        "uniform": len({i for (i, _) in uniform}),
+        "exact": not missing and not repeated and not split,
+    }
 
 
 def summary_lines(rows: list[dict]) -> list[str]:

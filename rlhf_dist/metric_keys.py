@@ -61,6 +61,8 @@ REWARD_MEAN = "rollout/reward_mean"
 SCORE_STD = "rollout/score_std"
 RESPONSE_LENGTH_MEAN = "rollout/response_length_mean"
 TRUNCATED_FRAC = "rollout/truncated_frac"
+DROPPED_GROUPS = "rollout/dropped_groups"  # rollout.drop_uniform_groups: groups set aside
+FILL_ROUNDS = "rollout/fill_rounds"  # rounds of extra sampling it took to fill the step
 SAMPLES_TABLE = "rollout/samples"  # wandb only: a table of prompts, responses, rewards
 
 # ----------------------------------------------------------------------------- train/

@@ -510,9 +510,10 @@ def samples_report(run_dir: str, epoch: int | None) -> int:
         cov = ledger.epoch_coverage(rows, e, n, g)
         last_open = epoch is None and e == epochs[-1] and cov["missing"] and not cov["repeated"]
         state = "exact" if cov["exact"] else ("in progress" if last_open else "NOT exact")
+        uniform = f", {cov['uniform']} set aside by dynamic sampling" if cov["uniform"] else ""
         print(
             f"epoch {e}: every one of {n} prompts trained exactly {g} times: {state} "
-            f"(missing {len(cov['missing'])} prompts, repeated {len(cov['repeated'])})"
+            f"(missing {len(cov['missing'])} prompts, repeated {len(cov['repeated'])}{uniform})"
         )
         bad |= state == "NOT exact"
     return 1 if bad else 0

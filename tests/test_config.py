@@ -869,3 +869,25 @@ def test_loss_options_load_as_set():
         "sequence",
         0.0003,
     )
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], r"rollout.drop_uniform_groups: needs rollout.samples_per_prompt >= 2 \(got 1\)"),
+        ([*GROUP_OK, "mode=async"], r"rollout.drop_uniform_groups: not supported with mode=async"),
+        ([*GROUP_OK, "rollout.max_fill_rounds=0"], r"rollout.max_fill_rounds: must be >= 1"),
+    ],
+)
+def test_drop_uniform_groups_refused_where_it_cannot_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["rollout.drop_uniform_groups=true", *overrides])
+
+
+def test_drop_uniform_groups_is_off_by_default_and_accepted_with_groups():
+    assert not Config().rollout.drop_uniform_groups
+    cfg = load_config(None, ["rollout.drop_uniform_groups=true", "ppo.estimator=grpo", *GROUP_OK])
+    assert cfg.rollout.drop_uniform_groups and cfg.rollout.max_fill_rounds == 8

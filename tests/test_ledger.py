@@ -99,12 +99,26 @@ def test_epoch_coverage_finds_missing_and_repeated_prompts():
     assert ledger.epoch_coverage(missing, 0, 3, 2) == {
         "missing": [2],
         "repeated": [],
+        "uniform": 0,
         "exact": False,
     }
     repeated = exact + _rows([(1, 0)], step=2)
     assert ledger.epoch_coverage(repeated, 0, 3, 2)["repeated"] == [1]
     dropped = exact[:-1] + [{**exact[-1], "dropped": "stale"}]
     assert ledger.epoch_coverage(dropped, 0, 3, 2)["missing"] == [2]
+
+
+def test_epoch_coverage_counts_a_whole_uniform_group_once_instead_of_trained():
+    exact = _rows([(r, s) for r in range(3) for s in range(2)])
+    uniform = [{**r, "dropped": ledger.UNIFORM} for r in exact[4:]]  # prompt 2's group
+    cov = ledger.epoch_coverage(exact[:4] + uniform, 0, 3, 2)
+    assert cov == {"missing": [], "repeated": [], "uniform": 1, "exact": True}
+    # half of a group dropped, the other half trained: the group was split
+    half = exact[:5] + [{**exact[5], "dropped": ledger.UNIFORM}]
+    assert ledger.epoch_coverage(half, 0, 3, 2)["repeated"] == [2]
+    # dropped as uniform and trained again later: repeated
+    again = exact + uniform
+    assert not ledger.epoch_coverage(again, 0, 3, 2)["exact"]
 
 
 def test_rollback_sets_later_steps_aside_and_report_checks_epochs(tmp_path, capsys):

@@ -13,6 +13,7 @@ from .advantages import (
     group_relative_scores,
     leave_one_out_scores,
     shaped_scores,
+    uniform_groups,
 )
 from .kl import kl_estimate, kl_penalized_rewards
 from .kl_controller import AdaptiveKLController, FixedKLController
@@ -46,6 +47,7 @@ __all__ = [
     "kl_estimate",
     "kl_penalized_rewards",
     "leave_one_out_scores",
+    "uniform_groups",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",

@@ -119,6 +119,21 @@ def leave_one_out_scores(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - others).reshape(-1)
 
 
+def uniform_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which prompts' groups carry no learning signal: all their samples scored the same.
+
+    Formula, per group g of G contiguous samples: uniform_g = (max_j r_j == min_j r_j).
+    Under a group baseline every advantage of such a group is 0 (GRPO, Dr. GRPO, RLOO and the
+    REINFORCE++ baseline all subtract the group mean), so it only dilutes the batch; DAPO's
+    dynamic sampling drops these groups and samples more prompts to fill the batch.
+    Shapes: scores (B,) with B divisible by G >= 2 -> (B / G,) bool.
+    Source: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale",
+    section 3.2 (dynamic sampling: keep groups with 0 < accuracy < 1).
+    """
+    g = _groups(scores, group_size)
+    return g.amax(dim=-1) == g.amin(dim=-1)
+
+
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     """REINFORCE returns-to-go over the valid tokens of each row.
 

@@ -80,7 +80,7 @@ class AsyncLoop(StepLoop):
         self.next_open = self.state.step  # next step whose prompts are taken
         self.next_prepare = self.state.step  # next step to assemble and score
         self.dropped_stale = 0
-        self.dropped: list[RolloutBatch] = []  # chunks dropped as too stale, for the ledger
+        self.dropped: list[tuple] = []  # (chunk, "stale"): dropped as too stale, for the ledger
         self.queue_max = 0
         # the version each generator slot will sample with
         self.holds = [self.state.version] * len(self.generators)
@@ -226,7 +226,7 @@ class AsyncLoop(StepLoop):
                 self.dropped_stale += len(r)
                 alone = [r if i == c else None for i in range(len(st.results))]
                 r.extra["origins"] = chunk_origins(st.chunks, st.owner, alone)
-                self.dropped.append(r)
+                self.dropped.append((r, "stale"))
                 st.results[c] = None
                 self.todo.appendleft((b, c))
                 self.redo.add((b, c))

@@ -33,6 +33,11 @@ class NonFiniteSteps(GroupError):
     """``run.max_bad_steps`` PPO steps in a row had non-finite numbers."""
 
 
+class NoSignal(GroupError):
+    """``rollout.drop_uniform_groups`` found too few prompts whose samples' rewards differ
+    within ``rollout.max_fill_rounds`` rounds of sampling."""
+
+
 class WeightSyncError(RuntimeError):
     """A generator does not hold what the learner sent."""
 

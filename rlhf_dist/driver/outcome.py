@@ -24,7 +24,9 @@ class StepOutcome:
     step_time: float
     data_position: dict  # cursor and prompts consumed once this step's prompts were taken
     extra: dict = field(default_factory=dict)  # the loop's own metrics
-    dropped: list[RolloutBatch] = field(default_factory=list)  # chunks dropped as too stale
+    # samples taken from the data but not trained, and why: (batch, "stale" | "uniform_group")
+    dropped: list[tuple[RolloutBatch, str]] = field(default_factory=list)
+    taken: int = 0  # prompts the step took from the data (0: rollout.prompts_per_step)
 
     @property
     def skipped(self) -> bool:
@@ -48,7 +50,7 @@ class StepLoop:
 
 
 class BlockTimer:
-    """Seconds per named block of a step."""
+    """Seconds per named block of a step (a block entered again adds up)."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -57,7 +59,7 @@ class BlockTimer:
     def block(self, name: str):
         t0 = time.perf_counter()
         yield
-        self.times[name] = time.perf_counter() - t0
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, gens: int) -> dict:

@@ -16,6 +16,7 @@ from rlhf_dist.algo import (
     kl_penalized_rewards,
     leave_one_out_scores,
     shaped_scores,
+    uniform_groups,
 )
 
 
@@ -191,3 +192,27 @@ def test_estimator_lists():
     )
     with pytest.raises(ValueError, match="unknown critic-free estimator 'gae'"):
         shaped_scores("gae", scores, 2)
+
+
+@pytest.mark.parametrize("G", [2, 3, 4])
+def test_uniform_groups_against_a_loop(G):
+    g = torch.Generator().manual_seed(G)
+    # scores from a few values, so that some groups come out all equal
+    scores = torch.randint(0, 2, (12 * G,), generator=g).float()
+    scores[:G] = 0.5  # the first group surely uniform
+    scores[G] = 0.25  # the second surely not (its other samples are 0 or 1)
+    expected = []
+    for start in range(0, len(scores), G):
+        group = scores[start : start + G].tolist()
+        expected.append(all(x == group[0] for x in group))
+    got = uniform_groups(scores, G)
+    assert got.dtype == torch.bool and got.tolist() == expected
+    assert expected[0] and not expected[1] and 0 < sum(expected) < len(expected)
+    # such a group gets no advantage under any group baseline
+    adv = group_relative_scores(scores, G).reshape(-1, G)
+    assert torch.all(adv[got] == 0)
+
+
+def test_uniform_groups_refuses_split_groups():
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        uniform_groups(torch.zeros(6), 4)

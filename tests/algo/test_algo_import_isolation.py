@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     import rlhf_dist.algo
     from rlhf_dist.algo import *  # noqa: F403
 
-    assert len(rlhf_dist.algo.__all__) == 25
+    assert len(rlhf_dist.algo.__all__) == 26
     try:
         import ray  # noqa: F401
     except ImportError:

@@ -4,9 +4,11 @@ function checks that every sample received its own row's ``answer`` (training an
 alike), and the held-out accuracy is logged as eval/gold_score."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,86 @@ def test_every_scored_sample_received_its_own_rows_answer(arith_run):
         assert 0 <= r["rollout/reward_reward"] <= 1 and 0 <= r["rollout/reward_format_reward"] <= 1
         assert r["rollout/reward_mean"] == pytest.approx(r["rollout/reward_reward"], abs=1e-6)
     assert any(r["rollout/reward_format_reward"] > r["rollout/reward_reward"] for r in steps)
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+GRPO_STEPS, GRPO_PROMPTS, GRPO_EVAL = 30, 32, 256
+
+
+@pytest.fixture(scope="module")
+def grpo_run(arith_run, tmp_path_factory):
+    """configs/grpo.yaml's PPO stage with DAPO's dynamic sampling, from the SFT policy the
+    recipe run above trained (shared: no second SFT)."""
+    d = tmp_path_factory.mktemp("grpo")
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "--config",
+            "configs/grpo.yaml",
+            f"run.dir={d / 'run'}",
+            "run.stage=ppo",
+            f"model.policy={arith_run[0] / 'sft' / 'policy'}",
+            "wandb.enabled=false",
+            f"run.steps={GRPO_STEPS}",
+            f"eval.every={GRPO_STEPS}",
+            f"eval.num_prompts={GRPO_EVAL}",
+            f"checkpoint.every={GRPO_STEPS}",
+            "rollout.drop_uniform_groups=true",
+            "learner.lr=1e-3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    return d / "run", rows
+
+
+def test_grpo_raises_held_out_accuracy_without_a_critic(grpo_run):
+    run_dir, rows = grpo_run
+    evals = [r for r in rows if "eval/gold_score" in r]
+    assert [r["step"] for r in evals] == [0, GRPO_STEPS]
+    (before, after) = (r["eval/gold_score"] for r in evals)
+    se = math.sqrt((before * (1 - before) + after * (1 - after)) / GRPO_EVAL)
+    assert after - before > 2.5 * se, (before, after, se)
+    # no value model: no value metrics, and the checkpoint holds the policy's engine alone
+    steps = [r for r in rows if r["step"] > 0]
+    assert not any(k.startswith("train/value") or "critic" in k for r in steps for k in r)
+    ckpt = run_dir / "checkpoints" / f"step-{GRPO_STEPS:08d}"
+    assert json.loads((ckpt / "state.json").read_text())["engines"] == ["policy"]
+    assert sorted(x.name for x in ckpt.iterdir()) == ["policy", "state.json"]
+
+
+def test_dynamic_sampling_trains_full_steps_of_whole_groups_whose_rewards_differ(grpo_run):
+    run_dir, rows = grpo_run
+    steps = [r for r in rows if r["step"] > 0]
+    assert sum(r["rollout/dropped_groups"] for r in steps) > 0
+    assert any(r["rollout/fill_rounds"] >= 1 for r in steps)
+    last = steps[-1]
+    assert last["data/prompts_trained"] == GRPO_STEPS * GRPO_PROMPTS
+    groups: dict = defaultdict(list)  # (step, epoch, row, why) -> its samples
+    for s in (json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()):
+        groups[(s["step"], s["epoch"], s["row"], s.get("dropped", ""))].append(s)
+    whys = Counter(why for (_, _, _, why) in groups)
+    assert set(whys) <= {"", "uniform_group", "surplus"} and whys["uniform_group"] > 0
+    assert whys[""] == GRPO_STEPS * GRPO_PROMPTS  # every step full
+    # every prompt taken is accounted for once: trained, uniform or surplus
+    assert last["data/prompts_consumed"] == sum(whys.values())
+    for (_, _, _, why), samples in groups.items():
+        # whole groups: every sample index once, all from one chunk
+        assert sorted(s["sample"] for s in samples) == [0, 1, 2, 3]
+        assert len({(s["chunk"], s["seed"]) for s in samples}) == 1
+        rewards = {s["reward"] for s in samples}
+        assert (len(rewards) == 1) == (why == "uniform_group")
+    p = subprocess.run(
+        [sys.executable, "-m", "rlhf_dist.report", str(run_dir), "--samples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "set aside by dynamic sampling" in p.stdout
