@@ -26,6 +26,7 @@ import pytest
 import ray
 
 from rlhf_dist.config import load_config
+from rlhf_dist.ledger import read_ledger
 from rlhf_dist.orchestrator import Orchestrator, TrainingError
 from rlhf_dist.pools import PoolError
 from rlhf_dist.preflight import resolve_inputs
@@ -300,3 +301,33 @@ def test_nodes_lost_with_a_worker_inside_its_call(cluster, tiny_assets, tmp_path
     assert restarts[0] >= 1 and redone[0] >= 1
     assert restarts[1] >= restarts[0] + 2 and redone[1] >= redone[0] + 1  # both generators
     assert_same_training(tmp_path / "run", undisturbed)
+
+
+GROUPS = ("ppo.estimator=grpo", "rollout.samples_per_prompt=2", "ppo.minibatch_size=16")
+
+
+def test_a_generator_killed_mid_chunk_keeps_groups_whole(cluster, tiny_assets, tmp_path):
+    """GRPO's groups: a prompt's samples come from one chunk, so a generator lost inside a
+    chunk loses whole groups, which are redone whole, and the group statistics are those of
+    the undisturbed run."""
+    reference = tmp_path / "undisturbed"
+    run_checked(make_cfg(tiny_assets, "run.steps=2", *GROUPS), reference)
+    sample = KillPoint(tmp_path / "sample")
+    make, left = scripted(
+        {
+            ("weight_sync", 1): arm(sample, generators, "model.generate"),
+            ("rollout", 2): kill(sample, "SIGKILL"),  # a generator inside step 2's first chunk
+        }
+    )
+    rows = run_checked(make_cfg(tiny_assets, "run.steps=2", *GROUPS), tmp_path / "run", make)
+    assert not left, f"never reached: {list(left)}"
+    assert [r["fault/redone_chunks"] for r in rows] == [0, 1]
+    groups: dict = {}
+    for s in read_ledger(tmp_path / "run"):
+        groups.setdefault((s["step"], s["row"]), []).append(s)
+    assert len(groups) == 2 * PROMPTS
+    for samples in groups.values():
+        assert sorted(s["sample"] for s in samples) == [0, 1]
+        # one chunk, sampled by one worker, even the chunk whose first worker was killed
+        assert len({(s["chunk"], s["seed"], s["slot"], s["worker"]) for s in samples}) == 1
+    assert_same_training(tmp_path / "run", reference)
