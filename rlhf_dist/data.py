@@ -164,6 +164,9 @@ def open_dataset(source: str | Path, config_key: str, split: str = "train"):
     except DataError:
         raise
     except Exception as e:  # the format's reader failed: name the file, not the library
+        empty = "corresponds to no data" in str(e) or (p.is_dir() and isinstance(e, IndexError))
+        if empty:  # how datasets reports a file or folder with no rows
+            raise DataError(f"{config_key}: {src} holds no rows (the dataset is empty)") from None
         raise DataError(f"{config_key}: cannot read {src!r}: {_first_line(e)}") from None
     raise DataError(f"{config_key}: file {src!r} does not exist")
 
