@@ -64,3 +64,13 @@ def build_chat_reward_model(out_dir: Path, template: str | None = REWARD_TEMPLAT
         )
         GPT2ForSequenceClassification(config).save_pretrained(out_dir)
     return str(out_dir)
+
+
+def checked_gold(prompts: list[str], responses: list[str], id, answer) -> list[float]:
+    """A gold scorer that checks each held-out sample arrived with its own row's fields:
+    the row's ``answer`` is the word count of its user turn, and ``id`` names the turn."""
+    for p, i, a in zip(prompts, id, answer):
+        content = f"describe : {i}"
+        if content not in p or a != len(content.split()):
+            raise AssertionError(f"sample of prompt {p!r} got the fields id={i!r}, answer={a!r}")
+    return [float(len(r.split())) for r in responses]
