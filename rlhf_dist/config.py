@@ -59,10 +59,12 @@ class SupervisedConfig:
     """What the two supervised stages share; the defaults are SFT's."""
 
     data: str = "builtin:describe"
-    """Training data, or a built-in task: for SFT a JSONL file of demonstrations
-    ``{"prompt": ..., "response": ...}``; for the reward model comparisons
-    ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (a built-in task's gold labeler labels
-    pairs of demonstrations, with noise)."""
+    """Training data (any source ``data.prompts`` takes, split ``data.split``), or a built-in
+    task: for SFT demonstrations ``{"prompt": ..., "response": ...}`` or whole conversations
+    ``{"messages": [...]}`` (trained on the assistant turns); for the reward model comparisons
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}``, or HH-style transcripts
+    ``{"chosen", "rejected"}`` split at their common prefix. Fields may hold chat messages (a
+    built-in task's gold labeler labels pairs of demonstrations, with noise)."""
     init: str = "builtin:describe"
     """Model the stage starts from (path or hub id, a built-in task, or ``run:<stage>``); the
     reward model gets a fresh scalar head."""
