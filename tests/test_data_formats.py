@@ -315,3 +315,16 @@ def test_resume_over_a_memory_mapped_dataset_continues_at_the_same_row(tmp_path)
     straight = run(None, 600)
     assert run(280, 600) == straight  # resumed past an epoch's end (257 rows)
     assert straight[280][1] == f"describe : row {straight[280][0]}"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "disk"])
+def test_sample_records_carry_their_rows_fields(tmp_path, fmt):
+    from rlhf_dist import ledger
+
+    rows = load_prompt_rows(_write(tmp_path, ROWS, fmt))
+    (tmp_path / "run").mkdir()
+    book = ledger.SampleLedger(tmp_path / "run", 3, 1, fields=rows.fields)
+    book.write([{"step": 1, "row": 2, "sample": 0}, {"step": 1, "row": 0, "sample": 0}], "stale")
+    got = ledger.read_ledger(tmp_path / "run")
+    assert [r["fields"] for r in got] == [{"answer": "3", "id": 2}, {"answer": "7", "id": 0}]
+    assert [r["dropped"] for r in got] == ["stale", "stale"]

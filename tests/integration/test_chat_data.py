@@ -104,3 +104,5 @@ def test_every_stage_trains_on_chat_data(chat_run):
     assert load_tokenizer(str(run_dir / "rm" / "model")).chat_template == REWARD_TEMPLATE
     ledger = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(ledger) == STEPS * 8 and all(0 <= s["row"] < 24 for s in ledger)
+    # each sample record carries its own row's other fields
+    assert all(s["fields"] == {"id": THINGS[s["row"] % len(THINGS)], "answer": 3} for s in ledger)
