@@ -258,3 +258,29 @@ def test_chat_template_setting_is_typed():
     assert load_config(None, []).data.chat_template == "auto"
     with pytest.raises(ConfigError, match="data.chat_template"):
         load_config(None, ["data.chat_template=sometimes"])
+
+
+def test_eval_prompts_read_like_the_training_prompts(models, tmp_path):
+    data = _parquet(tmp_path / "p.parquet", ROWS)
+    plain = _parquet(tmp_path / "e.parquet", [{"prompt": "describe : sun"}])
+    cfg = _cfg(
+        models,
+        tmp_path,
+        f"data.prompts={data}",
+        f"eval.prompts={plain}",
+        "eval.gold=rlhf_dist.tasks.tiny:reward",
+    )
+    with pytest.raises(ConfigError, match="eval.prompts: its prompts are not rendered with"):
+        resolve_inputs(cfg)
+    cfg = _cfg(
+        models,
+        tmp_path,
+        f"data.prompts={data}",
+        f"eval.prompts={data}",
+        "eval.gold=rlhf_dist.tasks.tiny:reward",
+        "eval.num_prompts=1",
+    )
+    inputs = resolve_inputs(cfg)
+    assert list(inputs.eval_prompts) == [inputs.prompts[0]]
+    assert list(inputs.eval_prompt_messages) == [CONV]
+    assert list(inputs.eval_prompt_fields["id"]) == ["a"]
