@@ -59,10 +59,12 @@ class SupervisedConfig:
     """What the two supervised stages share; the defaults are SFT's."""
 
     data: str = "builtin:describe"
-    """Training data, or a built-in task: for SFT a JSONL file of demonstrations
-    ``{"prompt": ..., "response": ...}``; for the reward model comparisons
-    ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (a built-in task's gold labeler labels
-    pairs of demonstrations, with noise)."""
+    """Training data (any source ``data.prompts`` takes, split ``data.split``), or a built-in
+    task: for SFT demonstrations ``{"prompt": ..., "response": ...}`` or whole conversations
+    ``{"messages": [...]}`` (trained on the assistant turns); for the reward model comparisons
+    ``{"prompt": ..., "chosen": ..., "rejected": ...}``, or HH-style transcripts
+    ``{"chosen", "rejected"}`` split at their common prefix. Fields may hold chat messages (a
+    built-in task's gold labeler labels pairs of demonstrations, with noise)."""
     init: str = "builtin:describe"
     """Model the stage starts from (path or hub id, a built-in task, or ``run:<stage>``); the
     reward model gets a fresh scalar head."""
@@ -131,9 +133,25 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     prompts: str = "builtin:tiny"
-    """Prompt source: a JSONL file with one object per line, or ``builtin:tiny``."""
+    """Prompt source: a JSONL file with one object per line, a JSON, CSV, parquet or arrow
+    file, a folder written by ``datasets``' ``save_to_disk``, a Hugging Face hub dataset id
+    (with ``data.split``), or a built-in task (``builtin:tiny``)."""
     prompt_key: str = "prompt"
-    """Field of each JSONL object that holds the prompt text."""
+    """Field (column) of each row that holds the prompt: a string or a list of
+    ``{role, content}`` messages. Every other field travels with the row to the reward
+    functions."""
+    split: str = "train"
+    """Split of a hub dataset or of a saved ``DatasetDict`` folder (also for ``sft.data`` and
+    ``rm.data``); a slice such as ``train[:1000]`` works for hub datasets and files."""
+    eval_split: str = ""
+    """Split of ``eval.prompts`` when it is a hub dataset or a ``DatasetDict`` folder; empty =
+    ``data.split``."""
+    chat_template: Literal["auto", True, False] = "auto"
+    """``auto``: render message lists with the tokenizer's chat template when it has one
+    (plain ``role: content`` lines when not); ``true``: always (a string is one user turn; a
+    tokenizer without a template is refused); ``false``: never. The policy's own template
+    renders prompts (with the generation prompt); the reward model renders the conversation
+    with its own tokenizer's template; SFT trains on the assistant turns only."""
     shuffle: bool = True
     """Reshuffle prompts every epoch (seeded by ``run.seed``)."""
 
@@ -462,7 +480,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed or type(value) is not type(allowed[0]):
+        if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value
     if origin in (typing.Union, types.UnionType):

@@ -17,6 +17,8 @@ score, when ``reward.function`` combines several) |
 | ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped;
 ``stale``: async, too old to train; with ``rollout.drop_uniform_groups``, ``uniform_group``:
 its prompt's samples all got the same reward, ``surplus``: its round found more than needed) |
+| ``fields`` | the other fields of the prompt's data row (e.g. ``id``, ``answer``), whatever the
+data's format; absent when the rows have none |
 
 ``run.ledger=false`` turns it off. A resumed run moves the lines of the steps it redoes to
 ``samples.rolled_back.jsonl``, as it does with ``metrics.jsonl``. ``python -m rlhf_dist.report
@@ -103,9 +105,17 @@ def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int)
 
 
 class SampleLedger:
-    def __init__(self, run_dir: str | Path, num_prompts: int, samples: int, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        num_prompts: int,
+        samples: int,
+        enabled: bool = True,
+        fields: dict | None = None,
+    ):
         self.path = Path(run_dir) / LEDGER_FILE
         self.enabled = enabled
+        self.fields = fields or {}  # field -> one value per prompt row (lists or columns)
         if enabled:
             meta = {"num_prompts": num_prompts, "samples_per_prompt": samples}
             self.path.with_name(META_FILE).write_text(json.dumps(meta) + "\n")
@@ -115,7 +125,11 @@ class SampleLedger:
             return
         with self.path.open("a") as f:
             for row in rows:
-                f.write(json.dumps({**row, "dropped": dropped} if dropped else row) + "\n")
+                if self.fields:
+                    row = {**row, "fields": {k: v[row["row"]] for k, v in self.fields.items()}}
+                if dropped:
+                    row = {**row, "dropped": dropped}
+                f.write(json.dumps(row, default=str) + "\n")
 
     def write_step(self, out, state, taken: int) -> None:
         """A recorded step's samples (a ``StepOutcome``; ``state``: the ``RunState`` after

@@ -68,7 +68,9 @@ class Orchestrator:
         self.own_tracker = tracker is None
         self.tracker = tracker or Tracker(cfg, self.run_dir)
         samples = cfg.rollout.samples_per_prompt
-        self.ledger = SampleLedger(self.run_dir, len(inputs.prompts), samples, cfg.run.ledger)
+        self.ledger = SampleLedger(
+            self.run_dir, len(inputs.prompts), samples, cfg.run.ledger, inputs.prompt_fields
+        )
         self.state = RunState.initial(cfg, len(inputs.prompts))
         self.initial_state = self.state.state_dict()
         self.budget = RestartBudget(self.state.counters, cfg.run.max_restarts)

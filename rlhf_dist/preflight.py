@@ -13,12 +13,15 @@ policy's context window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_dist import chat
 from rlhf_dist.config import Config, ConfigError
 from rlhf_dist.data import (
     DataError,
+    Mapped,
     PromptRows,
     load_demonstrations,
     load_preference_pairs,
@@ -179,20 +182,48 @@ def supervised_inputs(
         tokenizer = resolve(cfg, run_dir, "sft.init", cfg.sft.init, "model")
     else:
         tokenizer = init
-    _tokenizer(f"{stage}.init", cfg.model.tokenizer or tokenizer)
+    tok_path = cfg.model.tokenizer or tokenizer
+    tok = _tokenizer(f"{stage}.init", tok_path)
     kind = "demonstrations" if stage == "sft" else "pairs"
     path = resolve(cfg, run_dir, f"{stage}.data", sec.data, kind)
     loader = load_demonstrations if stage == "sft" else load_preference_pairs
+    wheres: list[str] = []
     try:
-        records, skipped = loader(path, sec.skip_bad_lines)
+        records, skipped = loader(path, sec.skip_bad_lines, cfg.data.split, wheres)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    _check_chat_records(cfg, stage, tok, tok_path, records, wheres)
     if len(records) * (1 - sec.eval_frac) < sec.batch_size:
         raise ConfigError(
             f"{stage}.data: {len(records)} usable records in {path}, fewer than one "
             f"{stage}.batch_size={sec.batch_size} after holding out {stage}.eval_frac"
         )
     return SupervisedInputs(init, cfg.model.tokenizer or tokenizer, records, skipped)
+
+
+def _check_chat_records(cfg: Config, stage: str, tok, tok_path: str, records, wheres) -> None:
+    """SFT and RM records in chat form render with the stage's tokenizer: its template (when
+    ``data.chat_template`` asks for it) exists and renders every record; the error names the
+    row and the tokenizer."""
+    mode = cfg.data.chat_template
+    if reason := chat.template_missing(mode, tok, f"{stage}.init ({tok_path})"):
+        raise ConfigError(reason)
+    for r, where in zip(records, wheres):
+        try:
+            if stage == "sft":
+                prompt, response = (
+                    (r["messages"], None) if "messages" in r else (r["prompt"], r["response"])
+                )
+                is_chat, template = chat.record_template(mode, tok, prompt, response)
+                chat.sft_tokens(tok, prompt, response, template, is_chat)
+            else:
+                for response in (r["chosen"], r["rejected"]):
+                    chat.reward_input(tok, r["prompt"], response, mode)
+        except Exception as e:  # the template's own error (jinja), or sft_segments'
+            raise ConfigError(
+                f"{where}: {stage}.data: cannot render this row with the tokenizer of "
+                f"{stage}.init ({tok_path}): {e}"
+            ) from None
 
 
 @dataclass
@@ -202,30 +233,101 @@ class Inputs:
     policy: str
     tokenizer: str
     critic: str
-    prompts: list[str]
+    prompts: Sequence[str]
+    """The text each prompt row gives the policy (a chat row rendered with its template); a
+    ``datasets`` source is read and rendered row by row when indexed."""
     pad_token_id: int
     reward_model: str = ""
-    eval_prompts: list[str] = field(default_factory=list)
-    prompt_fields: dict[str, list] = field(default_factory=dict)
+    eval_prompts: Sequence[str] = field(default_factory=list)
+    prompt_fields: dict[str, Sequence] = field(default_factory=dict)
     """The other fields of data.prompts' rows: field -> one value per prompt (None where a
     row lacks it), for reward functions that take them."""
-    eval_prompt_fields: dict[str, list] = field(default_factory=dict)
+    eval_prompt_fields: dict[str, Sequence] = field(default_factory=dict)
     """The same for ``eval_prompts``."""
+    prompt_messages: Sequence[list[dict]] | None = None
+    """Chat data: each prompt row as messages, which travel with the samples to a reward model
+    to render the conversation with its own template; None when the prompts are plain text."""
+    eval_prompt_messages: Sequence[list[dict]] | None = None
+    add_special_tokens: bool = True
+    """Whether the generators' tokenizer adds its special tokens to the prompts (not to text a
+    chat template rendered: the template holds them)."""
 
 
-def _prompts(cfg: Config, key: str, path: str, tokenizer, limit: int) -> PromptRows:
+@dataclass
+class Prompts:
+    """A prompt source checked and rendered for the policy."""
+
+    rows: PromptRows
+    texts: Sequence[str]
+    messages: Sequence[list[dict]] | None
+    template: bool
+
+    def head(self, n: int) -> Prompts:
+        """The first ``n`` rows."""
+
+        def cut(seq):
+            return None if seq is None else seq.head(n) if isinstance(seq, Mapped) else seq[:n]
+
+        return Prompts(self.rows.head(n), cut(self.texts), cut(self.messages), self.template)
+
+
+def _prompts(
+    cfg: Config, key: str, path: str, tokenizer, tok_path: str, limit: int, split: str
+) -> Prompts:
+    """Load a prompt source and check every row before any actor starts: the field is a
+    string or a valid message list, it renders with the policy's template, and it fits
+    ``rollout.max_prompt_tokens`` after rendering. Errors name the source, row and field."""
     try:
-        rows = load_prompt_rows(path, cfg.data.prompt_key)
+        rows = load_prompt_rows(path, cfg.data.prompt_key, split, key)
     except DataError as e:
         raise ConfigError(str(e).replace("data.prompts", key, 1)) from None
-    lengths = [len(ids) for ids in tokenizer(rows.prompts)["input_ids"]]
-    for n, line in zip(lengths, rows.lines):
-        if n > limit:
-            raise ConfigError(
-                f"{path}:{line}: prompt is {n} tokens, longer than "
-                f"rollout.max_prompt_tokens={limit}"
-            )
-    return rows
+    mode = cfg.data.chat_template
+    if reason := chat.template_missing(mode, tokenizer, f"the policy ({tok_path})"):
+        raise ConfigError(reason)
+    is_chat = chat.chat_mode(mode, rows.any_messages)
+    template = chat.uses_template(mode, tokenizer, rows.any_messages)
+
+    def text(value) -> str:
+        return chat.prompt_text(tokenizer, value, template, is_chat)
+
+    field_name = rows.key
+    i = 0
+    for batch in rows.batches():
+        texts = []
+        for value in batch:
+            if reason := chat.value_problem(value):
+                raise ConfigError(f"{rows.where(i + len(texts))}: field {field_name!r} {reason}")
+            try:
+                texts.append(text(value))
+            except Exception as e:  # the template's own error (jinja)
+                raise ConfigError(
+                    f"{rows.where(i + len(texts))}: field {field_name!r}: the chat template of "
+                    f"{tok_path} cannot render it: {e}"
+                ) from None
+        encoded = tokenizer(texts, add_special_tokens=not template)["input_ids"]
+        for j, ids in enumerate(encoded):
+            if len(ids) > limit:
+                after = " after the chat template" if template else ""
+                raise ConfigError(
+                    f"{rows.where(i + j)}: field {field_name!r}: prompt is {len(ids)} "
+                    f"tokens{after}, longer than rollout.max_prompt_tokens={limit}"
+                )
+        i += len(batch)
+    if rows.jsonl:  # held in memory already: render once
+        texts = [text(p) for p in rows.prompts]
+    else:  # read and rendered row by row as steps take them
+        texts = Mapped(rows.prompts, text)
+    messages = Mapped(rows.prompts, chat.as_messages) if is_chat else None
+    return Prompts(rows, texts, messages, template)
+
+
+def _check_reward_template(cfg: Config, reward_model: str, pending: set[str]) -> None:
+    """With ``chat_template=true`` the reward model's tokenizer needs a template too."""
+    if cfg.data.chat_template is not True or cfg.reward.model in pending:
+        return
+    tok = _tokenizer("reward.model", reward_model)
+    if reason := chat.template_missing(True, tok, f"reward.model ({reward_model})"):
+        raise ConfigError(reason)
 
 
 def resolve_inputs(
@@ -262,10 +364,16 @@ def resolve_inputs(
             f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
             f"{limit + cfg.rollout.max_new_tokens} exceeds the policy's context of {ctx} tokens"
         )
+    tok_shown = cfg.model.tokenizer or known
+    if reward_model:
+        _check_reward_template(cfg, reward_model, pending)
     prompt_file = resolve(cfg, run_dir, "data.prompts", cfg.data.prompts, "prompts")
-    rows = _prompts(cfg, "data.prompts", prompt_file, tokenizer, limit)
+    prompts = _prompts(
+        cfg, "data.prompts", prompt_file, tokenizer, tok_shown, limit, cfg.data.split
+    )
+    rows = prompts.rows
     check_fields("reward.function", functions, rows, "data.prompts")
-    eval_rows = None
+    eval_prompts = None
     if cfg.eval.gold:
         source, key = (
             (cfg.eval.prompts, "eval.prompts")
@@ -276,20 +384,33 @@ def resolve_inputs(
             )
         )
         eval_file = resolve(cfg, run_dir, key, source, "eval_prompts")
-        eval_rows = _prompts(cfg, key, eval_file, tokenizer, limit).head(cfg.eval.num_prompts)
+        split = cfg.data.eval_split or cfg.data.split
+        eval_prompts = _prompts(cfg, key, eval_file, tokenizer, tok_shown, limit, split)
+        eval_prompts = eval_prompts.head(cfg.eval.num_prompts)
+        eval_rows = eval_prompts.rows
         check_fields("eval.gold", gold, eval_rows, key)
         # evaluation scores the held-out samples with the reward functions too (the proxy)
         check_fields("reward.function", functions, eval_rows, key)
+        if eval_prompts.template != prompts.template:
+            which = {True: "rendered with", False: "not rendered with"}
+            raise ConfigError(
+                f"{key}: its prompts are {which[eval_prompts.template]} the policy's chat "
+                f"template, data.prompts' are {which[prompts.template]} it: the generators "
+                f"read both the same way (give both message lists, or set data.chat_template)"
+            )
     return Inputs(
         policy,
         tokenizer_path,
         critic,
-        rows.prompts,
+        prompts.texts,
         tokenizer.pad_token_id,
         reward_model,
-        eval_rows.prompts if eval_rows else [],
+        eval_prompts.texts if eval_prompts else [],
         rows.fields,
-        eval_rows.fields if eval_rows else {},
+        eval_prompts.rows.fields if eval_prompts else {},
+        prompts.messages,
+        eval_prompts.messages if eval_prompts else None,
+        add_special_tokens=not prompts.template,
     )
 
 

@@ -43,7 +43,7 @@ class Evaluator:
         batch = self.generators.generate(chunks, self.prompts, samples=1)
         fields = self.scorers.sample_fields(batch, self.fields, [self.gold])
         gold = torch.tensor(self.gold(batch.prompts, batch.responses, fields), dtype=torch.float64)
-        proxy = self.scorers.rewards_of(batch, self.fields)
+        proxy = self.scorers.rewards_of(batch)  # the held-out rows (and messages)
         return {
             K.GOLD: gold.mean().item(),
             K.GOLD_STDERR: (gold.std().item() / n**0.5) if n > 1 else 0.0,

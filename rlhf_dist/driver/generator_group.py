@@ -46,6 +46,7 @@ class GeneratorGroup(PoolGroup):
                     top_p=r.top_p,
                     top_k=r.top_k,
                     num_gpus=r.num_gpus,
+                    add_special_tokens=inputs.add_special_tokens,
                 ),
             ),
             cfg.ray.placement_timeout_s,

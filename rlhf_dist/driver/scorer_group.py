@@ -3,7 +3,9 @@
 Each pool gets the batch in chunks (about two per worker), dealt by load; a lost scorer is
 replaced at once (a scorer holds nothing another cannot rebuild) and its chunk redone.
 Reward functions that take fields of the data row (``answer=...``) receive, with each chunk,
-those fields alone, for that chunk's samples (the rows ``batch.prompt_ids`` name).
+those fields alone, for that chunk's samples (the rows ``batch.prompt_ids`` name). With chat
+data a reward model receives each sample's prompt messages the same way, to render the
+conversation with its own template.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class ScorerGroup:
         )
         self.fields = inputs.prompt_fields  # the rows of data.prompts: PPO's prompt_ids
         self.eval_fields = inputs.eval_prompt_fields  # the rows of the held-out prompts
+        # chat data: each row's prompt messages, for a reward model's own template
+        self.messages = inputs.prompt_messages if inputs.reward_model else None
+        self.eval_messages = inputs.eval_prompt_messages if inputs.reward_model else None
         timeout = cfg.ray.placement_timeout_s
         self.rewards = Pool(
             "reward",
@@ -48,6 +53,7 @@ class ScorerGroup:
                     weights=None if inputs.reward_model else cfg.reward.weights,
                     dtype=cfg.model.dtype,
                     num_gpus=cfg.reward.num_gpus,
+                    chat_template=cfg.data.chat_template,
                 ),
             ),
             timeout,
@@ -91,13 +97,17 @@ class ScorerGroup:
             return None
         return {k: [table[k][i] for i in batch.prompt_ids] for k in wanted}
 
-    def _reward_job(self, batch: RolloutBatch, table: dict[str, list]) -> Job:
+    def _reward_job(self, batch: RolloutBatch, table: dict[str, list], messages=None) -> Job:
         fields = self.sample_fields(batch, table)
+        convs = None if messages is None else [messages[i] for i in batch.prompt_ids]
 
         def submit(a, p):
             chunk = None if fields is None else {k: v[p.start : p.stop] for k, v in fields.items()}
             return a.score.remote(
-                batch.prompts[p.start : p.stop], batch.responses[p.start : p.stop], chunk
+                batch.prompts[p.start : p.stop],
+                batch.responses[p.start : p.stop],
+                chunk,
+                None if convs is None else convs[p.start : p.stop],
             )
 
         return self._job(self.rewards, batch, submit)
@@ -106,7 +116,7 @@ class ScorerGroup:
         """Reward scores and reference log-probs of ``batch`` (PPO's samples of data.prompts),
         filled in; with several reward functions each one's scores go to
         ``batch.extra["reward_parts"]``. Returns the slower pool's critical-path compute."""
-        rewards = self._reward_job(batch, self.fields)
+        rewards = self._reward_job(batch, self.fields, self.messages)
         refs = self._job(
             self.references, batch, lambda a, p: a.ref_logprobs.remote(batch.select(list(p)))
         )
@@ -123,7 +133,10 @@ class ScorerGroup:
     def rewards_of(self, batch: RolloutBatch, table: dict[str, list] | None = None) -> torch.Tensor:
         """The reward scores alone (evaluation's proxy reward). ``table``: the data rows the
         batch's ``prompt_ids`` index; default the held-out prompts'."""
-        job = self._reward_job(batch, self.eval_fields if table is None else table)
+        if table is None:
+            job = self._reward_job(batch, self.eval_fields, self.eval_messages)
+        else:
+            job = self._reward_job(batch, table, self.messages)
         self._deal(job)
         return torch.cat([r["scores"] for r in job.results])
 

@@ -26,8 +26,11 @@ class Generator(WeightSyncMember):
         top_p: float = 1.0,
         top_k: int = 0,
         num_gpus: float = 0.0,
+        add_special_tokens: bool = True,
     ):
         self.device = pick_device(num_gpus)
+        # False when prompts come rendered by a chat template (it holds the special tokens)
+        self.add_special_tokens = add_special_tokens
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, padding_side="left")
         self.model = load_policy(model_path, dtype).to(self.device).eval()
         self.temperature = temperature
@@ -58,7 +61,9 @@ class Generator(WeightSyncMember):
         torch.manual_seed(seed)
         prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
+        ).to(self.device)
         out = self.model.generate(**enc, **self.gen_kwargs)
         P = enc.input_ids.shape[1]
         response = out.sequences[:, P:]

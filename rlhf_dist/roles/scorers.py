@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.chat import encode, reward_input
 from rlhf_dist.config import reward_function_specs
 from rlhf_dist.models import (
     load_policy,
@@ -149,9 +150,11 @@ class RewardScorer(SystemStats):
         num_gpus: float = 0.0,
         batch_size: int = 32,
         weights: list[float] | None = None,
+        chat_template: str | bool = "auto",
     ):
         self.device = pick_device(num_gpus)
         self.batch_size = batch_size
+        self.chat_template = chat_template  # data.chat_template: how the model reads messages
         self.functions: list[RewardFunction] = []
         if model_path:
             self.tokenizer = load_tokenizer(model_path, padding_side="right")
@@ -161,11 +164,16 @@ class RewardScorer(SystemStats):
 
     @torch.no_grad()
     def score(
-        self, prompts: list[str], responses: list[str], fields: dict[str, list] | None = None
+        self,
+        prompts: list[str],
+        responses: list[str],
+        fields: dict[str, list] | None = None,
+        messages: list[list[dict]] | None = None,
     ) -> dict:
         """``scores`` (and with several functions ``parts``: each function's own scores,
         unweighted). ``fields``: data field -> the value of each sample's data row, for the
-        functions that take them."""
+        functions that take them. ``messages``: each sample's prompt as messages, for a reward
+        model to render the conversation with its own chat template (chat data only)."""
         t0 = time.perf_counter()
         out: dict = {}
         if self.functions:
@@ -173,7 +181,7 @@ class RewardScorer(SystemStats):
             if len(parts) > 1:
                 out["parts"] = parts
         else:
-            out["scores"] = self._score_model(prompts, responses)
+            out["scores"] = self._score_model(prompts, responses, messages)
         out["compute_s"] = time.perf_counter() - t0
         return out
 
@@ -228,12 +236,19 @@ class RewardScorer(SystemStats):
                 )
         return " (no single sample fails alone)"
 
-    def _score_model(self, prompts, responses) -> torch.Tensor:
-        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
+    def _score_model(self, prompts, responses, messages=None) -> torch.Tensor:
+        if messages is None:
+            inputs = [(reward_text(p, r), True) for p, r in zip(prompts, responses)]
+        else:  # the conversation in the reward model's own template
+            inputs = [
+                reward_input(self.tokenizer, m, r, self.chat_template)
+                for m, r in zip(messages, responses)
+            ]
         out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True
+        for i in range(0, len(inputs), self.batch_size):
+            part = inputs[i : i + self.batch_size]
+            enc = encode(
+                self.tokenizer, [t for t, _ in part], [s for _, s in part], truncation=True
             ).to(self.device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)

@@ -15,7 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rlhf_dist.models import load_policy, load_reward_model, load_tokenizer, reward_text
+from rlhf_dist.chat import encode, record_template, reward_input, sft_tokens
+from rlhf_dist.models import load_policy, load_reward_model, load_tokenizer
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
 
 
@@ -74,14 +75,19 @@ class SFTLearner(_SupervisedRank):
 
     def _loss(self, records: list[dict]):
         """Token-mean cross-entropy of ``response + EOS`` given the prompt, tokenised as the
-        generators tokenise prompts (so the policy continues exactly where it learnt to)."""
+        generators tokenise prompts (so the policy continues exactly where it learnt to); a
+        chat record (``rlhf_dist.chat.sft_tokens``) trains on its assistant turns only."""
         tok = self.tokenizer
+        mode = self.cfg.data.chat_template
         rows, labels = [], []
         for r in records:
-            p = tok(r["prompt"])["input_ids"]
-            a = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append(p + a)
-            labels.append([-100] * len(p) + a)
+            prompt, response = (
+                (r["messages"], None) if "messages" in r else (r["prompt"], r["response"])
+            )
+            chat, template = record_template(mode, tok, prompt, response)
+            row, label = sft_tokens(tok, prompt, response, template, chat)
+            rows.append(row)
+            labels.append(label)
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         lab = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -111,10 +117,13 @@ class RewardLearner(_SupervisedRank):
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last real token
         return self._build(model, tokenizer_path)
 
-    def _rewards(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
-        return self.engine(**enc).logits[:, 0].float()
+    def _rewards(self, prompts: list, responses: list) -> torch.Tensor:
+        """Rewards of the conversations, rendered as the PPO reward scorer renders them
+        (``rlhf_dist.chat.reward_input``)."""
+        mode = self.cfg.data.chat_template
+        inputs = [reward_input(self.tokenizer, p, r, mode) for p, r in zip(prompts, responses)]
+        enc = encode(self.tokenizer, [t for t, _ in inputs], [s for _, s in inputs])
+        return self.engine(**enc.to(self.device)).logits[:, 0].float()
 
     def _loss(self, records: list[dict]):
         prompts = [r["prompt"] for r in records]
