@@ -17,6 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, PROMPTS, SAMPLES, EVAL_PROMPTS = 3, 16, 4, 64
 
 
+def launch(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 @pytest.fixture(scope="module")
 def arith_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("arith")
@@ -25,10 +36,8 @@ def arith_run(tmp_path_factory):
     env = dict(
         os.environ, PYTHONPATH=str(ROOT / "tests" / "helpers"), CHECKED_ARITH_DIR=str(checked)
     )
-    p = subprocess.run(
+    p = launch(
         [
-            sys.executable,
-            str(ROOT / "launch.py"),
             "--config",
             "configs/arith.yaml",
             f"run.dir={d / 'run'}",
@@ -43,11 +52,7 @@ def arith_run(tmp_path_factory):
             "reward.weights=[1.0, 0.0]",  # the format is logged, not rewarded
             "eval.gold=checked_arith:reward",
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        env,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -106,10 +111,8 @@ def grpo_run(arith_run, tmp_path_factory):
     """configs/grpo.yaml's PPO stage with DAPO's dynamic sampling, from the SFT policy the
     recipe run above trained (shared: no second SFT)."""
     d = tmp_path_factory.mktemp("grpo")
-    p = subprocess.run(
+    p = launch(
         [
-            sys.executable,
-            str(ROOT / "launch.py"),
             "--config",
             "configs/grpo.yaml",
             f"run.dir={d / 'run'}",
@@ -122,11 +125,7 @@ def grpo_run(arith_run, tmp_path_factory):
             f"checkpoint.every={GRPO_STEPS}",
             "rollout.drop_uniform_groups=true",
             "learner.lr=1e-3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
