@@ -22,6 +22,19 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     return tok
 
 
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and every EOS of the model's
+    generation config. Chat models end a turn with a token of their template (e.g. Qwen's
+    ``<|im_end|>``) that their ``generation_config.json`` lists as an EOS while the tokenizer's
+    ``eos_token`` may be another; stopping at the tokenizer's alone would run every response
+    to ``rollout.max_new_tokens``."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def load_policy(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ import torch
 from rlhf_dist import weight_sync
 from rlhf_dist.algo import logprobs_from_logits
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.models import load_policy, load_tokenizer
+from rlhf_dist.models import load_policy, load_tokenizer, stop_token_ids
 from rlhf_dist.roles.common import WeightSyncMember, pick_device
 
 
@@ -35,6 +35,7 @@ class Generator(WeightSyncMember):
         self.model = load_policy(model_path, dtype).to(self.device).eval()
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.gen_kwargs = dict(
             do_sample=True,
             max_new_tokens=max_new_tokens,
@@ -42,7 +43,7 @@ class Generator(WeightSyncMember):
             top_p=top_p,
             top_k=top_k,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids,
             return_dict_in_generate=True,
             output_logits=True,
         )
@@ -71,9 +72,10 @@ class Generator(WeightSyncMember):
         # (top-k/top-p truncation is not applied: the learner recomputes the same quantity).
         logits = torch.stack(out.logits, dim=1).float() / self.temperature
         behaviour = logprobs_from_logits(logits, response)
-        # Response tokens run up to and including the first EOS; pad may equal EOS, so the
-        # mask is derived from the EOS position, not from pad ids.
-        is_eos = response == self.tokenizer.eos_token_id
+        # Response tokens run up to and including the first stop token (an EOS of the
+        # tokenizer or of the model's generation config); pad may equal EOS, so the mask is
+        # derived from the stop position, not from pad ids.
+        is_eos = torch.isin(response, torch.tensor(self.stop_ids, device=response.device))
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         response_mask = (~after_eos).float()
         truncated = ~is_eos.any(-1)

@@ -533,3 +533,35 @@ def test_critic_free_checkpoint_holds_no_critic_and_round_trips(
     # a learner with a critic cannot be restored from it, and says why
     with pytest.raises(RuntimeError, match="holds no critic/"):
         learner.load_checkpoint(str(ckpt), version=3)
+
+
+def test_generator_stops_at_every_eos_of_the_generation_config(tmp_path, tiny_policy, batch):
+    """A chat model ends its turn with a template token its generation config lists as an EOS
+    (Qwen's <|im_end|>) besides the tokenizer's EOS: responses stop at either."""
+    from transformers import AutoModelForCausalLM
+
+    tok = Generator(tiny_policy).tokenizer
+    # a frequent response token of the plain generator becomes the model's end-of-turn token
+    P = batch.prompt_len
+    kept = batch.sequences[:, P:][batch.response_mask.bool()]
+    turn_end = int(
+        max(set(kept.tolist()) - {tok.eos_token_id}, key=lambda t: (kept == t).sum().item())
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    chat = Generator(str(tmp_path / "chat"), max_new_tokens=8)
+    assert chat.stop_ids == sorted({tok.eos_token_id, turn_end})
+    out = chat.generate(PROMPTS, [10, 11, 12, 13], samples_per_prompt=2, seed=3)
+    ended_at_turn_end = 0
+    for i in range(len(out)):
+        resp = out.sequences[i, P:].tolist()
+        n = int(out.response_mask[i].sum())
+        stops = [j for j, t in enumerate(resp) if t in chat.stop_ids]
+        if out.truncated[i]:
+            assert n == out.response_len and not stops[:n]
+        else:  # the response runs up to and including the first stop token of either kind
+            assert n == stops[0] + 1
+            ended_at_turn_end += resp[stops[0]] == turn_end
+    assert ended_at_turn_end > 0
