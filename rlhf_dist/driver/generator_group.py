@@ -19,6 +19,7 @@ from rlhf_dist.driver.healing import PoolGroup, replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.ledger import chunk_origins
+from rlhf_dist.lora import lora_settings
 from rlhf_dist.pools import Pool, bundle_of
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator
@@ -46,11 +47,15 @@ class GeneratorGroup(PoolGroup):
                     top_p=r.top_p,
                     top_k=r.top_k,
                     num_gpus=r.num_gpus,
+                    lora=lora_settings(cfg, "policy"),
+                    seed=cfg.run.seed,
+                    ref_from_base=cfg.reference.from_base,
                 ),
             ),
             cfg.ray.placement_timeout_s,
         )
         self.sync: WeightSyncGroup | None = None
+        self.pushed_bytes = 0  # what the last push moved (``sync/bytes``)
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
 
     def connect(self, sync: WeightSyncGroup) -> None:
