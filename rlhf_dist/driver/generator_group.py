@@ -113,9 +113,12 @@ class GeneratorGroup(PoolGroup):
     def push(self, version: int) -> float:
         """Broadcast the learner's policy to every generator as ``version``; verify. A
         generator lost during the sync, or left waiting on the broken group, is replaced, the
-        group formed again and the sync redone. Returns the slowest member's compute."""
+        group formed again and the sync redone. Returns the slowest member's compute;
+        ``pushed_bytes`` is what it moved (a redone sync counted again)."""
+        self.pushed_bytes = 0
         while True:
             out = self.sync.push(self.actors, version)
+            self.pushed_bytes += self.sync.nbytes
             if not out.lost:
                 return out.compute_s
             self.replace(out.lost)
