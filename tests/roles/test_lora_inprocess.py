@@ -197,3 +197,74 @@ def test_reference_from_base_equals_a_reference_scorer_on_the_base(learner, trai
     ref = ReferenceScorer(tiny_policy).ref_logprobs(batch)["ref_logprobs"]
     torch.testing.assert_close(batch.ref_logprobs, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batch.behaviour_logprobs, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_adapters_only_train_and_restore_at_zero_0_and_1(zero_stage, tiny_policy, tmp_path):
+    """ZeRO-2 is the fixture above, ZeRO-3 the resume test on Ray."""
+    cfg = _cfg(f"learner.zero_stage={zero_stage}", "ppo.estimator=grpo", "model.critic_lora_rank=0")
+    learner = Learner(cfg, rank=0, world_size=1)
+    learner.setup(tiny_policy, "", "127.0.0.1", learner.host_rendezvous())
+    batch = _generator(tiny_policy, cfg).generate(PROMPTS, [0, 1, 2, 3], 2, seed=3)
+    batch.scores = torch.tensor([0.0, 1.0] * 4)
+    batch.ref_logprobs = batch.behaviour_logprobs
+    before = learner.policy_state()
+    learner.ppo_update(batch, kl_coef=0.0, seed=0)
+    after = learner.policy_state()
+    changed = {n for n in after if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    learner.save_checkpoint(str(tmp_path / "ckpt"))
+    saved = learner.policy_checksum()
+    learner.ppo_update(batch, kl_coef=0.0, seed=1)
+    assert learner.policy_checksum() != saved
+    learner.load_checkpoint(str(tmp_path / "ckpt"), version=1)
+    assert learner.policy_checksum() == saved
+
+
+def test_sft_and_reward_model_train_adapters_and_export_merged(tiny_policy, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_dist.roles.supervised import RewardLearner, SFTLearner
+
+    cfg = load_config(
+        None,
+        [
+            "learner.num_workers=1",
+            "sft.lora_rank=4",
+            "sft.batch_size=4",
+            "sft.micro_batch_size=2",
+            "sft.lr=1e-2",
+            "rm.lora_rank=4",
+            "rm.batch_size=4",
+            "rm.micro_batch_size=2",
+        ],
+    )
+    sft = SFTLearner(cfg, rank=0, world_size=1)
+    sft.setup(tiny_policy, tiny_policy, "127.0.0.1", sft.host_rendezvous())
+    records = [{"prompt": p, "response": "red cat sun"} for p in PROMPTS]
+    first = sft.train_step(records)
+    for _ in range(3):
+        last = sft.train_step(records)
+    assert last["nll_sum"] < first["nll_sum"]
+    names = [n for n, p in sft.engine.module.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    sft.export_model(str(tmp_path / "sft"), tiny_policy)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_policy), str(tmp_path / "sft" / "adapter")
+    )
+    ids = torch.tensor([[5, 9, 12, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+    rm = RewardLearner(cfg, rank=0, world_size=1)
+    rm.setup(tiny_policy, tiny_policy, "127.0.0.1", rm.host_rendezvous())
+    trainable = [n for n, p in rm.engine.module.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("score" in n for n in trainable)
+    assert all("lora_" in n or "score" in n for n in trainable)
+    pairs = [{"prompt": p, "chosen": "red sun", "rejected": "cat cup"} for p in PROMPTS]
+    rm.train_step(pairs)
+    rm.export_model(str(tmp_path / "rm"), tiny_policy)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert plain.config.num_labels == 1 and not hasattr(plain, "peft_config")
