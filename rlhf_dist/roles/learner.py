@@ -22,6 +22,9 @@ step 1 as the *proximal* policy that the ratio is clipped against, and weights e
 token by pi_proximal / pi_behaviour, truncated at ``async.is_cap``. Samples of the learner's
 own version are on-policy: their weight is exactly 1, so a run without stale samples trains
 exactly as synchronous PPO does.
+With LoRA (``model.lora_rank``, ``model.critic_lora_rank``) the engines hold ``peft`` models
+whose base is frozen: only the adapters (and a critic's value head) are optimised,
+checkpointed and, for the policy, synced (docs/architecture.md, "LoRA").
 Losses are aggregated per micro-batch (``ppo.loss_agg``, default the token mean; see
 ``rlhf_dist.algo.aggregate_loss`` for what each mode means across micro-batches); DeepSpeed
 averages them over accumulation steps and ranks.
