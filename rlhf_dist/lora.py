@@ -108,7 +108,9 @@ def wrap(model: nn.Module, lora: LoraSettings, kind: str, seed: int = 0):
     config = peft_config(model, lora, kind)
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        # adapters in the base's dtype (model.dtype), as DeepSpeed's bf16 engine holds them:
+        # the generators' copy must have the learner's dtypes for the sync's manifest
+        return get_peft_model(model, config, autocast_adapter_dtype=False)
     except (ValueError, TypeError, NotImplementedError) as e:
         key = f"{lora.key}_target_modules" if lora.target_modules else f"{lora.key}_rank"
         raise ValueError(

@@ -136,3 +136,12 @@ def test_wrapping_is_seeded_so_every_holder_starts_with_the_same_adapters(tiny_p
     assert names and all("lora_" in n for n in names)
     assert all(torch.equal(sa[n], sb[n]) for n in names)
     assert not all(torch.equal(sa[n], sc[n]) for n in names)
+
+
+def test_adapters_take_the_base_dtype(tiny_policy):
+    """A bf16 policy gets bf16 adapters on every holder (peft would make them fp32), so the
+    generators' adapters have the dtypes the learner's bf16 engine sends."""
+    from rlhf_dist.models import load_policy
+
+    model = lora.wrap(load_policy(tiny_policy, "bfloat16"), lora.LoraSettings(4, 8), "causal")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
