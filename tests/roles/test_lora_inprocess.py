@@ -131,6 +131,12 @@ def test_the_sync_sends_the_adapters_only_and_generators_sample_as_the_merged_mo
     )
     assert sent["checksum"] == got["checksum"] == learner.policy_checksum()
     assert gen.status() == {"version": 1, "checksum": sent["checksum"]}
+    # the object-store transport moves the same adapters
+    other = _generator(tiny_policy, learner.cfg)
+    meta, buckets = learner.weight_buckets(4096, version=1, verify=True)
+    assert sum(b.numel() for b in buckets) < weigh + 64 * len(manifest)
+    loaded = other.load_weight_buckets(manifest, 4096, buckets, 1, verify=True)
+    assert loaded["checksum"] == meta["checksum"] == sent["checksum"]
 
     # The export, merged, is a plain transformers model; a plain generator on it samples
     # what the LoRA generator samples.
