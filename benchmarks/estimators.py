@@ -35,6 +35,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from rlhf_dist import metric_keys as K  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 PROMPTS, SAMPLES = 32, 4
@@ -101,16 +104,16 @@ def ppo(work: Path, estimator: str, seed: int, policy: Path, steps: int, every: 
     )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "ppo"]
-    evals = [r for r in rows if "eval/gold_score" in r]
-    steps_rows = [r for r in rows if r["step"] > 0 and "time/step" in r]
+    evals = [r for r in rows if K.GOLD in r]
+    steps_rows = [r for r in rows if r["step"] > 0 and K.STEP_TIME in r]
     return {
         "eval_steps": [r["step"] for r in evals],
-        "gold": [r["eval/gold_score"] for r in evals],
-        "stderr": [r["eval/gold_score_stderr"] for r in evals],
-        "elapsed": [r.get("time/elapsed", 0.0) for r in evals],
-        "step_s": statistics.median(r["time/step"] for r in steps_rows),
-        "learner_mb": max(r["pool/learner_rss_mb"] for r in steps_rows),
-        "value_metrics": any(k.startswith("train/value") for r in steps_rows for k in r),
+        "gold": [r[K.GOLD] for r in evals],
+        "stderr": [r[K.GOLD_STDERR] for r in evals],
+        "elapsed": [r.get(K.ELAPSED, 0.0) for r in evals],
+        "step_s": statistics.median(r[K.STEP_TIME] for r in steps_rows),
+        "learner_mb": max(r[K.pool_key("learner", "rss_mb")] for r in steps_rows),
+        "value_metrics": any(K.VALUE_LOSS in r for r in steps_rows),
     }
 
 

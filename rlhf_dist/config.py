@@ -80,6 +80,15 @@ class SupervisedConfig:
     """Fraction of the data held out (``sft/eval_loss``, ``rm/eval_accuracy``)."""
     skip_bad_lines: bool = False
     """Skip (and count) malformed lines of ``data`` instead of refusing the file."""
+    lora_rank: int = 0
+    """LoRA rank of the adapters this stage trains (``peft``); 0 = off: every weight trains."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator (the update is ``alpha / rank * B @ A``); 0 = twice the rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Names (or name suffixes) of the layers that get adapters; empty = every linear layer
+    but the output head."""
 
 
 @dataclass
@@ -128,6 +137,27 @@ class ModelConfig:
     """Parameter dtype of every model (bf16 is what GPUs want; fp32 is exact on CPU)."""
     assets_dir: str = "runs/_assets"
     """Where ``builtin:*`` models and tokenizers are built (reused when already there)."""
+    lora_rank: int = 0
+    """LoRA rank of the policy's adapters (``peft``); 0 = off, every weight trains. With
+    LoRA the learner trains, checkpoints and syncs only the adapters; the generators apply
+    them to their frozen copy of the base."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator (the update is ``alpha / rank * B @ A``); 0 = twice the rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training (PPO runs the model in eval mode, so
+    it acts in the SFT and RM stages only)."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Names (or name suffixes) of the layers that get adapters; empty = every linear layer
+    but the output head."""
+    critic_lora_rank: int = 0
+    """LoRA rank of the critic's adapters (``ppo.estimator=gae``); 0 = off. Its fresh value
+    head always trains in full."""
+    critic_lora_alpha: float = 0.0
+    """The critic's LoRA scale numerator; 0 = twice ``critic_lora_rank``."""
+    critic_lora_dropout: float = 0.0
+    """Dropout on the critic's adapters' input while training."""
+    critic_lora_target_modules: list[str] = field(default_factory=list)
+    """The critic's layers that get adapters; empty = every linear layer but the head."""
 
 
 @dataclass
@@ -264,6 +294,10 @@ class ReferenceConfig(PoolConfig):
     """GPUs per reference scorer."""
     resources: dict[str, float] = field(default_factory=dict)
     """Ray custom resources per reference scorer (node placement)."""
+    from_base: bool = False
+    """With LoRA (``model.lora_rank > 0``): the learner takes the reference log-probs from
+    its own base model with the adapters disabled, so no reference scorer (and no second
+    copy of the model) is started; ``num_workers`` and the rest of this section are unused."""
 
 
 @dataclass
@@ -758,6 +792,51 @@ def _check_reward_functions(cfg: Config) -> None:
             raise ConfigError(f"reward.weights[{i}]: must be a finite number, got {w}")
 
 
+LORA_PREFIXES = (("model", "lora_"), ("model", "critic_lora_"), ("sft", "lora_"), ("rm", "lora_"))
+"""The LoRA settings in the config: (section, field prefix); ``rlhf_dist.lora.LORA_KEYS`` says
+which model each one is for."""
+
+
+def _check_lora(cfg: Config) -> None:
+    """LoRA ranks >= 0; a rank > 0 wherever another LoRA key is set; sane scale and dropout.
+    What needs the model (target modules, a class peft cannot wrap) is checked by
+    ``rlhf_dist.preflight``."""
+    for section, prefix in LORA_PREFIXES:
+        sec = getattr(cfg, section)
+        key = f"{section}.{prefix}"
+        rank, alpha = getattr(sec, f"{prefix}rank"), getattr(sec, f"{prefix}alpha")
+        dropout, targets = getattr(sec, f"{prefix}dropout"), getattr(sec, f"{prefix}target_modules")
+        asked = [
+            f"{key}{name}"
+            for name, on in (
+                ("alpha", alpha != 0),
+                ("dropout", dropout != 0),
+                ("target_modules", targets),
+            )
+            if on
+        ]
+        if rank < 0 or (rank == 0 and asked):
+            why = f" ({', '.join(asked)} set: LoRA is asked for)" if asked else " (0 = LoRA off)"
+            raise ConfigError(f"{key}rank: must be > 0 for LoRA{why}, got {rank}")
+        if not alpha >= 0 or not math.isfinite(alpha):
+            raise ConfigError(f"{key}alpha: must be >= 0 (0 = twice the rank), got {alpha}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"{key}dropout: must be in [0, 1), got {dropout}")
+        if any(not t.strip() for t in targets):
+            raise ConfigError(f"{key}target_modules: an empty module name in {targets}")
+    if cfg.model.critic_lora_rank and cfg.ppo.estimator != "gae":
+        raise ConfigError(
+            f"model.critic_lora_rank: ppo.estimator={cfg.ppo.estimator} builds no critic; "
+            f"leave it 0 (only ppo.estimator=gae has one)"
+        )
+    if cfg.reference.from_base and cfg.model.lora_rank <= 0:
+        raise ConfigError(
+            "reference.from_base: the reference is the base model under the policy's LoRA "
+            "adapters; it needs model.lora_rank > 0 (without LoRA the policy has no frozen "
+            "base, use the reference scorers)"
+        )
+
+
 def validate(cfg: Config) -> Sizes:
     """Refuse what is wrong, naming the key; return the derived sizes."""
     for section in POOL_SECTIONS:
@@ -837,6 +916,7 @@ def validate(cfg: Config) -> Sizes:
     if not cfg.reward.model and not cfg.reward.function:
         raise ConfigError("reward.model / reward.function: one of them must be set")
     _check_reward_functions(cfg)
+    _check_lora(cfg)
 
     samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     _positive(cfg, "rollout.chunk_prompts", "run.max_restarts", allow_zero=True)

@@ -135,6 +135,8 @@ OVERHEAD_FRAC = "perf/overhead_frac"
 VERSION = "sync/version"
 STALENESS_MEAN = "sync/staleness_mean"
 STALENESS_MAX = "sync/staleness_max"
+# what the step's weight sync moved: the synced parameters' bytes (with LoRA the adapters only)
+SYNC_BYTES = "sync/bytes"
 
 # ----------------------------------------------------------------------------- fault/
 # workers replaced, rollout chunks redone, steps skipped (and why), non-finite losses

@@ -30,10 +30,12 @@ def bundle_of(section: PoolConfig) -> dict[str, float]:
 
 
 def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
-    """Each pool's (workers, bundle per worker), keyed by config section."""
+    """Each pool's (workers, bundle per worker), keyed by config section; no reference pool
+    when the reference is the LoRA policy's base (``reference.from_base``)."""
     return {
         name: (getattr(cfg, name).num_workers, bundle_of(getattr(cfg, name)))
         for name in POOL_SECTIONS
+        if not (name == "reference" and cfg.reference.from_base)
     }
 
 

@@ -111,6 +111,22 @@ def _model(cfg: Config, run_dir: Path, key: str, value: str, pending: set[str]) 
     return path
 
 
+def check_lora(cfg: Config, which: str, path: str) -> None:
+    """The LoRA settings of ``which`` (policy, critic, sft, rm) fit the model at ``path``:
+    every target module matches a layer, and peft can wrap the model class (checked on an
+    empty model built from the config alone)."""
+    from rlhf_dist import lora
+
+    settings = lora.lora_settings(cfg, which)
+    if settings is None:
+        return
+    kind = {"policy": "causal", "sft": "causal", "critic": "token_cls", "rm": "seq_cls"}[which]
+    try:
+        lora.check_wrappable(path, settings, kind)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def context_length(path: str) -> int | None:
     from transformers import AutoConfig
 
@@ -184,6 +200,7 @@ def supervised_inputs(
         tokenizer = init
     tok_path = cfg.model.tokenizer or tokenizer
     tok = _tokenizer(f"{stage}.init", tok_path)
+    check_lora(cfg, stage, tokenizer)  # a pending init has sft.init's architecture
     kind = "demonstrations" if stage == "sft" else "pairs"
     path = resolve(cfg, run_dir, f"{stage}.data", sec.data, kind)
     loader = load_demonstrations if stage == "sft" else load_preference_pairs
@@ -356,6 +373,9 @@ def resolve_inputs(
         else policy
     )
     tokenizer_path = cfg.model.tokenizer or policy
+    check_lora(cfg, "policy", known)
+    if cfg.ppo.estimator == "gae":
+        check_lora(cfg, "critic", critic if cfg.model.critic not in pending else known)
     tokenizer = _tokenizer("model.tokenizer", cfg.model.tokenizer or known)
     limit = cfg.rollout.max_prompt_tokens
     ctx = context_length(known)

@@ -10,7 +10,8 @@ dtypes are kept (a bf16 tensor travels as bf16). Tied weights appear once
 (``named_parameters`` de-duplicates shared ``Parameter`` objects). ``plan_buckets`` lays the
 buckets out for both sides: each parameter starts at a multiple of ``ALIGN`` bytes, so its
 slice of a bucket can be viewed as its dtype and shape; the padding between parameters
-carries nothing.
+carries nothing. A LoRA model syncs its adapters only (``sync_params``): every generator
+holds the frozen base already and applies the adapters it receives to it.
 
 The learner packs each bucket into one of two reusable buffers and alternates between them,
 so packing bucket k+1 overlaps the transfer of bucket k. A generator receives in place: the
@@ -61,8 +62,21 @@ def full_shape(p: Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
+def sync_params(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The parameters a sync moves: all of them, or, when some are frozen (a LoRA model's
+    base, which every generator holds already), the trainable ones only (the adapters)."""
+    named = list(model.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    return trainable if trainable and len(trainable) < len(named) else named
+
+
 def manifest_of(model: nn.Module) -> list[ParamSpec]:
-    return [ParamSpec(n, full_shape(p), str(p.dtype)) for n, p in model.named_parameters()]
+    return [ParamSpec(n, full_shape(p), str(p.dtype)) for n, p in sync_params(model)]
+
+
+def manifest_bytes(manifest: list[ParamSpec]) -> int:
+    """What one sync moves: the parameters' bytes (the alignment padding not counted)."""
+    return sum(s.nbytes for s in manifest)
 
 
 ALIGN = 64  # bytes; a multiple of every dtype's element size
@@ -130,7 +144,8 @@ def checksum(tensors: Iterable[Tensor]) -> str:
 
 
 def model_checksum(model: nn.Module) -> str:
-    return checksum(p for _, p in model.named_parameters())
+    """The checksum of the parameters a sync moves (``sync_params``)."""
+    return checksum(p for _, p in sync_params(model))
 
 
 class SyncGroup:

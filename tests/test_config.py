@@ -122,6 +122,10 @@ def test_sft_and_rm_share_a_base_and_keep_their_defaults():
         "lr",
         "eval_frac",
         "skip_bad_lines",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
     ]
     assert [f.name for f in dataclasses.fields(SFTConfig)] == keys
     assert [f.name for f in dataclasses.fields(RMConfig)] == keys

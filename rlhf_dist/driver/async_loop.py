@@ -293,6 +293,7 @@ class AsyncLoop(StepLoop):
                     K.DROPPED_STALE: self.dropped_stale,
                     K.QUEUE_SAMPLES: self._outstanding(),
                     K.QUEUE_MAX: self.queue_max,
+                    K.SYNC_BYTES: self.generators.pushed_bytes,
                 }
             step_time = time.perf_counter() - t_last
             yield StepOutcome(batch, train, times, step_time, position, extra, self.dropped)

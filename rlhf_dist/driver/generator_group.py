@@ -19,6 +19,7 @@ from rlhf_dist.driver.healing import PoolGroup, replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.ledger import chunk_origins
+from rlhf_dist.lora import lora_settings
 from rlhf_dist.pools import Pool, bundle_of
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator
@@ -47,11 +48,15 @@ class GeneratorGroup(PoolGroup):
                     top_k=r.top_k,
                     num_gpus=r.num_gpus,
                     add_special_tokens=inputs.add_special_tokens,
+                    lora=lora_settings(cfg, "policy"),
+                    seed=cfg.run.seed,
+                    ref_from_base=cfg.reference.from_base,
                 ),
             ),
             cfg.ray.placement_timeout_s,
         )
         self.sync: WeightSyncGroup | None = None
+        self.pushed_bytes = 0  # what the last push moved (``sync/bytes``)
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
 
     def connect(self, sync: WeightSyncGroup) -> None:
@@ -109,9 +114,12 @@ class GeneratorGroup(PoolGroup):
     def push(self, version: int) -> float:
         """Broadcast the learner's policy to every generator as ``version``; verify. A
         generator lost during the sync, or left waiting on the broken group, is replaced, the
-        group formed again and the sync redone. Returns the slowest member's compute."""
+        group formed again and the sync redone. Returns the slowest member's compute;
+        ``pushed_bytes`` is what it moved (a redone sync counted again)."""
+        self.pushed_bytes = 0
         while True:
             out = self.sync.push(self.actors, version)
+            self.pushed_bytes += self.sync.nbytes
             if not out.lost:
                 return out.compute_s
             self.replace(out.lost)

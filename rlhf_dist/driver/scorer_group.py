@@ -58,26 +58,30 @@ class ScorerGroup:
             ),
             timeout,
         )
-        try:
-            self.references = Pool(
-                "reference",
-                ReferenceScorer,
-                cfg.reference.num_workers,
-                bundle_of(cfg.reference),
-                lambda i: (
-                    (inputs.policy, cfg.model.dtype),
-                    dict(temperature=cfg.rollout.temperature, num_gpus=cfg.reference.num_gpus),
-                ),
-                timeout,
-            )
-        except BaseException:
-            self.rewards.shutdown()
-            raise
+        # reference.from_base: the generators take the reference log-probs from their own
+        # base with the LoRA adapters disabled, so no reference scorer is started.
+        self.references = None
+        if not cfg.reference.from_base:
+            try:
+                self.references = Pool(
+                    "reference",
+                    ReferenceScorer,
+                    cfg.reference.num_workers,
+                    bundle_of(cfg.reference),
+                    lambda i: (
+                        (inputs.policy, cfg.model.dtype),
+                        dict(temperature=cfg.rollout.temperature, num_gpus=cfg.reference.num_gpus),
+                    ),
+                    timeout,
+                )
+            except BaseException:
+                self.rewards.shutdown()
+                raise
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
 
     @property
     def pools(self) -> list[Pool]:
-        return [self.rewards, self.references]
+        return [self.rewards] + ([self.references] if self.references is not None else [])
 
     def _job(self, pool: Pool, batch: RolloutBatch, submit) -> Job:
         parts = split_ranges(len(batch), math.ceil(len(batch) / (2 * len(pool))))
@@ -117,16 +121,24 @@ class ScorerGroup:
         filled in; with several reward functions each one's scores go to
         ``batch.extra["reward_parts"]``. Returns the slower pool's critical-path compute."""
         rewards = self._reward_job(batch, self.fields, self.messages)
-        refs = self._job(
-            self.references, batch, lambda a, p: a.ref_logprobs.remote(batch.select(list(p)))
-        )
-        self._deal(rewards, refs)
+        if self.references is None:  # the generators filled batch.ref_logprobs in
+            self._deal(rewards)
+            refs = None
+        else:
+            refs = self._job(
+                self.references, batch, lambda a, p: a.ref_logprobs.remote(batch.select(list(p)))
+            )
+            self._deal(rewards, refs)
         batch.scores = torch.cat([r["scores"] for r in rewards.results])
         if "parts" in rewards.results[0]:
             names = rewards.results[0]["parts"]
             batch.extra["reward_parts"] = {
                 n: torch.cat([r["parts"][n] for r in rewards.results]) for n in names
             }
+        if refs is None:
+            if batch.ref_logprobs is None:
+                raise RuntimeError("reference.from_base: the generators sent no ref_logprobs")
+            return rewards.critical_path()
         batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs.results])
         return max(rewards.critical_path(), refs.critical_path())
 
@@ -141,5 +153,5 @@ class ScorerGroup:
         return torch.cat([r["scores"] for r in job.results])
 
     def shutdown(self) -> None:
-        for pool in (self.references, self.rewards):
+        for pool in reversed(self.pools):
             pool.shutdown()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rlhf_dist import weight_sync
 from rlhf_dist.config import Config
 from rlhf_dist.dispatch import LOST
 from rlhf_dist.driver.errors import LearnerLost, SyncStalled, WeightSyncError
@@ -41,7 +42,9 @@ class WeightSyncGroup:
         self.backend = sync_backend(cfg)
         self.bucket_bytes = int(cfg.sync.bucket_mb * (1 << 20))
         self.version: int | None = None  # what every generator was verified to hold last
-        self.manifest = ray.put(ray.get(learners.actors[0].sync_manifest.remote()))
+        manifest = ray.get(learners.actors[0].sync_manifest.remote())
+        self.nbytes = weight_sync.manifest_bytes(manifest)  # what one push moves
+        self.manifest = ray.put(manifest)
         self.on_dispatch = None  # (pool name, slot, task) after each receive is started
 
     @property

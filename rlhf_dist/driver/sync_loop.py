@@ -49,6 +49,7 @@ class SyncLoop(StepLoop):
         extra = {
             K.GENERATE_TOKENS_PER_S: batch.extra["num_tokens"] / max(timer.times["generate"], 1e-9),
             K.OVERHEAD_FRAC: max(step_time - compute, 0.0) / step_time,
+            K.SYNC_BYTES: self.generators.pushed_bytes,
         }
         if cfg.rollout.drop_uniform_groups:
             extra.update(counts)

@@ -71,6 +71,26 @@ def _safe_checkpoint_engine():
     return SafeCheckpointEngine()
 
 
+def _leave_out_tied_frozen(engine) -> None:
+    """DeepSpeed's ``exclude_frozen_parameters`` drops the frozen parameters by the names
+    ``named_parameters`` gives, which name a tied weight once: its other name (GPT-2's
+    ``lm_head.weight``, the embedding) would still be saved. Drop every name of a frozen
+    parameter, so a LoRA checkpoint holds the trainable parameters only."""
+    frozen = {
+        n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad
+    }
+    module_state_dict = engine.module_state_dict
+
+    def state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        sd = module_state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name in frozen & sd.keys():
+                del sd[name]
+        return sd
+
+    engine.module_state_dict = state_dict
+
+
 class DeepSpeedRank(SystemStats):
     """One data-parallel rank. ``init_distributed`` is collective: call it on every rank."""
 
@@ -79,6 +99,7 @@ class DeepSpeedRank(SystemStats):
         self.rank, self.world_size = rank, world_size
         self.device = pick_device(cfg.learner.num_gpus)
         self.rendezvous = None  # rank 0: the store the ranks meet through, once hosted
+        self.base_paths: dict[int, str] = {}  # id(LoRA module) -> its base model (exports)
 
     def host_rendezvous(self) -> int:
         """Rank 0: host the store the ranks meet through (bound at port 0, so no other process
@@ -137,18 +158,48 @@ class DeepSpeedRank(SystemStats):
         # Same seed on every rank: fresh heads (critic, reward) start identical everywhere.
         torch.manual_seed(self.cfg.run.seed)
 
+    def with_lora(self, model, which: str, kind: str, base_path: str):
+        """``model`` wrapped with the LoRA adapters ``which`` (policy, critic, sft, rm) asks
+        for (``rlhf_dist.lora``), seeded by ``run.seed`` so every holder starts with the same
+        adapters; ``model`` itself when LoRA is off for it."""
+        from rlhf_dist import lora
+
+        settings = lora.lora_settings(self.cfg, which)
+        if settings is None:
+            return model
+        model = lora.wrap(model, settings, kind, seed=self.cfg.run.seed)
+        self.base_paths[id(model)] = base_path
+        return model
+
     def make_engine(self, model, lr: float, micro_batch_size: int, grad_accum_steps: int):
+        """A DeepSpeed engine whose optimizer holds the trainable parameters only (with LoRA:
+        the adapters, and a classifier head)."""
         import deepspeed
 
         config = deepspeed_config(self.cfg, lr, micro_batch_size, grad_accum_steps, self.world_size)
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if len(trainable) == len(list(model.parameters())):
+            trainable = None  # nothing frozen: DeepSpeed's default, as before LoRA
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
         engine.checkpoint_engine = _safe_checkpoint_engine()
+        if trainable is not None:
+            _leave_out_tied_frozen(engine)
         return engine
 
+    @staticmethod
+    def _has_frozen(engine) -> bool:
+        return any(not p.requires_grad for p in engine.module.parameters())
+
     def save_engines(self, ckpt_dir: str, engines: dict) -> None:
-        """Every rank writes its part of each engine's state (collective)."""
+        """Every rank writes its part of each engine's state (collective). Frozen parameters
+        (a LoRA base) are left out: they are the base model's files."""
         for name, engine in engines.items():
-            engine.save_checkpoint(str(Path(ckpt_dir) / name), tag="state", save_latest=False)
+            engine.save_checkpoint(
+                str(Path(ckpt_dir) / name),
+                tag="state",
+                save_latest=False,
+                exclude_frozen_parameters=self._has_frozen(engine),
+            )
 
     def load_engines(self, ckpt_dir: str, engines: dict) -> None:
         """Restore weights, optimizer and scheduler states; raise ``RuntimeError`` naming the
@@ -161,6 +212,8 @@ class DeepSpeedRank(SystemStats):
                     tag="state",
                     load_optimizer_states=True,
                     load_lr_scheduler_states=True,
+                    # a LoRA engine's checkpoint holds no frozen base: those keys stay as built
+                    load_module_strict=not self._has_frozen(engine),
                 )
             except Exception as e:  # truncated zip, unpickling refused, shape mismatch...
                 raise RuntimeError(f"cannot load {path}: {type(e).__name__}: {e}") from None
@@ -200,7 +253,10 @@ class DeepSpeedRank(SystemStats):
 
     def export(self, module, out_dir: str, tokenizer_path: str) -> str | None:
         """``save_pretrained`` (safetensors) plus the tokenizer, written by rank 0 into a
-        temporary directory then renamed, so a crash never leaves a half-written model."""
+        temporary directory then renamed, so a crash never leaves a half-written model. A LoRA
+        model is written merged (plain ``transformers`` loads it), its adapter alone in
+        ``adapter/`` (plain ``peft`` loads it onto the base)."""
+        from rlhf_dist import lora
         from rlhf_dist.models import load_tokenizer
 
         state = self.full_state(module)
@@ -212,7 +268,10 @@ class DeepSpeedRank(SystemStats):
             import shutil
 
             shutil.rmtree(tmp)
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if lora.is_peft(module):  # the merged model, and the adapter alone in adapter/
+            lora.export_both(module, state, tmp, self.base_paths.get(id(module), ""))
+        else:
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         load_tokenizer(tokenizer_path).save_pretrained(tmp)
         if out.exists():
             import shutil

@@ -1,4 +1,10 @@
-"""Generator (rollout worker): a copy of the policy that samples responses with HF ``generate``."""
+"""Generator (rollout worker): a copy of the policy that samples responses with HF ``generate``.
+
+With LoRA (``lora``) the generator holds the frozen base wrapped with the same adapters as the
+learner (same settings, same seed); a weight sync replaces the adapters only, and sampling
+runs the base with them applied. ``ref_from_base`` (``reference.from_base``): each batch also
+carries the reference log-probs, taken from the base with the adapters disabled, so no
+reference scorer needs a model of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +17,8 @@ import torch
 from rlhf_dist import weight_sync
 from rlhf_dist.algo import logprobs_from_logits
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.models import load_policy, load_tokenizer, stop_token_ids
+from rlhf_dist.lora import LoraSettings, wrap
+from rlhf_dist.models import load_policy, load_tokenizer, response_logprobs, stop_token_ids
 from rlhf_dist.roles.common import WeightSyncMember, pick_device
 
 
@@ -27,12 +34,21 @@ class Generator(WeightSyncMember):
         top_k: int = 0,
         num_gpus: float = 0.0,
         add_special_tokens: bool = True,
+        lora: LoraSettings | None = None,
+        seed: int = 0,
+        ref_from_base: bool = False,
     ):
         self.device = pick_device(num_gpus)
         # False when prompts come rendered by a chat template (it holds the special tokens)
         self.add_special_tokens = add_special_tokens
         self.tokenizer = load_tokenizer(tokenizer_path or model_path, padding_side="left")
-        self.model = load_policy(model_path, dtype).to(self.device).eval()
+        model = load_policy(model_path, dtype)
+        if lora is not None:
+            model = wrap(model, lora, "causal", seed=seed)
+        elif ref_from_base:
+            raise ValueError("reference.from_base needs LoRA (model.lora_rank > 0)")
+        self.model = model.to(self.device).eval()
+        self.ref_from_base = ref_from_base
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
@@ -94,6 +110,12 @@ class Generator(WeightSyncMember):
             versions=torch.full((len(prompts),), self.version, dtype=torch.long),
             truncated=truncated.cpu(),
         )
+        if self.ref_from_base:
+            with self.model.disable_adapter():
+                ref, _ = response_logprobs(
+                    self.model, batch.sequences.to(self.device), attention_mask, P, self.temperature
+                )
+            batch.ref_logprobs = (ref.float() * response_mask).cpu()
         batch.extra["compute_s"] = time.perf_counter() - t0
         batch.extra["num_tokens"] = int(response_mask.sum().item())
         batch.extra["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # the sample ledger's

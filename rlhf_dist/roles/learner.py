@@ -22,6 +22,9 @@ step 1 as the *proximal* policy that the ratio is clipped against, and weights e
 token by pi_proximal / pi_behaviour, truncated at ``async.is_cap``. Samples of the learner's
 own version are on-policy: their weight is exactly 1, so a run without stale samples trains
 exactly as synchronous PPO does.
+With LoRA (``model.lora_rank``, ``model.critic_lora_rank``) the engines hold ``peft`` models
+whose base is frozen: only the adapters (and a critic's value head) are optimised,
+checkpointed and, for the policy, synced (docs/architecture.md, "LoRA").
 Losses are aggregated per micro-batch (``ppo.loss_agg``, default the token mean; see
 ``rlhf_dist.algo.aggregate_loss`` for what each mode means across micro-batches); DeepSpeed
 averages them over accumulation steps and ranks.
@@ -66,13 +69,13 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             self.cfg.ppo.micro_batch_size,
             self.sizes.grad_accum_steps,
         )
-        self.policy = self.make_engine(
-            load_policy(policy_path, dtype), self.cfg.learner.lr, micro, accum
-        )
+        # With LoRA (model.lora_rank, model.critic_lora_rank) only the adapters train.
+        policy = self.with_lora(load_policy(policy_path, dtype), "policy", "causal", policy_path)
+        self.policy = self.make_engine(policy, self.cfg.learner.lr, micro, accum)
         if self.has_critic:
-            self.critic = self.make_engine(
-                load_critic(critic_path, dtype), self.cfg.learner.critic_lr, micro, accum
-            )
+            critic = load_critic(critic_path, dtype)
+            critic = self.with_lora(critic, "critic", "token_cls", critic_path)
+            self.critic = self.make_engine(critic, self.cfg.learner.critic_lr, micro, accum)
         # Dropout off: the PPO ratio must compare the same function before and after.
         for engine in self.engines().values():
             engine.eval()
@@ -351,7 +354,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         elsewhere), gathered only while the consumer handles that bucket. Under ZeRO-3 every
         rank takes part in gathering, so every rank must iterate this."""
         manifest = self.sync_manifest()
-        params = [p for _, p in self.policy.module.named_parameters()]
+        params = [p for _, p in weight_sync.sync_params(self.policy.module)]
         for bucket in weight_sync.plan_buckets(manifest, bucket_bytes):
             ps = params[bucket.start : bucket.stop]
             with self.gathered(ps):
@@ -410,7 +413,8 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         return meta, buckets
 
     def policy_checksum(self) -> str | None:
-        """Checksum of the full policy (collective under ZeRO-3; the value is on rank 0)."""
+        """Checksum of what a sync sends: the full policy, or its LoRA adapters (collective
+        under ZeRO-3; the value is on rank 0)."""
         tensors = (t for _, ps in self._buckets(64 << 20) if ps is not None for t in ps)
         digest = weight_sync.checksum(tensors)  # hashed while each bucket is gathered
         return digest if self.rank == 0 else None

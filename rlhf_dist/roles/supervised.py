@@ -71,6 +71,7 @@ class SFTLearner(_SupervisedRank):
     def setup(self, init_path: str, tokenizer_path: str, master_addr: str, master_port: int):
         self.init_distributed(master_addr, master_port)
         model = load_policy(init_path, self.cfg.model.dtype)
+        model = self.with_lora(model, "sft", "causal", init_path)
         return self._build(model, tokenizer_path)
 
     def _loss(self, records: list[dict]):
@@ -115,6 +116,7 @@ class RewardLearner(_SupervisedRank):
         model = load_reward_model(init_path, self.cfg.model.dtype, new_head=True)
         tok = load_tokenizer(tokenizer_path)
         model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last real token
+        model = self.with_lora(model, "rm", "seq_cls", init_path)
         return self._build(model, tokenizer_path)
 
     def _rewards(self, prompts: list, responses: list) -> torch.Tensor:

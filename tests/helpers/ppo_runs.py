@@ -8,15 +8,18 @@ from rlhf_dist.orchestrator import Orchestrator
 from rlhf_dist.preflight import resolve_inputs
 
 
-def run_checked(cfg, run_dir, on_dispatch=None) -> list[dict]:
+def run_checked(cfg, run_dir, on_dispatch=None, resume=None) -> list[dict]:
     """Run every step and return the metric rows, after checking that every generator holds
     the learner's final weights, that metrics.jsonl has one row per step, and that every
     prompt taken was trained exactly once. The final policy is exported to
     ``run_dir/policy``, so that ``compare_runs.assert_same_runs`` can compare two runs' weights.
-    ``on_dispatch(orch)`` makes the orchestrator's dispatch hook (fault injection)."""
+    ``on_dispatch(orch)`` makes the orchestrator's dispatch hook (fault injection). ``resume``:
+    the checkpoint the run must continue from (its newest usable one)."""
     orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
     try:
         orch.on_dispatch = on_dispatch(orch) if on_dispatch else None
+        if resume is not None:
+            assert orch.restore(log=lambda _: None) == resume
         rows = orch.run(log=lambda _: None)
         learner = ray.get(orch.learners.call("policy_checksum"))[0]
         held = [(s["version"], s["checksum"]) for s in ray.get(orch.generators.call("status"))]
