@@ -6,6 +6,7 @@ The role classes know nothing of Ray; ``ray.remote`` is applied here, from outsi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import ray
@@ -35,6 +36,43 @@ def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
         name: (getattr(cfg, name).num_workers, bundle_of(getattr(cfg, name)))
         for name in POOL_SECTIONS
     }
+
+
+# The pools whose workers compute at the same time in a synchronous step (docs/architecture.md,
+# "The synchronous step"): generators alone, reward and reference scorers together, the
+# learner ranks alone.
+SYNC_BLOCK_POOLS = {
+    "rollout": ("rollout",),
+    "reward": ("reward", "reference"),
+    "reference": ("reward", "reference"),
+    "learner": ("learner",),
+}
+
+
+def node_cpus() -> int:
+    """The CPUs of the largest alive node: what Ray offers there, and on this process's node
+    no more than its cores (a local cluster may declare more CPUs than the machine has)."""
+    here = ray.util.get_node_ip_address()
+    cpus = []
+    for n in ray.nodes():
+        if n.get("Alive"):
+            c = n["Resources"].get("CPU", 0.0)
+            cpus.append(min(c, os.cpu_count() or 1) if n["NodeManagerAddress"] == here else c)
+    return max(1, math.floor(max(cpus, default=1.0)))
+
+
+def worker_threads(cfg: Config, section: str) -> int:
+    """Torch threads for one worker of pool ``section``. In ``mode=sync`` one block computes
+    at a time, so the workers of the block share the node's cores between them (the learner
+    alone takes every core while the generators wait, and the other way round) rather than
+    each keeping to the CPUs it reserved; in ``mode=async`` both sides compute at once and each
+    worker keeps to its reservation. Never fewer than the reserved CPUs (at least one)."""
+    pool = getattr(cfg, section)
+    own = max(1, math.floor(pool.num_cpus))
+    if cfg.mode != "sync" or pool.num_gpus > 0 or section not in SYNC_BLOCK_POOLS:
+        return own
+    active = sum(getattr(cfg, s).num_workers for s in SYNC_BLOCK_POOLS[section])
+    return max(own, node_cpus() // max(active, 1))
 
 
 def total_cpus(cfg: Config) -> float:
@@ -82,8 +120,11 @@ class Pool:
         bundle: dict[str, float],
         make_args: Callable[[int], tuple[tuple, dict]],
         placement_timeout_s: float,
+        threads: int = 0,
     ):
         self.name, self.bundle = name, dict(bundle)
+        # torch threads per worker (``worker_threads``); 0: the CPUs of the bundle
+        self.threads = threads or max(1, math.floor(self.bundle["CPU"]))
         self.make_args, self.timeout = make_args, placement_timeout_s
         self.remote_cls = ray.remote(role_cls)
         self.actors: list = []
@@ -111,10 +152,8 @@ class Pool:
             num_gpus=self.bundle.get("GPU", 0),
             resources=extra or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-            # OMP/torch threads follow the CPUs a worker was given.
-            runtime_env={
-                "env_vars": {"OMP_NUM_THREADS": str(max(1, math.floor(self.bundle["CPU"])))}
-            },
+            # OMP/torch threads: the CPUs a worker was given, or ``worker_threads``.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}},
         ).remote(*args, **kwargs)
 
     def add(self, n: int) -> list:
