@@ -184,9 +184,11 @@ class RolloutConfig(PoolConfig):
     by load: each generator takes the next chunk when it finishes one, so a slow or busy
     worker gets less."""
     chunk_prompts: int = 0
-    """Prompts per chunk (one ``generate`` call); 0 = about two chunks per configured
-    generator. Each chunk is sampled with a seed of its own, so which generator takes it,
-    and how many generators there are, does not change the samples."""
+    """Prompts per chunk (one ``generate`` call); 0 = one chunk per configured generator (the
+    fewest calls, each as large as it can be; a lost generator's chunk is still redone by
+    another; set it smaller for finer load balancing between uneven generators). Each chunk
+    is sampled with a seed of its own, so which generator takes it, and how many generators
+    there are, does not change the samples."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt."""
     max_prompt_tokens: int = 64
@@ -850,7 +852,7 @@ def validate(cfg: Config) -> Sizes:
     return Sizes(
         samples_per_step=samples,
         chunk_prompts=cfg.rollout.chunk_prompts
-        or math.ceil(cfg.rollout.prompts_per_step / (2 * cfg.rollout.num_workers)),
+        or math.ceil(cfg.rollout.prompts_per_step / cfg.rollout.num_workers),
         queue_samples=cfg.async_.queue_samples or 2 * samples,
         minibatches_per_epoch=minibatches,
         minibatch_per_rank=per_rank,
