@@ -72,7 +72,7 @@ def worker_threads(cfg: Config, section: str) -> int:
     if cfg.mode != "sync" or pool.num_gpus > 0 or section not in SYNC_BLOCK_POOLS:
         return own
     active = sum(getattr(cfg, s).num_workers for s in SYNC_BLOCK_POOLS[section])
-    return max(own, node_cpus() // max(active, 1))
+    return max(own, (cfg.ray.block_cores or node_cpus()) // max(active, 1))
 
 
 def total_cpus(cfg: Config) -> float:

@@ -41,3 +41,10 @@ def test_gpu_workers_keep_their_reservation(cores):
     cores(8)
     cfg = load_config(None, ["learner.num_gpus=1", "learner.num_cpus=1"])
     assert pools.worker_threads(cfg, "learner") == 1
+
+
+def test_block_cores_fixes_the_share_whatever_the_node(cores):
+    cores(16)
+    cfg = load_config(None, ["ray.block_cores=2"])
+    assert pools.worker_threads(cfg, "learner") == 2
+    assert pools.worker_threads(cfg, "rollout") == 1
