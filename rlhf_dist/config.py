@@ -407,10 +407,11 @@ class RayConfig:
     object_store_mb: int = 1024
     """Object store size of a local cluster."""
     block_cores: int = 0
-    """Cores the workers of one synchronous block share on a node (their torch threads are
-    these cores divided among them, never fewer than the CPUs each reserved); 0 = the node's
-    CPUs as Ray sees them, on the driver's node at most its cores. Fixing it makes float
-    results independent of the machine's core count (the pinned-behaviour runs set 2)."""
+    """Cores the learner ranks share in ``mode=sync``, where they train alone (their torch
+    threads are these cores divided among them, never fewer than ``learner.num_cpus``); 0 =
+    the node's CPUs as Ray sees them, on the driver's node at most its cores. Fixing it makes
+    the learner's float sums independent of the machine's core count (the pinned-behaviour
+    runs set 2)."""
     placement_timeout_s: float = 60.0
     """How long to wait for a pool's resources before failing with a clear error."""
 

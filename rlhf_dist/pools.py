@@ -38,17 +38,6 @@ def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
     }
 
 
-# The pools whose workers compute at the same time in a synchronous step (docs/architecture.md,
-# "The synchronous step"): generators alone, reward and reference scorers together, the
-# learner ranks alone.
-SYNC_BLOCK_POOLS = {
-    "rollout": ("rollout",),
-    "reward": ("reward", "reference"),
-    "reference": ("reward", "reference"),
-    "learner": ("learner",),
-}
-
-
 def node_cpus() -> int:
     """The CPUs of the largest alive node: what Ray offers there, and on this process's node
     no more than its cores (a local cluster may declare more CPUs than the machine has)."""
@@ -62,17 +51,18 @@ def node_cpus() -> int:
 
 
 def worker_threads(cfg: Config, section: str) -> int:
-    """Torch threads for one worker of pool ``section``. In ``mode=sync`` one block computes
-    at a time, so the workers of the block share the node's cores between them (the learner
-    alone takes every core while the generators wait, and the other way round) rather than
-    each keeping to the CPUs it reserved; in ``mode=async`` both sides compute at once and each
-    worker keeps to its reservation. Never fewer than the reserved CPUs (at least one)."""
+    """Torch threads for one worker of pool ``section``: the CPUs it reserved (at least one),
+    except for the learner ranks in ``mode=sync``. There one block computes at a time and the
+    learner's block has no other workers, so its ranks share the node's cores
+    (``ray.block_cores``, default all of them) instead of one each while the rest idle.
+    Generators and scorers keep their reservation, so the samples and reference log-probs stay
+    bit for bit the same whatever the pool sizes (a thread count changes float sums); in
+    ``mode=async`` both sides compute at once and every worker keeps its reservation."""
     pool = getattr(cfg, section)
     own = max(1, math.floor(pool.num_cpus))
-    if cfg.mode != "sync" or pool.num_gpus > 0 or section not in SYNC_BLOCK_POOLS:
+    if cfg.mode != "sync" or pool.num_gpus > 0 or section != "learner":
         return own
-    active = sum(getattr(cfg, s).num_workers for s in SYNC_BLOCK_POOLS[section])
-    return max(own, (cfg.ray.block_cores or node_cpus()) // max(active, 1))
+    return max(own, (cfg.ray.block_cores or node_cpus()) // pool.num_workers)
 
 
 def total_cpus(cfg: Config) -> float:

@@ -1,4 +1,4 @@
-"""Torch threads per worker: in sync mode a block's workers share the node's cores."""
+"""Torch threads per worker: in sync mode the learner ranks share the node's cores."""
 
 import pytest
 
@@ -14,19 +14,27 @@ def cores(monkeypatch):
     return set_cores
 
 
-def test_sync_mode_shares_the_node_between_a_blocks_workers(cores):
+def test_sync_mode_gives_the_learner_ranks_the_node(cores):
     cores(8)
-    cfg = load_config(None, ["rollout.num_workers=2", "reward.num_workers=1"])
-    assert pools.worker_threads(cfg, "rollout") == 4  # two generators sample together
-    assert pools.worker_threads(cfg, "reward") == 4  # with one reference scorer
-    assert pools.worker_threads(cfg, "reference") == 4
-    assert pools.worker_threads(cfg, "learner") == 8  # trains alone
+    assert pools.worker_threads(load_config(None, []), "learner") == 8
+    assert pools.worker_threads(load_config(None, ["learner.num_workers=2"]), "learner") == 4
+
+
+def test_generators_and_scorers_keep_their_reservation_whatever_the_pool_sizes(cores):
+    """Their thread count would change their float sums, and so the samples."""
+    cores(8)
+    for n in (1, 2, 3):
+        cfg = load_config(None, [f"rollout.num_workers={n}", f"reward.num_workers={n}"])
+        assert [pools.worker_threads(cfg, s) for s in ("rollout", "reward", "reference")] == [
+            1,
+            1,
+            1,
+        ]
 
 
 def test_never_fewer_than_the_cpus_reserved(cores):
     cores(2)
-    cfg = load_config(None, ["rollout.num_workers=4", "learner.num_cpus=3"])
-    assert pools.worker_threads(cfg, "rollout") == 1
+    cfg = load_config(None, ["learner.num_workers=2", "learner.num_cpus=3"])
     assert pools.worker_threads(cfg, "learner") == 3
 
 
@@ -47,4 +55,3 @@ def test_block_cores_fixes_the_share_whatever_the_node(cores):
     cores(16)
     cfg = load_config(None, ["ray.block_cores=2"])
     assert pools.worker_threads(cfg, "learner") == 2
-    assert pools.worker_threads(cfg, "rollout") == 1
