@@ -232,9 +232,11 @@ class RolloutConfig(PoolConfig):
     by load: each generator takes the next chunk when it finishes one, so a slow or busy
     worker gets less."""
     chunk_prompts: int = 0
-    """Prompts per chunk (one ``generate`` call); 0 = about two chunks per configured
-    generator. Each chunk is sampled with a seed of its own, so which generator takes it,
-    and how many generators there are, does not change the samples."""
+    """Prompts per chunk (one ``generate`` call); 0 = one chunk per configured generator (the
+    fewest calls, each as large as it can be; a lost generator's chunk is still redone by
+    another; set it smaller for finer load balancing between uneven generators). Each chunk
+    is sampled with a seed of its own, so which generator takes it, and how many generators
+    there are, does not change the samples."""
     samples_per_prompt: int = 1
     """Responses sampled per prompt."""
     max_prompt_tokens: int = 64
@@ -464,6 +466,12 @@ class RayConfig:
     """CPUs of a local cluster (0 = Ray's default: the machine's cores)."""
     object_store_mb: int = 1024
     """Object store size of a local cluster."""
+    block_cores: int = 0
+    """Cores the learner ranks share in ``mode=sync``, where they train alone (their torch
+    threads are these cores divided among them, never fewer than ``learner.num_cpus``); 0 =
+    the node's CPUs as Ray sees them, on the driver's node at most its cores. Fixing it makes
+    the learner's float sums independent of the machine's core count (the pinned-behaviour
+    runs set 2)."""
     placement_timeout_s: float = 60.0
     """How long to wait for a pool's resources before failing with a clear error."""
 
@@ -975,7 +983,7 @@ def validate(cfg: Config) -> Sizes:
     return Sizes(
         samples_per_step=samples,
         chunk_prompts=cfg.rollout.chunk_prompts
-        or math.ceil(cfg.rollout.prompts_per_step / (2 * cfg.rollout.num_workers)),
+        or math.ceil(cfg.rollout.prompts_per_step / cfg.rollout.num_workers),
         queue_samples=cfg.async_.queue_samples or 2 * samples,
         minibatches_per_epoch=minibatches,
         minibatch_per_rank=per_rank,

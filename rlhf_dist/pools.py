@@ -6,6 +6,7 @@ The role classes know nothing of Ray; ``ray.remote`` is applied here, from outsi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import ray
@@ -37,6 +38,33 @@ def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
         for name in POOL_SECTIONS
         if not (name == "reference" and cfg.reference.from_base)
     }
+
+
+def node_cpus() -> int:
+    """The CPUs of the largest alive node: what Ray offers there, and on this process's node
+    no more than its cores (a local cluster may declare more CPUs than the machine has)."""
+    here = ray.util.get_node_ip_address()
+    cpus = []
+    for n in ray.nodes():
+        if n.get("Alive"):
+            c = n["Resources"].get("CPU", 0.0)
+            cpus.append(min(c, os.cpu_count() or 1) if n["NodeManagerAddress"] == here else c)
+    return max(1, math.floor(max(cpus, default=1.0)))
+
+
+def worker_threads(cfg: Config, section: str) -> int:
+    """Torch threads for one worker of pool ``section``: the CPUs it reserved (at least one),
+    except for the learner ranks in ``mode=sync``. There one block computes at a time and the
+    learner's block has no other workers, so its ranks share the node's cores
+    (``ray.block_cores``, default all of them) instead of one each while the rest idle.
+    Generators and scorers keep their reservation, so the samples and reference log-probs stay
+    bit for bit the same whatever the pool sizes (a thread count changes float sums); in
+    ``mode=async`` both sides compute at once and every worker keeps its reservation."""
+    pool = getattr(cfg, section)
+    own = max(1, math.floor(pool.num_cpus))
+    if cfg.mode != "sync" or pool.num_gpus > 0 or section != "learner":
+        return own
+    return max(own, (cfg.ray.block_cores or node_cpus()) // pool.num_workers)
 
 
 def total_cpus(cfg: Config) -> float:
@@ -84,8 +112,11 @@ class Pool:
         bundle: dict[str, float],
         make_args: Callable[[int], tuple[tuple, dict]],
         placement_timeout_s: float,
+        threads: int = 0,
     ):
         self.name, self.bundle = name, dict(bundle)
+        # torch threads per worker (``worker_threads``); 0: the CPUs of the bundle
+        self.threads = threads or max(1, math.floor(self.bundle["CPU"]))
         self.make_args, self.timeout = make_args, placement_timeout_s
         self.remote_cls = ray.remote(role_cls)
         self.actors: list = []
@@ -113,10 +144,8 @@ class Pool:
             num_gpus=self.bundle.get("GPU", 0),
             resources=extra or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg),
-            # OMP/torch threads follow the CPUs a worker was given.
-            runtime_env={
-                "env_vars": {"OMP_NUM_THREADS": str(max(1, math.floor(self.bundle["CPU"])))}
-            },
+            # OMP/torch threads: the CPUs a worker was given, or ``worker_threads``.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(self.threads)}},
         ).remote(*args, **kwargs)
 
     def add(self, n: int) -> list:

@@ -78,7 +78,7 @@ def test_defaults_sizes():
     # defaults: 8 prompts x 1 sample, 2 generators, minibatch 8, 1 rank, micro 4
     assert validate(Config()) == Sizes(
         samples_per_step=8,
-        chunk_prompts=2,  # about two chunks per generator
+        chunk_prompts=4,  # one chunk per generator
         queue_samples=16,  # two steps' worth
         minibatches_per_epoch=1,
         minibatch_per_rank=8,
@@ -406,7 +406,7 @@ def test_prompts_need_not_divide_among_generators():
             "ppo.micro_batch_size=3",
         ],
     )
-    assert validate(cfg).chunk_prompts == 3  # ceil(9 / 4)
+    assert validate(cfg).chunk_prompts == 5  # ceil(9 / 2)
     cfg = load_config(
         None,
         [
@@ -505,7 +505,7 @@ def test_validate_sizes_hand_computed():
     # 16 / 2 = 8 per rank; 8 / 4 = 2 accumulation steps
     assert validate(cfg) == Sizes(
         samples_per_step=48,
-        chunk_prompts=2,  # ceil(12 / (2 * 3))
+        chunk_prompts=4,  # ceil(12 / 3)
         queue_samples=96,
         minibatches_per_epoch=3,
         minibatch_per_rank=8,

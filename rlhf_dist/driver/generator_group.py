@@ -20,7 +20,7 @@ from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.ledger import chunk_origins
 from rlhf_dist.lora import lora_settings
-from rlhf_dist.pools import Pool, bundle_of
+from rlhf_dist.pools import Pool, bundle_of, worker_threads
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator
 
@@ -54,6 +54,7 @@ class GeneratorGroup(PoolGroup):
                 ),
             ),
             cfg.ray.placement_timeout_s,
+            threads=worker_threads(cfg, "rollout"),
         )
         self.sync: WeightSyncGroup | None = None
         self.pushed_bytes = 0  # what the last push moved (``sync/bytes``)

@@ -15,7 +15,7 @@ from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.config import Config
 from rlhf_dist.driver.healing import PoolGroup, unresponsive_slots
 from rlhf_dist.driver.sync_group import WeightSyncGroup
-from rlhf_dist.pools import Pool, bundle_of
+from rlhf_dist.pools import Pool, bundle_of, worker_threads
 
 
 class LearnerGroup(PoolGroup):
@@ -29,6 +29,7 @@ class LearnerGroup(PoolGroup):
             bundle_of(cfg.learner),
             lambda i: ((cfg, i, world), {}),
             cfg.ray.placement_timeout_s,
+            threads=worker_threads(cfg, "learner"),
         )
         self.on_dispatch = None  # (group name, rank, 0) once a collective call is started
 

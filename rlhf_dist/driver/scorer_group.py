@@ -1,6 +1,7 @@
 """The scorer group: reward scorers and reference scorers, working on a batch concurrently.
 
-Each pool gets the batch in chunks (about two per worker), dealt by load; a lost scorer is
+Each pool gets the batch in one chunk per worker (bigger forwards; a worker's share is
+all load balancing needs when the chunks are equal), dealt by load; a lost scorer is
 replaced at once (a scorer holds nothing another cannot rebuild) and its chunk redone.
 Reward functions that take fields of the data row (``answer=...``) receive, with each chunk,
 those fields alone, for that chunk's samples (the rows ``batch.prompt_ids`` name). With chat
@@ -19,7 +20,7 @@ from rlhf_dist.config import Config
 from rlhf_dist.dispatch import Job, deal, split_ranges
 from rlhf_dist.driver.healing import replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
-from rlhf_dist.pools import Pool, bundle_of
+from rlhf_dist.pools import Pool, bundle_of, worker_threads
 from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import ReferenceScorer, RewardScorer
 from rlhf_dist.roles.scorers import load_reward_functions
@@ -57,6 +58,7 @@ class ScorerGroup:
                 ),
             ),
             timeout,
+            threads=worker_threads(cfg, "reward"),
         )
         # reference.from_base: the generators take the reference log-probs from their own
         # base with the LoRA adapters disabled, so no reference scorer is started.
@@ -73,6 +75,7 @@ class ScorerGroup:
                         dict(temperature=cfg.rollout.temperature, num_gpus=cfg.reference.num_gpus),
                     ),
                     timeout,
+                    threads=worker_threads(cfg, "reference"),
                 )
             except BaseException:
                 self.rewards.shutdown()
@@ -84,7 +87,7 @@ class ScorerGroup:
         return [self.rewards] + ([self.references] if self.references is not None else [])
 
     def _job(self, pool: Pool, batch: RolloutBatch, submit) -> Job:
-        parts = split_ranges(len(batch), math.ceil(len(batch) / (2 * len(pool))))
+        parts = split_ranges(len(batch), math.ceil(len(batch) / len(pool)))
         return Job(pool, parts, submit, lambda lost, busy: replace_lost(pool, lost, self.budget))
 
     def _deal(self, *jobs: Job) -> None:

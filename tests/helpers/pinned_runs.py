@@ -42,6 +42,8 @@ def run(name: str, assets_dir: Path, run_dir: Path) -> list[dict]:
             f"model.assets_dir={assets_dir}",
             f"run.dir={run_dir}",
             "wandb.enabled=false",
+            # threads as on the 2-core machine that recorded them, whatever the cores here
+            "ray.block_cores=2",
         ],
     )
     train(cfg, log=lambda _: None)

@@ -58,7 +58,9 @@ def async0_run(ray_cluster, tiny_assets, tmp_path_factory):
 def test_async_with_zero_staleness_learns_exactly_like_sync(
     ray_cluster, tiny_assets, tmp_path, async0_run
 ):
-    sync = run_checked(make_cfg(tiny_assets), tmp_path / "sync")
+    # The learner's threads as in async mode (its reservation: one): a thread count changes
+    # the learner's float sums, and this compares the final weights to 1e-6.
+    sync = run_checked(make_cfg(tiny_assets, "ray.block_cores=1"), tmp_path / "sync")
     # Every metric of every step and the final weights, but for the keys async mode alone has
     # and the prompts taken: the async cursor takes the next step's prompts before this step is
     # recorded (at most one step ahead at staleness 0), the sync cursor does not.

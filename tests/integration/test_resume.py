@@ -4,8 +4,8 @@ never killed.
 
 The kill lands at a named point, the same in every run: the runs score with
 ``kill_points:reward`` (``tests/helpers/kill_points.py``: the built-in reward, trapped), and
-in the killed run the kill point is armed to catch step 4's first reward call, after the six
-calls of steps 1-3 (8 prompts, one reward scorer, two chunks a step). The scorer holds in
+in the killed run the kill point is armed to catch step 4's first reward call, after the three
+calls of steps 1-3 (8 prompts, one reward scorer, one chunk a step). The scorer holds in
 that call and the test kills the driver's whole process group: step 4 was under way, so the
 newest checkpoint is step 2 (``checkpoint.every=2``) and step 3's row was written after it.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HELPERS))
 from compare_runs import assert_same_runs  # noqa: E402
 from kill_points import ENV, KillPoint  # noqa: E402
 
-REWARD_CALLS_PER_STEP = 2  # 8 prompts for one reward scorer, dealt in two chunks
+REWARD_CALLS_PER_STEP = 1  # 8 prompts for one reward scorer: one chunk per scorer
 TRAPPED = "reward.function=kill_points:reward"
 # The workers (started by launch.py's own Ray) import the trapped reward through PYTHONPATH.
 ENV_WITH_HELPERS = dict(os.environ, PYTHONPATH=str(HELPERS))
