@@ -62,6 +62,9 @@ DEEPSPEED_DEPS = [
     "typing-inspection",
     "typing-extensions",
 ]
+# LoRA (rlhf_dist/lora.py): peft and what it requires that the GPU image lacks (its other
+# requirements, huggingface_hub among them, come with transformers or are there). Pure Python.
+PEFT_DEPS = ["peft", "accelerate"]
 # What ray (core) requires and the GPU image lacks.
 RAY_DEPS = ["jsonschema", "jsonschema-specifications", "referencing", "rpds-py"]
 # Parts of Ray a job on one machine does not use.
@@ -202,6 +205,8 @@ def main() -> int:
     )
     download([pinned(n) for n in DEEPSPEED_DEPS], out, args.python_version)
     base = sum(f.stat().st_size for f in out.iterdir())
+    download([pinned(n) for n in PEFT_DEPS], out, args.python_version)
+    peft_size = sum(f.stat().st_size for f in out.iterdir()) - base
 
     ray_sizes = None
     if args.with_ray:
@@ -228,6 +233,7 @@ def main() -> int:
     for f in sorted(out.iterdir()):
         print(f"{f.stat().st_size / MIB:8.2f} MiB  {f.name}")
     print(f"\ndeepspeed and its dependencies: {base / MIB:.1f} MiB")
+    print(f"peft and accelerate: {peft_size / MIB:.1f} MiB")
     if ray_sizes:
         pub, strp, deps = ray_sizes
         print(
