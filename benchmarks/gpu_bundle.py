@@ -33,10 +33,9 @@ On the GPU machine, from the repository root with ``gpu_bundle`` carried beside 
 
 Measured here (2026-12-02, deepspeed 0.19.8, peft 0.21.2, accelerate 1.15.0, ray 2.60.0), in
 MiB (2^20 bytes): deepspeed and its dependencies 4.8, peft and accelerate 1.2 (0.80 + 0.38),
-6.0 in all; with Ray 37.8 (Ray's wheel 75.6 as published, 31.2 stripped; jsonschema and its
-dependencies 0.5; the Ray part measured before peft was added, the sum 36.6 + 1.2). With the
-working tree (1.1) that is 7.1 without Ray and 38.9 with it: both fit the 64 MiB that travels
-with a command, with Ray 25.1 MiB to spare. The stripped
+6.0 in all; with Ray 37.7 (Ray's wheel 75.6 as published, 31.2 stripped; jsonschema and its
+dependencies 0.5). With the working tree (1.1) that is 7.1 without Ray and 38.8 with it: both
+fit the 64 MiB that travels with a command, with Ray 25.2 MiB to spare. The stripped
 Ray was run with Python 3.12 here (``pip install --target``, then ``ray.init``, an actor in a
 placement group, an object through the object store, ``ray.shutdown``); it has not yet run on
 the GPU machine.
