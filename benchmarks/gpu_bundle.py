@@ -1,7 +1,8 @@
 """Build ``gpu_bundle/``: what the GPU machine needs beyond its own torch and transformers.
 
 The GPU machine (Python 3.12, x86_64) has torch, transformers, numpy, psutil, py-cpuinfo,
-msgpack, ninja, einops, xxhash, pyyaml, tqdm and safetensors, but not deepspeed, ray or wandb,
+msgpack, ninja, einops, xxhash, pyyaml, tqdm and safetensors, but not deepspeed, peft,
+accelerate, ray or wandb,
 reaches no package index, and receives at most 64 MiB of files with the working tree. This
 script, run here, fills one folder (git-ignored) with wheels:
 
@@ -11,6 +12,9 @@ script, run here, fills one folder (git-ignored) with wheels:
 - the dependencies of deepspeed the machine lacks: hjson, pydantic, pydantic-core (the cp312
   manylinux x86_64 wheel), annotated-types, typing-inspection, typing-extensions (a newer one
   than the image may have, for pydantic);
+- peft and accelerate (pure-Python wheels) for the LoRA checks: what peft requires besides
+  accelerate (huggingface_hub, packaging, numpy, psutil, pyyaml, safetensors, tqdm) comes with
+  transformers or is in the image;
 - with ``--with-ray``: Ray's cp312 manylinux wheel stripped of what a job on one machine does
   not use (the Java jars, the dashboard's web client, RLlib, Data, Serve, Tune, Train, the LLM
   libraries, AIR, debug symbols of its binaries) and recompressed (deflate level 9), plus the
@@ -27,10 +31,11 @@ On the GPU machine, from the repository root with ``gpu_bundle`` carried beside 
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site gpu_bundle/*.whl && PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py
 
-Measured here (2026-12-02, deepspeed 0.19.8, ray 2.60.0), in MiB (2^20 bytes): deepspeed and
-its dependencies 4.8; with Ray 36.6 (Ray's wheel 75.6 as published, 31.2 stripped; jsonschema
-and its dependencies 0.5). With the working tree (0.6) that is 5.4 without Ray and 37.2 with
-it: both fit the 64 MiB that travels with a command, with Ray 26.8 MiB to spare. The stripped
+Measured here (2026-12-02, deepspeed 0.19.8, peft 0.21.2, accelerate 1.15.0, ray 2.60.0), in
+MiB (2^20 bytes): deepspeed and its dependencies 4.8, peft and accelerate 1.2 (0.80 + 0.38),
+6.0 in all; with Ray 37.7 (Ray's wheel 75.6 as published, 31.2 stripped; jsonschema and its
+dependencies 0.5). With the working tree (1.1) that is 7.1 without Ray and 38.8 with it: both
+fit the 64 MiB that travels with a command, with Ray 25.2 MiB to spare. The stripped
 Ray was run with Python 3.12 here (``pip install --target``, then ``ray.init``, an actor in a
 placement group, an object through the object store, ``ray.shutdown``); it has not yet run on
 the GPU machine.
@@ -62,6 +67,9 @@ DEEPSPEED_DEPS = [
     "typing-inspection",
     "typing-extensions",
 ]
+# LoRA (rlhf_dist/lora.py): peft and what it requires that the GPU image lacks (its other
+# requirements, huggingface_hub among them, come with transformers or are there). Pure Python.
+PEFT_DEPS = ["peft", "accelerate"]
 # What ray (core) requires and the GPU image lacks.
 RAY_DEPS = ["jsonschema", "jsonschema-specifications", "referencing", "rpds-py"]
 # Parts of Ray a job on one machine does not use.
@@ -202,6 +210,8 @@ def main() -> int:
     )
     download([pinned(n) for n in DEEPSPEED_DEPS], out, args.python_version)
     base = sum(f.stat().st_size for f in out.iterdir())
+    download([pinned(n) for n in PEFT_DEPS], out, args.python_version)
+    peft_size = sum(f.stat().st_size for f in out.iterdir()) - base
 
     ray_sizes = None
     if args.with_ray:
@@ -228,6 +238,7 @@ def main() -> int:
     for f in sorted(out.iterdir()):
         print(f"{f.stat().st_size / MIB:8.2f} MiB  {f.name}")
     print(f"\ndeepspeed and its dependencies: {base / MIB:.1f} MiB")
+    print(f"peft and accelerate: {peft_size / MIB:.1f} MiB")
     if ray_sizes:
         pub, strp, deps = ray_sizes
         print(

@@ -25,16 +25,27 @@ settings and bucket size. Checks:
 - ``system_stats``: the roles' resource report (GPU memory and utilisation on CUDA);
 - ``sync_two_processes``: a Learner and a Generator in two processes (torch.multiprocessing)
   over NCCL with 2+ GPUs (over gloo with ``--device cpu``; SKIP on one GPU).
+- ``lora_*`` (LoRA rank 8 through peft; each SKIPs, saying why, when peft is not importable):
+  ``lora_generate``, a Generator holding the LoRA policy samples (with ``reference.from_base``
+  log-probs); ``lora_learner_zeroN``, the Learner at bf16 trains the adapters only (PPO with a
+  critic at ZeRO-2, GRPO at ZeRO-3; learning rate 1e-4): only adapters are trainable, the
+  optimizer holds no more than them, the update changes them; ``lora_sync_zeroN``, the
+  adapters only learner -> LoRA generator through the bucket code, checksums verified, bytes
+  moved vs the full model's, the generator's forward equals the learner's afterwards;
+  ``lora_export_zeroN``, the merged export loads with plain transformers and the adapter alone
+  with plain peft onto the base, both giving the learner's logits; ``lora_reference``, the
+  generator's log-probs with the adapters disabled equal a reference scorer's on the base.
 
 Each check prints ``PASS name``, ``FAIL name: reason`` or ``SKIP name: reason`` (a failing
 check does not stop the others; the exit status is 1 if any failed), then a markdown table of
-generate tokens/s, train step seconds, sync seconds and GB/s, and peak memory per role.
+generate tokens/s, train step seconds, sync seconds and GB/s (the LoRA sync's bytes beside the
+full model's), and peak memory per role.
 
     python benchmarks/gpu_check.py                 # CUDA, the 0.5B shape (under 5 minutes)
     python benchmarks/gpu_check.py --device cpu    # tiny shape, gloo (tests/test_gpu_check.py)
 
-On the GPU machine (torch and transformers there, no deepspeed, ray or wandb, no network), with
-the folder built here by ``benchmarks/gpu_bundle.py`` carried beside the working tree:
+On the GPU machine (torch and transformers there, no deepspeed, peft, ray or wandb, no network),
+with the folder built here by ``benchmarks/gpu_bundle.py`` carried beside the working tree:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site gpu_bundle/*.whl && PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py
 """
@@ -97,6 +108,7 @@ EXAMPLE_CONFIGS = {2: "configs/gpu-1node-8gpu.yaml", 3: "configs/gpu-2node.yaml"
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 HOST = "127.0.0.1"
 GB = 1e9
+LORA_RANK = 8
 GIB = 2**30
 
 
@@ -205,6 +217,19 @@ class Memory:
 
     def get(self, role: str) -> str:
         return f"{self.peak[role]:.1f}" if role in self.peak else "-"
+
+
+def peft_unavailable() -> str:
+    """Why the LoRA checks cannot run here ("" when peft imports: its version is printed)."""
+    try:
+        import peft
+    except Exception as e:  # ImportError, or peft's own imports failing (accelerate missing)
+        return (
+            f"peft not importable ({type(e).__name__}: {e}); LoRA needs peft and accelerate "
+            "(benchmarks/gpu_bundle.py carries both)"
+        )
+    print(f"# peft {peft.__version__} from {Path(peft.__file__).parent}", flush=True)
+    return ""
 
 
 # ----------------------------------------------------------------------------- model
@@ -518,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"# device {device}, shape {shape}, dtype {args.dtype}, work dir {work}", flush=True)
 
-    from rlhf_dist import weight_sync
+    from rlhf_dist import lora, weight_sync
     from rlhf_dist.config import load_config, validate
     from rlhf_dist.models import load_policy, load_tokenizer
     from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
@@ -880,6 +905,275 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+    # --- LoRA (rank 8): the adapters train, the sync moves them only, the reference is the base
+    lora_names = ["lora_generate"]
+    for stage in EXAMPLE_CONFIGS:
+        lora_names += [f"lora_learner_zero{stage}", f"lora_sync_zero{stage}"]
+        lora_names += [f"lora_export_zero{stage}"]
+    lora_names.append("lora_reference")
+    peft_missing = peft_unavailable()  # then the LoRA checks say SKIP and why; the others run
+    for name in lora_names if peft_missing else ():
+        checks.emit("SKIP", name, f": {peft_missing}")
+
+    def lora_overrides(stage: int) -> list[str]:
+        # GRPO at ZeRO-3 (no critic), PPO with a critic at ZeRO-2; a LoRA learning rate (the
+        # examples' 1e-6 is full fine-tuning's)
+        out = [f"model.lora_rank={LORA_RANK}", "learner.lr=1e-4"]
+        return out + (["ppo.estimator=grpo"] if stage == 3 else [])
+
+    lora_cfgs: dict = {}
+    for stage, path in EXAMPLE_CONFIGS.items():
+        with contextlib.suppress(Exception):  # the config checks above said why
+            lora_cfgs[stage] = load_config(
+                str(ROOT / path), overrides(stage) + lora_overrides(stage)
+            )
+            validate(lora_cfgs[stage])
+    cfg_l = lora_cfgs.get(2) or lora_cfgs.get(3)
+    full_bytes = S.get("params", 0) * dtype.itemsize  # what a full sync moves (tied embeddings)
+
+    def c_lora_generate():
+        from rlhf_dist.lora import lora_settings
+
+        with mem.phase("LoRA generator"):
+            gen = Generator(
+                S["policy"],
+                dtype=cfg_l.model.dtype,
+                max_new_tokens=ro.max_new_tokens,
+                temperature=ro.temperature,
+                top_p=ro.top_p,
+                top_k=ro.top_k,
+                num_gpus=ro.num_gpus,
+                lora=lora_settings(cfg_l, "policy"),
+                seed=cfg_l.run.seed,
+                ref_from_base=True,
+            )
+            check(lora.is_peft(gen.model), "the generator's model is not a peft model")
+            p = next(gen.model.parameters())
+            check(p.device.type == device.type, f"generator weights on {p.device}")
+            gen.generate(prompts[:1], [0], seed=1)  # warm-up
+            t0 = time.perf_counter()
+            out = gen.generate(prompts, list(range(len(prompts))), spp, seed=2)
+            dt = time.perf_counter() - t0
+        S["lora_gen"] = gen
+        check(len(out) == n_samples, f"{len(out)} samples, expected {n_samples}")
+        valid = out.behaviour_logprobs[out.response_mask > 0]
+        check(bool(torch.isfinite(valid).all()), "non-finite behaviour log-probs")
+        check(out.ref_logprobs is not None, "no reference.from_base log-probs")
+        tokens = out.extra["num_tokens"]
+        rows.append(
+            (
+                "LoRA generator",
+                f"{len(out)} samples x {out.response_len} new tokens, r={LORA_RANK}, "
+                "with reference.from_base log-probs",
+                f"{dt:.2f}",
+                f"{tokens / dt:,.0f} tokens/s",
+                "LoRA generator",
+            )
+        )
+        return f"{tokens} tokens, {tokens / dt:,.0f} tokens/s"
+
+    if not peft_missing:
+        checks.run(
+            "lora_generate",
+            c_lora_generate,
+            needs=("model", f"config_{Path(EXAMPLE_CONFIGS[2]).stem}"),
+        )
+
+    for stage in EXAMPLE_CONFIGS if not peft_missing else ():
+        L = {}
+        role = f"LoRA learner ZeRO-{stage}"
+        bucket_bytes = int(lora_cfgs[stage].sync.bucket_mb * 2**20) if stage in lora_cfgs else 0
+
+        def c_lora_learner(stage=stage, L=L, role=role):
+            cfg = lora_cfgs[stage]
+            learner = L["learner"] = Learner(cfg, rank=0, world_size=1)
+            critic = S["policy"] if cfg.ppo.estimator == "gae" else ""
+            with mem.phase(role):
+                learner.setup(S["policy"], critic, HOST, free_port())
+                engine = learner.policy
+                check(lora.is_peft(engine.module), "the policy engine holds no peft model")
+                check(engine.zero_optimization_stage() == stage, "wrong ZeRO stage")
+                numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 (ZeRO-3)
+                params = list(engine.module.named_parameters())
+                trainable = sum(numel(p) for _, p in params if p.requires_grad)
+                total = sum(numel(p) for _, p in params)
+                check(
+                    all("lora_" in n for n, p in params if p.requires_grad),
+                    "a trainable parameter that is no adapter",
+                )
+                # the optimizer's fp32 master weights: ZeRO-3's flat partitions, else its groups
+                opt = engine.optimizer
+                flat = getattr(opt, "fp32_partitioned_groups_flat", None)
+                held = sum(
+                    t.numel() for t in flat or [p for g in opt.param_groups for p in g["params"]]
+                )
+                check(trainable <= held < 2 * trainable, f"the optimizer holds {held} values")
+                # rank 8 on the 0.5B shape: under 1% (13% on the tiny shape, 64 wide)
+                check(trainable < 0.2 * total, f"{trainable} of {total} parameters train")
+                L["trainable_bytes"] = sum(
+                    numel(p) * p.element_size() for _, p in params if p.requires_grad
+                )
+                before = learner.policy_checksum()
+                m1 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=0)  # also the warm-up
+                t0 = time.perf_counter()
+                m2 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=1)
+                dt = time.perf_counter() - t0
+            for m in (m1, m2):
+                check(not m.get("skipped"), f"update skipped: {m.get('reason')}")
+                check(finite(m), f"non-finite metrics: {m}")
+            check(learner.policy_checksum() != before, "the update did not change the adapters")
+            measured[f"lora_train_step_s_zero{stage}"] = dt
+            rows.append(
+                (
+                    role,
+                    f"{'PPO (GAE)' if cfg.ppo.estimator == 'gae' else cfg.ppo.estimator.upper()} "
+                    f"update, {len(batch)} samples, {int(m2['train/optimizer_steps'])} optimizer "
+                    f"steps, {trainable:,} of {total:,} parameters train",
+                    f"{dt:.2f}",
+                    f"{len(batch) / dt:,.1f} samples/s",
+                    role,
+                )
+            )
+            return f"{cfg.ppo.estimator}, {trainable / total:.2%} of the parameters train"
+
+        checks.run(
+            f"lora_learner_zero{stage}",
+            c_lora_learner,
+            needs=("model", f"config_{Path(EXAMPLE_CONFIGS[stage]).stem}"),
+        )
+        ok = (f"lora_learner_zero{stage}",)
+
+        def c_lora_sync(stage=stage, L=L, role=role, bucket_bytes=bucket_bytes):
+            learner, gen = L["learner"], S["lora_gen"]
+            port, timeout = free_port(), lora_cfgs[stage].sync.timeout_s
+            in_threads(
+                lambda: learner.join_weight_sync(HOST, port, 0, 2, f"l{stage}", "gloo", timeout),
+                lambda: gen.join_weight_sync(HOST, port, 1, 2, f"l{stage}", "gloo", timeout),
+                timeout=timeout,
+            )
+            manifest = learner.sync_manifest()
+            check(all("lora_" in s.name for s in manifest), "the manifest holds more than adapters")
+            check(
+                [s.name for s in manifest] == [s.name for s in weight_sync.manifest_of(gen.model)],
+                "the generator's adapters are named otherwise",
+            )
+            nbytes = weight_sync.manifest_bytes(manifest)
+            check(nbytes == L["trainable_bytes"], f"{nbytes} bytes, not the trainable ones'")
+            check(nbytes < 0.2 * full_bytes, f"{size(nbytes)} moved of {size(full_bytes)}")
+            times = []
+            for version in (1, 2):  # the first with checksums, the second timed without
+                verify = version == 1
+                t0 = time.perf_counter()
+                sent, got = in_threads(
+                    lambda v=version, f=verify: learner.broadcast_weights(bucket_bytes, v, f),
+                    lambda v=version, f=verify: gen.receive_weights(manifest, bucket_bytes, v, f),
+                    timeout=timeout,
+                )
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                if verify:
+                    check(sent["checksum"] == got["checksum"], "checksums differ")
+            want = learner.policy_checksum()
+            check(gen.status() == {"version": 2, "checksum": want}, "generator holds other weights")
+            ids = batch.sequences[:2].to(device)
+            am = batch.attention_mask[:2].to(device)
+            with torch.no_grad():
+                a = gen.model(input_ids=ids, attention_mask=am).logits.float()
+                b = learner.policy(input_ids=ids, attention_mask=am).logits.float()
+            diff = (a - b).abs().max().item()
+            check(diff <= 0.05 * b.abs().max().item() + 1e-4, f"logits differ by {diff:.3g}")
+            dt = times[1]
+            measured["lora_sync_bytes"] = nbytes
+            measured["full_sync_bytes"] = full_bytes
+            measured[f"lora_sync_s_zero{stage}"] = dt
+            rows.append(
+                (
+                    f"LoRA weight sync ZeRO-{stage}",
+                    f"gloo in one process, {size(nbytes)} of adapters vs {size(full_bytes)} "
+                    f"full ({nbytes / full_bytes:.2%}), {len(manifest)} tensors "
+                    f"(with checksums: {times[0]:.2f} s)",
+                    f"{dt:.3f}",
+                    rate(nbytes, dt),
+                    "-",
+                )
+            )
+            return f"{size(nbytes)} vs {size(full_bytes)} full, logits max diff {diff:.2g}"
+
+        checks.run(f"lora_sync_zero{stage}", c_lora_sync, needs=ok + ("lora_generate",))
+
+        def c_lora_export(stage=stage, L=L):
+            from peft import PeftConfig, PeftModel
+            from transformers import AutoModelForCausalLM
+
+            learner = L["learner"]
+            out = Path(learner.export_policy(str(work / f"lora-export-zero{stage}"), S["policy"]))
+            kw = dict(torch_dtype=dtype)
+            merged = AutoModelForCausalLM.from_pretrained(str(out), **kw).to(device).eval()
+            check(not hasattr(merged, "peft_config"), "the merged export is a peft model")
+            adapter = out / "adapter"
+            check(not (adapter / "model.safetensors").exists(), "the adapter holds the base")
+            base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+            check(base_path == S["policy"], f"the adapter names {base_path} as its base")
+            base = AutoModelForCausalLM.from_pretrained(S["policy"], **kw)
+            with_adapter = PeftModel.from_pretrained(base, str(adapter)).to(device).eval()
+            ids = batch.sequences[:2].to(device)
+            am = batch.attention_mask[:2].to(device)
+            with torch.no_grad():
+                a = merged(input_ids=ids, attention_mask=am).logits.float()
+                b = with_adapter(input_ids=ids, attention_mask=am).logits.float()
+                c = learner.policy(input_ids=ids, attention_mask=am).logits.float()
+            tol = 0.05 * c.abs().max().item() + 1e-4
+            d_merged, d_adapter = (a - c).abs().max().item(), (b - c).abs().max().item()
+            check(d_merged <= tol, f"merged export's logits differ by {d_merged:.3g}")
+            check(d_adapter <= tol, f"base + adapter's logits differ by {d_adapter:.3g}")
+            a_bytes = (adapter / "adapter_model.safetensors").stat().st_size
+            del merged, with_adapter, base
+            shutil.rmtree(out, ignore_errors=True)
+            return (
+                f"merged (transformers) and base + {size(a_bytes)} adapter (peft) give the "
+                f"learner's logits: max diff {d_merged:.2g} / {d_adapter:.2g}"
+            )
+
+        checks.run(f"lora_export_zero{stage}", c_lora_export, needs=ok)
+
+        learner = L.pop("learner", None)  # free the engines before the next stage
+        if learner is not None:
+            for engine in (learner.policy, learner.critic):
+                if engine is not None:
+                    with contextlib.suppress(Exception):
+                        engine.destroy()
+            del learner, engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def c_lora_reference():
+        """reference.from_base: the LoRA generator's log-probs with the adapters disabled are
+        the base's (a reference scorer on the base model), not the policy's."""
+        gen, ref = S["lora_gen"], S["reference"]
+        with torch.no_grad():  # adapters far from their start, whatever the updates did
+            for _, p in weight_sync.sync_params(gen.model):
+                p.add_(0.01)
+        out = gen.generate(prompts, list(range(len(prompts))), spp, seed=5)
+        want = ref.ref_logprobs(out)["ref_logprobs"]
+        m = out.response_mask > 0
+        diff = (out.ref_logprobs - want)[m].abs()
+        off = (out.behaviour_logprobs - want)[m].abs()
+        check(diff.mean().item() < 0.05, f"differs from the base's by {diff.mean():.3g}/token")
+        check(
+            off.mean().item() > 5 * diff.mean().item() + 1e-4,
+            f"the policy's log-probs are the base's ({off.mean():.3g}/token): adapters not applied",
+        )
+        return f"vs the reference scorer: mean |diff| {diff.mean():.2g}; policy's {off.mean():.2g}"
+
+    if not peft_missing:
+        checks.run("lora_reference", c_lora_reference, needs=("lora_generate", "reference"))
+    S.pop("lora_gen", None)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
     # --- the roles' resource report
     def c_stats():
