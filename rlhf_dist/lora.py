@@ -10,6 +10,7 @@ adapters' names) and their initial adapters are equal bit for bit.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,9 +147,10 @@ def check_wrappable(model_path: str, lora: LoraSettings, kind: str) -> None:
 
 
 def is_peft(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    """Whether ``model`` is a peft model. Without peft imported no model can be one, so a
+    plain model's export needs no peft (the GPU image has none unless the bundle brings it)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def trainable_names(model: nn.Module) -> list[str]:

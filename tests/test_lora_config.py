@@ -145,3 +145,18 @@ def test_adapters_take_the_base_dtype(tiny_policy):
 
     model = lora.wrap(load_policy(tiny_policy, "bfloat16"), lora.LoraSettings(4, 8), "causal")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_is_peft_needs_no_peft_for_a_plain_model():
+    """A plain model's export asks is_peft; on a machine without peft (the GPU image) that
+    must not import it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['peft'] = None\n"  # any import of peft raises
+        "import torch; from rlhf_dist.lora import is_peft\n"
+        "assert not is_peft(torch.nn.Linear(2, 2)); print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

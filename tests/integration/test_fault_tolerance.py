@@ -39,7 +39,8 @@ from ppo_runs import run_checked  # noqa: E402
 STEPS = 3
 PROMPTS = 8
 # what a faulted run counts and an undisturbed one does not; each test asserts them itself
-FAULT_COUNTERS = {"fault/restarts", "fault/redone_chunks"}
+# (a weight sync redone after a lost generator moves its bytes again: sync/bytes)
+FAULT_COUNTERS = {"fault/restarts", "fault/redone_chunks", "sync/bytes"}
 
 
 # Worker nodes by kind: reward scorers go to scorer nodes (``reward.resources``), and
@@ -206,6 +207,9 @@ def test_workers_killed_inside_their_calls_are_replaced_and_the_work_redone(
     assert restarts[0] == 1 and restarts[1] >= 3 and restarts[2] == restarts[1]
     # the unfinished scorer call and the unfinished chunk were redone, once each
     assert [r["fault/redone_chunks"] for r in rows] == [1, 2, 2]
+    # step 2's weights were sent twice: the broken sync, then the redone one
+    sent = [r["sync/bytes"] for r in rows]
+    assert sent[1] == 2 * sent[0] and sent[2] == sent[0] > 0
     assert_same_training(tmp_path / "run", undisturbed)
 
 
