@@ -170,28 +170,6 @@ def check(cond: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def in_threads(*calls, timeout: float):
-    """Run the calls of several members of one collective group at once, one thread each."""
-    results, errors = [None] * len(calls), []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=timeout)
-    if any(t.is_alive() for t in threads):
-        raise TimeoutError(f"a collective call did not return within {timeout:.0f} s")
-    if errors:
-        raise errors[0]
-    return results
-
-
 class Memory:
     """Peak memory per role: on CUDA, ``max_memory_allocated`` during the role's phase above
     what was allocated when the phase began (one process holds every role)."""
@@ -547,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_dist.config import load_config, validate
     from rlhf_dist.models import load_policy, load_tokenizer
     from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
-    from rlhf_dist.roles.common import free_port
+    from rlhf_dist.roles.common import free_port, in_threads
 
     S: dict = {}  # what the checks hand on to each other
 

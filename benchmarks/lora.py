@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,25 +45,6 @@ SIZES = {"1m": (5, 128, 4), "30m": (8, 576, 8), "100m": (12, 832, 8)}  # 1m: a q
 MODES = {"full": 0, "lora r=8": 8}
 TARGET = 0.05  # LoRA sync bytes / full sync bytes on the 100M model
 BATCH, PROMPT, RESPONSE = 16, 16, 16
-
-
-def _threads(*calls):
-    results, errors = [None] * len(calls), []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _batch(vocab: int):
@@ -95,6 +75,7 @@ def one(size: str, rank: int, steps: int, syncs: int) -> dict:
     from rlhf_dist.config import load_config
     from rlhf_dist.lora import lora_settings
     from rlhf_dist.roles import Generator, Learner
+    from rlhf_dist.roles.common import in_threads
     from rlhf_dist.tasks.tiny import build_policy, build_tokenizer
     from rlhf_dist.weight_sync import manifest_bytes
 
@@ -131,7 +112,7 @@ def one(size: str, rank: int, steps: int, syncs: int) -> dict:
 
         gen = Generator(path, max_new_tokens=RESPONSE, lora=lora_settings(cfg, "policy"))
         port = learner.host_weight_sync()
-        _threads(
+        in_threads(
             lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "bench", "gloo", 600),
             lambda: gen.join_weight_sync("127.0.0.1", port, 1, 2, "bench", "gloo", 600),
         )
@@ -139,7 +120,7 @@ def one(size: str, rank: int, steps: int, syncs: int) -> dict:
         sync_s = []
         for v in range(1, syncs + 1):
             t0 = time.perf_counter()
-            sent, got = _threads(
+            sent, got = in_threads(
                 lambda v=v: learner.broadcast_weights(bucket, v, verify=True),
                 lambda v=v: gen.receive_weights(manifest, bucket, v, verify=True),
             )

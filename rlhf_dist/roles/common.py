@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -61,3 +62,27 @@ class WeightSyncMember(SystemStats):
 
     sync_group = None
     version: int = 0
+
+
+def in_threads(*calls, timeout: float = 120.0) -> list:
+    """Run the calls of several members of one collective group at once, one thread each (a
+    learner and a generator joining a weight-sync group in-process, say); their results in
+    order, or the first error. A call still running after ``timeout`` seconds raises."""
+    results, errors = [None] * len(calls), []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if any(t.is_alive() for t in threads):
+        raise TimeoutError(f"a collective call did not return within {timeout:.0f} s")
+    if errors:
+        raise errors[0]
+    return results

@@ -8,6 +8,7 @@ from rlhf_dist import weight_sync
 from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
+from rlhf_dist.roles.common import in_threads
 from rlhf_dist.roles.deepspeed_rank import safe_load
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
@@ -29,27 +30,6 @@ def _cfg(*extra):
             *extra,
         ],
     )
-
-
-def _in_threads(*calls):
-    import threading
-
-    results, errors = [None] * len(calls), []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def _generator(path, cfg, **kw):
@@ -121,11 +101,11 @@ def test_the_sync_sends_the_adapters_only_and_generators_sample_as_the_merged_mo
 
     gen = _generator(tiny_policy, learner.cfg)
     port = learner.host_weight_sync()
-    _in_threads(
+    in_threads(
         lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "lora", "gloo", 60),
         lambda: gen.join_weight_sync("127.0.0.1", port, 1, 2, "lora", "gloo", 60),
     )
-    sent, got = _in_threads(
+    sent, got = in_threads(
         lambda: learner.broadcast_weights(4096, version=1, verify=True),
         lambda: gen.receive_weights(manifest, 4096, version=1, verify=True),
     )

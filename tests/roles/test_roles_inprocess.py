@@ -3,7 +3,6 @@
 import errno
 import math
 import socket
-import threading
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from rlhf_dist import weight_sync
 from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
-from rlhf_dist.roles.common import host_store
+from rlhf_dist.roles.common import host_store, in_threads
 from rlhf_dist.tasks.tiny import WARM, build_policy, build_tokenizer
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
@@ -136,26 +135,6 @@ def test_reward_function_that_raises_names_function_and_shape(tmp_path, monkeypa
     assert RewardScorer(function="bad_reward:nan").score(["p"], ["r"])["scores"].isnan().all()
 
 
-def _in_threads(*calls):
-    """Run collective calls of several group members at once (one thread each)."""
-    results, errors = [None] * len(calls), []
-
-    def run(i, fn):
-        try:
-            results[i] = fn()
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _learner_cfg():
     return load_config(
         None,
@@ -223,12 +202,12 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     assert "lm_head.weight" not in names and "transformer.wte.weight" in names
 
     port = learner.host_weight_sync()
-    _in_threads(
+    in_threads(
         lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "t", "gloo", 60),
         lambda: generator.join_weight_sync("127.0.0.1", port, 1, 2, "t", "gloo", 60),
     )
     manifest = learner.sync_manifest()
-    sent, got = _in_threads(
+    sent, got = in_threads(
         lambda: learner.broadcast_weights(4096, version=1, verify=True),
         lambda: generator.receive_weights(manifest, 4096, version=1, verify=True),
     )
@@ -271,7 +250,7 @@ def test_decoupled_ppo_weights_stale_samples_only(learner, batch, tiny_policy):
 def _sender_and(join):
     """A stand-in for learner rank 0 (rank 0 of a gloo group) and ``join`` as rank 1."""
     store = host_store(60)
-    group, _ = _in_threads(
+    group, _ = in_threads(
         lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
         lambda: join("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
     )
@@ -300,7 +279,7 @@ def test_generator_receives_in_place_into_persistent_buffers(tiny_policy):
     first = None
     for version, delta in [(1, 0.5), (2, -0.25)]:
         _perturb(sender, delta)
-        sent, got = _in_threads(
+        sent, got = in_threads(
             lambda: _send(group, sender, bucket_bytes),
             lambda v=version: gen.receive_weights(manifest, bucket_bytes, v, verify=True),
         )
@@ -342,11 +321,11 @@ def test_weight_sync_round_trips_bf16_and_mixed_dtypes_exactly(tmp_path, dtypes)
     manifest = weight_sync.manifest_of(sender)
     assert len({s.dtype for s in manifest}) == (3 if dtypes == "mixed" else 1)
     store = host_store(60)
-    group_0, group_1 = _in_threads(
+    group_0, group_1 = in_threads(
         lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
         lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
     )
-    sent, _ = _in_threads(
+    sent, _ = in_threads(
         lambda: _send(group_0, sender, 4096),
         lambda: weight_sync.receive(group_1, receiver, manifest, 4096),
     )
