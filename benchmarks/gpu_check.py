@@ -586,18 +586,25 @@ def main(argv: list[str] | None = None) -> int:
     prompts = S.get("prompts", [])[: n_samples // spp]
     new_tokens = ro.max_new_tokens if ro else 8
 
+    def make_generator(cfg, **extra):
+        """A generator of the policy with ``cfg``'s rollout settings (as the generator group
+        builds one), plus ``extra`` (LoRA)."""
+        r = cfg.rollout
+        return Generator(
+            S["policy"],
+            dtype=cfg.model.dtype,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            num_gpus=r.num_gpus,
+            **extra,
+        )
+
     # --- generator
     def c_generate():
         with mem.phase("generator"):
-            gen = Generator(
-                S["policy"],
-                dtype=cfg0.model.dtype,
-                max_new_tokens=ro.max_new_tokens,
-                temperature=ro.temperature,
-                top_p=ro.top_p,
-                top_k=ro.top_k,
-                num_gpus=ro.num_gpus,
-            )
+            gen = make_generator(cfg0)
             p = next(gen.model.parameters())
             check(p.device.type == device.type, f"generator weights on {p.device}")
             check(p.dtype == dtype, f"generator weights are {p.dtype}")
@@ -914,17 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_dist.lora import lora_settings
 
         with mem.phase("LoRA generator"):
-            gen = Generator(
-                S["policy"],
-                dtype=cfg_l.model.dtype,
-                max_new_tokens=ro.max_new_tokens,
-                temperature=ro.temperature,
-                top_p=ro.top_p,
-                top_k=ro.top_k,
-                num_gpus=ro.num_gpus,
-                lora=lora_settings(cfg_l, "policy"),
-                seed=cfg_l.run.seed,
-                ref_from_base=True,
+            gen = make_generator(
+                cfg_l, lora=lora_settings(cfg_l, "policy"), seed=cfg_l.run.seed, ref_from_base=True
             )
             check(lora.is_peft(gen.model), "the generator's model is not a peft model")
             p = next(gen.model.parameters())
