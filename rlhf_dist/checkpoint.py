@@ -4,7 +4,8 @@
         policy/, critic/    DeepSpeed engine states (weights, optimizer, scheduler), every rank;
                             no critic/ when the run has none (a critic-free ``ppo.estimator``)
         state.json          the orchestrator: step, policy version, data cursor, KL controller,
-                            and ``engines``: the engine directories the checkpoint holds
+                            ``engines``: the engine directories the checkpoint holds, and
+                            ``learner``: the learner ranks and ZeRO stage that wrote them
 
 A checkpoint is written into ``.tmp-step-...`` and renamed into place only when complete, so
 a process killed during a save leaves the previous checkpoint intact; leftovers of an
@@ -19,6 +20,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+from rlhf_dist.config import Config, ConfigError, zero_stage
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
@@ -109,3 +112,65 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def learner_layout(cfg: Config) -> dict:
+    """What shapes the engine states a checkpoint holds: the learner ranks and the ZeRO stage
+    (recorded in ``state.json`` as ``learner``)."""
+    return {"num_workers": cfg.learner.num_workers, "zero_stage": zero_stage(cfg)}
+
+
+def layout_from_files(ckpt: str | Path) -> dict | None:
+    """The learner layout of a checkpoint written before ``state.json`` recorded it, read from
+    DeepSpeed's file names in ``policy/state/``: ZeRO-3 writes a ``zero_pp_rank_<r>_..._model
+    _states.pt`` per rank, ZeRO-1/2 one ``mp_rank_00_model_states.pt`` plus a ``zero_pp_rank_
+    <r>_..._optim_states.pt`` per rank (the two stages load each other's states; 2 was the
+    default), ZeRO-0 the model states alone (rank count unknown: any loads them). None when
+    there is no engine state."""
+    state = Path(ckpt) / "policy" / "state"
+    names = [p.name for p in state.glob("*.pt")] if state.is_dir() else []
+    if not names:
+        return None
+    model = [n for n in names if "zero_pp_rank_" in n and n.endswith("_model_states.pt")]
+    optim = [n for n in names if "zero_pp_rank_" in n and n.endswith("_optim_states.pt")]
+    if model:
+        return {"num_workers": len(model), "zero_stage": 3}
+    if optim:
+        return {"num_workers": len(optim), "zero_stage": 2}
+    return {"num_workers": None, "zero_stage": 0}
+
+
+def resume_layout(cfg: Config, run_dir: str | Path) -> Config:
+    """``cfg`` for resuming ``run_dir``: ``learner.zero_stage=auto`` takes the stage the newest
+    checkpoint was written with (a run started at ZeRO-2 under an older default continues at
+    ZeRO-2). A set stage that differs, or other learner ranks than ZeRO-1-3 states were
+    partitioned over, is a ``ConfigError`` naming the key, raised before any actor starts
+    (DeepSpeed cannot load such states). The layout is the one ``state.json`` records, or, for
+    a checkpoint written before it did, the one its file names show (``layout_from_files``)."""
+    recorded = None
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        try:
+            recorded = json.loads((ckpt / STATE_FILE).read_text()).get("learner")
+        except (OSError, ValueError, AttributeError):
+            continue  # unusable: resuming tries the one before, and so does this
+        recorded = recorded or layout_from_files(ckpt)
+        if recorded is not None:
+            break
+    if not isinstance(recorded, dict):
+        return cfg
+    saved_stage, saved_ranks = recorded.get("zero_stage"), recorded.get("num_workers")
+    if cfg.learner.zero_stage == "auto":
+        cfg.learner.zero_stage = saved_stage
+    elif cfg.learner.zero_stage != saved_stage:
+        raise ConfigError(
+            f"learner.zero_stage={cfg.learner.zero_stage}: the checkpoints in {run_dir} hold "
+            f"ZeRO-{saved_stage} engine states; resume with learner.zero_stage={saved_stage} "
+            f"(or auto)"
+        )
+    if saved_stage and cfg.learner.num_workers != saved_ranks:
+        raise ConfigError(
+            f"learner.num_workers={cfg.learner.num_workers}: the checkpoints in {run_dir} hold "
+            f"ZeRO-{saved_stage} states partitioned over {saved_ranks} learner ranks; resume "
+            f"with learner.num_workers={saved_ranks}"
+        )
+    return cfg

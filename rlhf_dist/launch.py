@@ -65,6 +65,7 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
     """Run the stages ``run.stage`` names (sft, rm, ppo or all); returns the run directory."""
     import ray
 
+    from rlhf_dist.checkpoint import resume_layout
     from rlhf_dist.config import dump_config
     from rlhf_dist.orchestrator import Orchestrator
     from rlhf_dist.preflight import check_all, resolve_inputs, supervised_inputs
@@ -73,6 +74,8 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
 
     run_dir = run_dir_for(cfg)
     stages = stages_to_run(cfg, run_dir)
+    if cfg.run.resume == "auto" and "ppo" in stages:
+        cfg = resume_layout(cfg, run_dir)  # the checkpoints' ZeRO stage, or a clear refusal
     check_all(cfg, run_dir, stages)  # bad input fails here, before any actor starts
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_dist import checkpoint
-from rlhf_dist.config import load_config
+from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.tracking import Tracker
 
 STATE = {"step": 0, "version": 0, "cursor": {"epoch": 0, "index": 0}, "kl_controller": {}}
@@ -122,3 +122,67 @@ def test_rollback_sets_later_ppo_rows_aside_and_keeps_other_stages(tmp_path):
     ]
     aside = (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines()
     assert len(aside) == 3 and aside[-1].startswith('{"stage": "ppo", "step": 5')
+
+
+def _save_layout(run_dir, step, layout):
+    tmp = checkpoint.begin(run_dir, step)
+    (tmp / "policy").mkdir()
+    state = {**STATE, "step": step} | ({"learner": layout} if layout else {})
+    return checkpoint.commit(tmp, state, 3)
+
+
+def test_resume_takes_the_checkpoints_zero_stage_when_auto(tmp_path):
+    _save_layout(tmp_path, 2, {"num_workers": 1, "zero_stage": 2})  # an older default's run
+    cfg = checkpoint.resume_layout(load_config(None, []), tmp_path)
+    assert cfg.learner.zero_stage == 2
+    # a fresh run directory: auto stays auto (0 for one rank)
+    fresh = checkpoint.resume_layout(load_config(None, []), tmp_path / "new")
+    assert fresh.learner.zero_stage == "auto"
+    # the newest checkpoint decides; one with an unreadable state.json is passed over
+    _save_layout(tmp_path, 4, {"num_workers": 1, "zero_stage": 0})
+    _save_layout(tmp_path, 6, {"num_workers": 1, "zero_stage": 3})
+    (tmp_path / "checkpoints" / "step-00000006" / "state.json").write_text("{trunc")
+    assert checkpoint.resume_layout(load_config(None, []), tmp_path).learner.zero_stage == 0
+
+
+def test_resume_refuses_a_layout_the_engine_states_cannot_load(tmp_path):
+    _save_layout(tmp_path, 2, {"num_workers": 1, "zero_stage": 0})
+    with pytest.raises(ConfigError, match=r"learner.zero_stage=2: .* ZeRO-0 .*zero_stage=0"):
+        checkpoint.resume_layout(load_config(None, ["learner.zero_stage=2"]), tmp_path)
+    # ZeRO-0 states are whole on every rank: another rank count loads them
+    cfg = checkpoint.resume_layout(load_config(None, ["learner.num_workers=2"]), tmp_path)
+    assert cfg.learner.zero_stage == 0
+    other = tmp_path / "z2"
+    _save_layout(other, 2, {"num_workers": 2, "zero_stage": 2})
+    with pytest.raises(ConfigError, match=r"learner.num_workers=1: .* over 2 learner ranks"):
+        checkpoint.resume_layout(load_config(None, []), other)
+
+
+@pytest.mark.parametrize(
+    "files, stage, ranks",
+    [
+        # DeepSpeed's names, as its save_checkpoint writes them at each stage
+        (["mp_rank_00_model_states.pt"], 0, None),
+        (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2, 1),
+        (
+            [
+                f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt"
+                for r in (0, 1)
+                for k in ("model", "optim")
+            ],
+            3,
+            2,
+        ),
+    ],
+)
+def test_a_checkpoint_without_a_recorded_layout_is_read_from_its_files(
+    tmp_path, files, stage, ranks
+):
+    ckpt = _save_layout(tmp_path, 2, None)  # written before the layout was recorded
+    assert checkpoint.layout_from_files(ckpt) is None  # no engine state: nothing to go by
+    (ckpt / "policy" / "state").mkdir()
+    for name in files:
+        (ckpt / "policy" / "state" / name).write_bytes(b"")
+    assert checkpoint.layout_from_files(ckpt) == {"num_workers": ranks, "zero_stage": stage}
+    cfg = load_config(None, [f"learner.num_workers={ranks or 1}"])
+    assert checkpoint.resume_layout(cfg, tmp_path).learner.zero_stage == stage

@@ -24,6 +24,7 @@ from rlhf_dist.config import (
     load_config,
     parse_overrides,
     validate,
+    zero_stage,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -67,7 +68,7 @@ def test_defaults_load_and_equal_dataclass_defaults():
     assert cfg == Config()
     assert cfg.run.name == "ppo"
     assert cfg.rollout.num_workers == 2
-    assert cfg.learner.zero_stage == 2
+    assert cfg.learner.zero_stage == "auto"
     assert cfg.ppo.kl_estimator == "k1"
     assert cfg.sync.verify is True
     # None and [] overrides are the same as no overrides
@@ -195,7 +196,7 @@ def test_file_and_overrides_merge_nested(tmp_path):
     assert cfg.ppo.lam == 0.9
     # untouched keys keep their defaults
     assert cfg.rollout.temperature == 1.0
-    assert cfg.learner.zero_stage == 2
+    assert cfg.learner.zero_stage == "auto"
 
 
 def test_last_override_wins():
@@ -383,6 +384,13 @@ def test_literal_refused(override, key):
     with pytest.raises(ConfigError, match="is not one of") as e:
         load_config(None, [override])
     assert str(e.value).startswith(f"{key}:")
+
+
+def test_zero_stage_auto_is_0_alone_and_2_with_more_ranks():
+    assert zero_stage(load_config(None, [])) == 0
+    assert zero_stage(load_config(None, ["learner.num_workers=2"])) == 2
+    assert zero_stage(load_config(None, ["learner.num_workers=2", "learner.zero_stage=0"])) == 0
+    assert zero_stage(load_config(None, ["learner.zero_stage=3"])) == 3
 
 
 def test_literal_accepted():

@@ -37,7 +37,8 @@ def save(
         learners.export(str(tmp / "policy_hf"), tokenizer)
     if pending is not None:
         torch.save(pending, tmp / PENDING_FILE)
-    return checkpoint.commit(tmp, state.state_dict(), cfg.checkpoint.keep)
+    saved = {**state.state_dict(), "learner": checkpoint.learner_layout(cfg)}
+    return checkpoint.commit(tmp, saved, cfg.checkpoint.keep)
 
 
 def load_newest(run_dir: Path, learners: LearnerGroup, log) -> tuple[Path | None, dict, dict]:

@@ -40,7 +40,7 @@ import torch
 
 from rlhf_dist import algo, weight_sync
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.config import Config, validate
+from rlhf_dist.config import Config, validate, zero_stage
 from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
 from rlhf_dist.roles.common import WeightSyncMember, host_store
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
@@ -139,7 +139,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         At ZeRO 0 every rank holds the full gradients, already averaged over ranks at the
         boundary, so the norm is taken from them before the step clears them."""
         own = None
-        if boundary and self.cfg.learner.zero_stage == 0:
+        if boundary and zero_stage(self.cfg) == 0:
             grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
             own = float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
         engine.step()

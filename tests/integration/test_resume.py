@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_dist.checkpoint import checkpoint_dirs, read_state
+from rlhf_dist.checkpoint import checkpoint_dirs, layout_from_files, read_state
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / "tests" / "helpers"
@@ -97,10 +97,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
         proc.wait(timeout=60)
     newest = checkpoint_dirs(killed)[-1]
     assert newest.name == "step-00000002" and read_state(newest)["step"] == 2
+    # the layout the engine states were written with, recorded and as DeepSpeed's files show it
+    layout = {"num_workers": 1, "zero_stage": 2}  # configs/smoke.yaml sets ZeRO-2
+    assert read_state(newest)["learner"] == layout == layout_from_files(newest)
     assert [r["step"] for r in _rows(killed)] == [1, 2, 3]  # step 3's row came after it
 
     p = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), "--resume", str(killed)],
+        # auto resumes at the stage of the checkpoint (2), not at auto's own choice for one
+        # rank (0), whose engine could not load these states
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "--resume",
+            str(killed),
+            "learner.zero_stage=auto",
+        ],
         cwd=ROOT,
         env=ENV_WITH_HELPERS,
         capture_output=True,
@@ -109,6 +120,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and newest.name in p.stdout
+    assert "zero_stage: 2" in (killed / "config.yaml").read_text()
 
     assert [r["step"] for r in _rows(killed)] == [1, 2, 3, 4, 5]  # steps after k redone once
     # every metric of every step, the exported final policies and the samples trained equal
