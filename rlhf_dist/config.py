@@ -403,10 +403,13 @@ class PPOConfig:
 
 @dataclass
 class SyncConfig:
-    backend: Literal["auto", "gloo", "nccl", "object_store"] = "auto"
-    """Weight-sync transport: a collective group (auto = nccl when learner and generators have
-    GPUs, else gloo), or ``object_store`` (Ray's object store, for setups without a shared
-    collective backend)."""
+    backend: Literal["auto", "gloo", "nccl", "shm", "object_store"] = "auto"
+    """Weight-sync transport: a collective group (``gloo``, ``nccl``); ``shm``, shared memory
+    on one machine (CPUs): learner rank 0 writes the policy into one of two ``/dev/shm`` slots
+    and the generators' parameters become views of it, one copy in all; or ``object_store``
+    (Ray's object store, for setups without a shared collective backend). ``auto``: nccl when
+    learner and generators have GPUs; on CPUs shm when the cluster is one machine and
+    ``/dev/shm`` has room for two copies, else gloo."""
     bucket_mb: float = 64.0
     """Size of the flat buffers the weights travel in."""
     verify: bool = True
@@ -972,6 +975,11 @@ def validate(cfg: Config) -> Sizes:
             f"async.queue_samples={a.queue_samples} cannot hold one step's samples "
             f"(rollout.prompts_per_step * rollout.samples_per_prompt = {samples}); "
             f"0 means two steps' worth"
+        )
+    if cfg.sync.backend == "shm" and (cfg.learner.num_gpus > 0 or cfg.rollout.num_gpus > 0):
+        raise ConfigError(
+            "sync.backend=shm shares CPU memory between processes on one machine; it needs "
+            "learner.num_gpus and rollout.num_gpus = 0 (use nccl or auto on GPUs)"
         )
     if cfg.sync.backend == "nccl" and not (cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0):
         raise ConfigError(

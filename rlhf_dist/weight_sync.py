@@ -29,6 +29,7 @@ which mattered at 100M parameters).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -306,3 +307,167 @@ def load_buckets(
         raise ValueError(f"weight sync: expected {len(buffers)} buckets, got {len(buckets)}")
     for buf, flat in zip(buffers, buckets):
         buf.copy_(flat)
+
+
+# ----------------------------------------------------------------------------- shared memory
+
+SHM_DIR = "/dev/shm"
+
+
+class ShmError(RuntimeError):
+    """The shared-memory transport cannot be used here; the message says why."""
+
+
+@dataclass(frozen=True)
+class ShmHandle:
+    """Where a generator finds one slot: the sender's open file (``/proc/<pid>/fd/<fd>``),
+    identified by its device and inode, so that a generator on another machine (or in another
+    PID namespace), where that path is some other file or none, is refused, never misled."""
+
+    pid: int
+    fd: int
+    dev: int
+    ino: int
+    nbytes: int
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{self.pid}/fd/{self.fd}"
+
+
+def shm_layout(manifest: list[ParamSpec], bucket_bytes: int) -> tuple[list[Bucket], list[int]]:
+    """The buckets of ``plan_buckets`` laid end to end in one slot: (buckets, each bucket's
+    ``ALIGN``-ed byte offset); the slot's size is the last offset plus the last bucket."""
+    plan, offsets, end = plan_buckets(manifest, bucket_bytes), [], 0
+    for bucket in plan:
+        offsets.append(-(-end // ALIGN) * ALIGN)
+        end = offsets[-1] + bucket.nbytes
+    return plan, offsets
+
+
+class ShmSlots:
+    """Sender side of the shared-memory transport (CPU, one machine): two slots, each the
+    whole policy in the bucket layout, written alternately. A write packs the parameters into
+    the slot (one copy, the only one), and each generator then points its parameters at that
+    slot: no transfer, no receive copy, and one copy of the weights for every generator.
+
+    Alternating keeps the weights a generator samples with still: the slot a write overwrites
+    is the one of the write before the last, and every live generator has moved off it, since
+    each push reaches every generator and ends only when all have attached (a generator that
+    missed a push was lost, and its replacement attaches afresh). The files are unlinked at
+    once: a killed sender leaves nothing in ``/dev/shm``, and the memory is freed when the last
+    process holding it lets go."""
+
+    def __init__(self, manifest: list[ParamSpec], bucket_bytes: int, directory: str = SHM_DIR):
+        import tempfile
+
+        self.plan, self.offsets = shm_layout(manifest, bucket_bytes)
+        self.nbytes = self.offsets[-1] + self.plan[-1].nbytes if self.plan else 0
+        self.key = (tuple(manifest), bucket_bytes)
+        self.fds: list[int] = []
+        self.slots: list[Tensor] = []
+        self.handles: list[ShmHandle] = []
+        self.writes = 0
+        try:
+            for _ in range(2):
+                fd, path = tempfile.mkstemp(prefix="rlhf_dist-wsync-", dir=directory)
+                self.fds.append(fd)
+                try:
+                    # reserve the pages now: a full /dev/shm fails here, not as a SIGBUS later
+                    os.posix_fallocate(fd, 0, max(self.nbytes, 1))
+                    slot = torch.from_file(path, shared=True, size=self.nbytes, dtype=torch.uint8)
+                finally:
+                    os.unlink(path)
+                st = os.fstat(fd)
+                self.slots.append(slot)
+                self.handles.append(ShmHandle(os.getpid(), fd, st.st_dev, st.st_ino, self.nbytes))
+        except OSError as e:
+            self.close()
+            free = _free_bytes(directory)
+            raise ShmError(
+                f"weight sync: cannot hold two {self.nbytes / 2**20:.1f} MiB slots in "
+                f"{directory} ({e}; {free / 2**20:.0f} MiB free there); give it more room "
+                f"(docker: --shm-size) or set sync.backend=gloo"
+            ) from None
+
+    def write(self, buckets: Iterable[tuple[Bucket, list[Tensor]]], verify: bool):
+        """Pack each bucket (its layout and full tensors, in manifest order) into the next
+        slot; returns (the slot, the checksum or None)."""
+        slot = self.writes % 2
+        h = _new_hash() if verify else None
+        for k, (bucket, tensors) in enumerate(buckets):
+            region = self.slots[slot][self.offsets[k] : self.offsets[k] + bucket.nbytes]
+            _pack(bucket, tensors, region)
+            if h is not None:
+                for b in bucket.slices(region):
+                    _update_hash(h, b)
+        self.writes += 1
+        return slot, (h.hexdigest() if h is not None else None)
+
+    def close(self) -> None:
+        self.slots = []
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def _free_bytes(directory: str) -> int:
+    try:
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+
+
+def _map_slot(handle: ShmHandle) -> Tensor:
+    """Map the sender's slot, after checking that the path is that very file."""
+    try:
+        fd = os.open(handle.path, os.O_RDWR)
+    except OSError as e:
+        raise ShmError(
+            f"weight sync: cannot open the learner's shared-memory slot {handle.path} ({e}); "
+            f"sync.backend=shm needs every generator on the machine (and in the PID namespace) "
+            f"of learner rank 0: use sync.backend=gloo"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (handle.dev, handle.ino):
+            raise ShmError(
+                f"weight sync: {handle.path} is not the learner's shared-memory slot here "
+                f"(another machine or PID namespace); sync.backend=shm needs every generator "
+                f"on learner rank 0's machine: use sync.backend=gloo"
+            )
+        return torch.from_file(
+            f"/proc/self/fd/{fd}", shared=True, size=handle.nbytes, dtype=torch.uint8
+        )
+    finally:
+        os.close(fd)
+
+
+@torch.no_grad()
+def attach(
+    model: nn.Module,
+    manifest: list[ParamSpec],
+    bucket_bytes: int,
+    handles: list[ShmHandle],
+    slot: int,
+) -> None:
+    """Point ``model``'s synced parameters at slot ``slot`` of the sender's shared memory
+    (each ``.data`` becomes a view of its bytes there; a tied ``Parameter`` is one object,
+    so every module sees it). Each slot is mapped once per sender and kept on the model."""
+    params = dict(model.named_parameters())
+    _check_manifest(params, manifest)
+    maps = getattr(model, "_weight_sync_shm", None)
+    if maps is None or maps[0] != handles:
+        maps = model._weight_sync_shm = (handles, [None] * len(handles))
+    if maps[1][slot] is None:
+        maps[1][slot] = _map_slot(handles[slot])
+    flat = maps[1][slot]
+    plan, offsets = shm_layout(manifest, bucket_bytes)
+    for bucket, off in zip(plan, offsets):
+        region = flat[off : off + bucket.nbytes]
+        for spec, view in zip(bucket.specs, bucket.views(region)):
+            params[spec.name].data = view

@@ -442,6 +442,7 @@ def test_prompts_need_not_divide_among_generators():
         ("async.is_cap=0.5", "async.is_cap"),
         ("async.queue_samples=4", r"async.queue_samples=4 cannot hold one step's samples .* = 8"),
         ("sync.backend=nccl", "sync.backend=nccl needs GPUs on both sides"),
+        (["sync.backend=shm", "rollout.num_gpus=1"], "sync.backend=shm shares CPU memory"),
         (["mode=async", "rollout.autoscale.max_workers=4"], "with mode=async set it to 0"),
     ],
 )

@@ -3,7 +3,9 @@ the policy version the generators hold.
 
 A collective backend (gloo on CPUs, NCCL on GPUs) needs a group whose members are known: rank
 0 hosts a ``TCPStore`` and each membership forms a group under a fresh prefix. The object-store
-transport needs no group: each generator pulls rank 0's buckets by reference. Either way a
+transport needs no group: each generator pulls rank 0's buckets by reference; neither does
+shared memory (one machine, CPUs): rank 0 writes the policy into the next of its two slots and
+each generator points its parameters at that slot (``weight_sync.ShmSlots``). Either way a
 push returns what it cost, or the generator slots that were lost and must be replaced before
 it is tried again (the generator group does that, docs/architecture.md "Weight sync").
 """
@@ -29,27 +31,47 @@ class PushOutcome:
     lost: list[int] = field(default_factory=list)
 
 
-def sync_backend(cfg: Config) -> str:
+SHM_HEADROOM = 64 << 20  # bytes /dev/shm keeps free beside the slots for auto to pick shm
+
+
+def sync_backend(cfg: Config, nbytes: int = 0) -> str:
+    """The transport ``sync.backend`` names; ``auto``: nccl when learner and generators have
+    GPUs; on CPUs, shared memory when the cluster is one machine and ``/dev/shm`` holds two
+    copies of the ``nbytes`` a sync moves, else gloo (a generator may land on any node)."""
     if cfg.sync.backend != "auto":
         return cfg.sync.backend
-    on_gpu = cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0
-    return "nccl" if on_gpu else "gloo"
+    if cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0:
+        return "nccl"
+    one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    room = weight_sync._free_bytes(weight_sync.SHM_DIR) >= 2 * nbytes + SHM_HEADROOM
+    return "shm" if one_node and room else "gloo"
 
 
 class WeightSyncGroup:
     def __init__(self, cfg: Config, learners):
         self.cfg, self.learners = cfg, learners  # a LearnerGroup
-        self.backend = sync_backend(cfg)
         self.bucket_bytes = int(cfg.sync.bucket_mb * (1 << 20))
         self.version: int | None = None  # what every generator was verified to hold last
-        manifest = ray.get(learners.actors[0].sync_manifest.remote())
+        rank0 = learners.actors[0]
+        manifest = ray.get(rank0.sync_manifest.remote())
         self.nbytes = weight_sync.manifest_bytes(manifest)  # what one push moves
+        self.backend = sync_backend(cfg, self.nbytes)
         self.manifest = ray.put(manifest)
         self.on_dispatch = None  # (pool name, slot, task) after each receive is started
+        self.shm_handles = None
+        if self.backend == "shm":
+            try:
+                self.shm_handles = ray.get(rank0.host_shm_sync.remote(self.bucket_bytes))
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, weight_sync.ShmError):
+                    raise WeightSyncError(str(e.cause)) from None
+                raise
 
     @property
     def collective(self) -> bool:
-        return self.backend != "object_store"
+        """Whether the transport is a collective group that each membership forms anew (gloo,
+        NCCL); the object store and shared memory need none."""
+        return self.backend not in ("object_store", "shm")
 
     def form(self, generators: list) -> bool:
         """A new group of learner rank 0 and ``generators`` under a fresh prefix; False when a
@@ -81,6 +103,19 @@ class WeightSyncGroup:
             send = self.learners.call("broadcast_weights", self.bucket_bytes, version, verify)
             recv = [
                 g.receive_weights.remote(self.manifest, self.bucket_bytes, version, verify)
+                for g in generators
+            ]
+        elif self.backend == "shm":
+            # the learner writes its next slot first; then each generator attaches to it
+            send = self.learners.call("write_weights", self.bucket_bytes, version, verify)
+            try:
+                slot = ray.get(send)[0]["slot"]
+            except LOST:
+                raise LearnerLost("a learner rank died during the weight sync") from None
+            recv = [
+                g.attach_weights.remote(
+                    self.manifest, self.bucket_bytes, self.shm_handles, slot, version, verify
+                )
                 for g in generators
             ]
         else:

@@ -140,6 +140,21 @@ class Generator(WeightSyncMember):
             "compute_s": time.perf_counter() - t0,
         }
 
+    def attach_weights(
+        self, manifest, bucket_bytes: int, handles: list, slot: int, version: int, verify: bool
+    ) -> dict:
+        """``sync.backend=shm``: take learner rank 0's slot ``slot`` as the weights (the
+        parameters become views of its shared memory; no copy). Between two ``generate``
+        calls, as ``receive_weights``."""
+        t0 = time.perf_counter()
+        weight_sync.attach(self.model, manifest, bucket_bytes, handles, slot)
+        self.version = version
+        return {
+            "version": version,
+            "checksum": weight_sync.model_checksum(self.model) if verify else None,
+            "compute_s": time.perf_counter() - t0,
+        }
+
     def load_weight_buckets(
         self, manifest, bucket_bytes: int, buckets: list, version: int, verify: bool
     ) -> dict:

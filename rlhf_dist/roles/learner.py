@@ -58,6 +58,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.has_critic = cfg.ppo.estimator == "gae"
         self.version = 0
         self.sync_store = None  # the weight-sync store, once hosted
+        self.shm_slots = None  # sync.backend=shm: rank 0's two shared-memory slots
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
         """Join the learner group and build the policy's engine, and the critic's when
@@ -396,6 +397,36 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             digest = None
         self.version = version
         return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
+
+    def host_shm_sync(self, bucket_bytes: int) -> list[weight_sync.ShmHandle]:
+        """``sync.backend=shm``: make rank 0's two shared-memory slots (once per layout) and
+        return the handles the generators attach through (``weight_sync.ShmSlots``)."""
+        assert self.rank == 0, "only learner rank 0 holds the shared-memory slots"
+        manifest = self.sync_manifest()
+        if self.shm_slots is None or self.shm_slots.key != (tuple(manifest), bucket_bytes):
+            if self.shm_slots is not None:
+                self.shm_slots.close()
+            self.shm_slots = weight_sync.ShmSlots(manifest, bucket_bytes)
+        return self.shm_slots.handles
+
+    def write_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
+        """``sync.backend=shm``: pack the policy into rank 0's next slot; the generators then
+        attach to ``slot``. Call on every rank (under ZeRO-3 every rank gathers)."""
+        t0 = time.perf_counter()
+        buckets = self._buckets(bucket_bytes)
+        if self.rank == 0:
+            slot, digest = self.shm_slots.write(buckets, verify)
+        else:
+            for _ in buckets:
+                pass
+            slot = digest = None
+        self.version = version
+        return {
+            "version": version,
+            "checksum": digest,
+            "slot": slot,
+            "compute_s": time.perf_counter() - t0,
+        }
 
     def weight_buckets(self, bucket_bytes: int, version: int, verify: bool) -> tuple[dict, list]:
         """Fallback transport: (metadata, the policy's buckets as CPU tensors) for Ray's object

@@ -8,8 +8,8 @@ fault counters aside.
 Every kill lands inside a named call, for certain: the call is trapped by a kill point
 (``tests/helpers/kill_points.py``). The test arms it at a quiet moment before the call (the
 trap is put into the live actors through ``actor.__ray_call__``: a reward scorer's
-``_score_fns``, a generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` in a generator's
-process); the first trapped call after that writes its PID to the kill point's directory and
+``_score_fns``, a generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` (or
+``attach``, over shared memory) in a generator's process); the first trapped call after that writes its PID to the kill point's directory and
 sleeps. The ``on_dispatch`` hook, at the first submission of that call's step, waits for the
 PID, then kills that worker (SIGKILL of the PID, ``ray.kill`` of its actor, or removal of its
 node), so the kill lands after the call started and before it could return. No production
@@ -282,6 +282,27 @@ def test_unplaceable_worker_fails_after_the_placement_timeout(cluster, tiny_asse
     while ray.available_resources().get("CPU") != 7 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == 7
+
+
+def test_a_generator_killed_while_attaching_over_shared_memory(
+    cluster, tiny_assets, tmp_path, undisturbed
+):
+    """``sync.backend=shm`` (every node of this cluster is this machine): a generator killed
+    inside its attach is the only one replaced, since no group breaks under the others, and
+    the redone sync writes the other slot while the survivor samples on."""
+    attach = KillPoint(tmp_path / "attach")
+    make, left = scripted(
+        {
+            ("reward", 2): arm(attach, generators, "rlhf_dist.weight_sync:attach"),
+            ("weight_sync", 2): kill(attach, "SIGKILL"),  # inside step 2's attach
+        }
+    )
+    rows = run_checked(make_cfg(tiny_assets, "sync.backend=shm"), tmp_path / "run", make)
+    assert not left, f"never reached: {list(left)}"
+    assert [r["fault/restarts"] for r in rows] == [0, 1, 1]
+    sent = [r["sync/bytes"] for r in rows]
+    assert sent[1] == 2 * sent[0] and sent[2] == sent[0] > 0  # step 2's sync was redone
+    assert_same_training(tmp_path / "run", undisturbed)
 
 
 # Last in the module: it replaces nodes of the cluster.

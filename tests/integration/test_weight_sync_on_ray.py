@@ -1,6 +1,7 @@
 """Weight sync on a real Ray cluster across ZeRO stages, learner world sizes, generator counts,
-tied/untied models, fp32/bf16 and both transports: every generator ends up holding the
-learner's weights bit for bit, and samples exactly what a plain model holding them samples."""
+tied/untied models, fp32/bf16 and every CPU transport (gloo, shared memory, the object store):
+every generator ends up holding the learner's weights bit for bit, and samples exactly what a
+plain model holding them samples."""
 
 import pytest
 import ray
@@ -63,6 +64,8 @@ def _check_generators_hold_learner_weights(orch, cfg, policy_path, version):
         ("gpt2", 3, 2, 3, "bfloat16", "gloo"),
         ("llama", 3, 1, 1, "bfloat16", "gloo"),
         ("gpt2", 2, 2, 2, "float32", "object_store"),
+        ("llama", 3, 2, 3, "bfloat16", "shm"),
+        ("gpt2", 0, 1, 2, "float32", "auto"),  # a one-node cluster on CPUs: shm
     ],
 )
 def test_sync_after_a_ppo_step(
@@ -92,6 +95,7 @@ def test_sync_after_a_ppo_step(
         "run.steps=1",
     )
     try:
+        assert orch.generators.sync.backend == ("shm" if backend == "auto" else backend)
         manifest = ray.get(orch.generators.sync.manifest)
         assert all(str(s.dtype) == f"torch.{dtype}" for s in manifest)
         names = [s.name for s in manifest]
@@ -109,7 +113,12 @@ def test_mismatch_stops_with_a_clear_error_and_added_generator_gets_current_weig
     ray_cluster, tiny_assets, tmp_path
 ):
     cfg, orch = _orchestrator(
-        tiny_assets, tmp_path, "rollout.num_workers=1", "learner.num_workers=1", "run.steps=1"
+        tiny_assets,
+        tmp_path,
+        "rollout.num_workers=1",
+        "learner.num_workers=1",
+        "run.steps=1",
+        "sync.backend=gloo",  # the trap below is in gloo's receive
     )
 
     # Defined here, not at module level, so Ray pickles it by value into the worker. It
@@ -138,5 +147,52 @@ def test_mismatch_stops_with_a_clear_error_and_added_generator_gets_current_weig
         ray.get(orch.generators.actors[1].__ray_call__.remote(corrupt_what_this_worker_receives))
         with pytest.raises(WeightSyncError, match="generator 1 holds version 3 checksum"):
             orch.sync_weights(3)
+    finally:
+        orch.shutdown()
+
+
+def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
+    ray_cluster, tiny_assets, tmp_path
+):
+    """Over shared memory the generators' parameters are views of learner rank 0's slot, the
+    slots alternate push by push, and a generator that attached to the other (stale) slot is
+    caught by the checksum."""
+    cfg, orch = _orchestrator(
+        tiny_assets, tmp_path, "rollout.num_workers=2", "run.steps=2", "sync.backend=shm"
+    )
+
+    def where_weights_live(self):
+        from rlhf_dist import weight_sync
+
+        handles, maps = self.model._weight_sync_shm
+        ptr = next(p for _, p in weight_sync.sync_params(self.model)).data_ptr()
+        # which mapped slot the first synced parameter lies in, and the file behind it
+        slot = [m is not None and m.data_ptr() <= ptr < m.data_ptr() + m.numel() for m in maps]
+        return slot.index(True), (handles[0].dev, handles[0].ino)
+
+    # Defined here so Ray pickles it by value: this one generator attaches to the slot the
+    # learner did not write (a stand-in for a transport fault: stale weights).
+    def attach_to_the_other_slot(_self):
+        from rlhf_dist import weight_sync
+
+        original = weight_sync.attach
+
+        def attach(model, manifest, bucket_bytes, handles, slot):
+            original(model, manifest, bucket_bytes, handles, 1 - slot)
+
+        weight_sync.attach = attach
+
+    try:
+        # pushes so far: the initial one (slot 0)
+        got = ray.get([g.__ray_call__.remote(where_weights_live) for g in orch.generators.actors])
+        assert [slot for slot, _ in got] == [0, 0] and got[0][1] == got[1][1]
+        orch.run(log=lambda _: None)  # two more pushes: slots 1, then 0
+        got = ray.get([g.__ray_call__.remote(where_weights_live) for g in orch.generators.actors])
+        assert [slot for slot, _ in got] == [0, 0]
+        _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 2)
+
+        ray.get(orch.generators.actors[1].__ray_call__.remote(attach_to_the_other_slot))
+        with pytest.raises(WeightSyncError, match="generator 1 holds version 3 checksum"):
+            orch.step()  # trains, so the slot left holds other weights than the one written
     finally:
         orch.shutdown()
