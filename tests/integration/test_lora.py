@@ -153,3 +153,28 @@ def test_a_resumed_lora_run_reproduces_the_uninterrupted_run(ray_cluster, tiny_a
     run_checked(cfg, resumed, resume=ckpt)
     assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3, 4]
     assert_same_runs(resumed, straight, abs=1e-6, weights_atol=1e-5)
+
+
+def test_lora_in_async_mode_with_two_learner_ranks(ray_cluster, tiny_assets, tiny_policy, tmp_path):
+    """Two ZeRO-2 learner ranks in async mode: only the adapters travel (over shared memory,
+    this one-machine cluster's default), the generators sample on while the learner trains,
+    and they end holding the learner's adapters; every prompt is trained once
+    (``run_checked``)."""
+    run_dir = tmp_path / "run"
+    cfg = _cfg(
+        tiny_assets,
+        run_dir,
+        "run.steps=4",
+        "mode=async",
+        "async.max_staleness=1",
+        "learner.num_workers=2",
+        "rollout.prompts_per_step=8",
+        "ppo.minibatch_size=8",
+        "ppo.micro_batch_size=4",
+        "checkpoint.every=0",
+    )
+    rows = run_checked(cfg, run_dir)
+    assert max(r["sync/staleness_max"] for r in rows) == 1  # sampled while the learner trained
+    full = sum(p.numel() * p.element_size() for p in load_policy(tiny_policy).parameters())
+    assert {r["sync/bytes"] for r in rows} == {rows[0]["sync/bytes"]}
+    assert 0 < rows[0]["sync/bytes"] < full / 5
