@@ -22,6 +22,44 @@ from rlhf_dist.models import load_policy, load_tokenizer, response_logprobs, sto
 from rlhf_dist.roles.common import WeightSyncMember, pick_device
 
 
+class SampledLogprobs:
+    """The log-probs of the tokens ``generate`` samples, under the sampling temperature, taken
+    step by step from the raw logits of each forward (a hook on the transformers model) and
+    holding one (batch, vocab) row at a time. ``generate(output_logits=True)`` would keep every
+    step's row instead: (tokens, batch, vocab) floats, 40 GB for a 152k vocabulary, 64 rows
+    and 1024 tokens. The token sampled from step t's logits is the input of step t + 1's
+    forward; the last one is read from the returned sequences (``finish``)."""
+
+    def __init__(self, model, temperature: float):
+        self.temperature = temperature
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.active, self.prev, self.steps = False, None, []
+        target.register_forward_hook(self._hook, with_kwargs=True)
+
+    def start(self) -> None:
+        self.active, self.prev, self.steps = True, None, []
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if not self.active:  # another forward (the reference from the base)
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.prev is not None:
+            self.steps.append(logprobs_from_logits(self.prev[:, None, :], ids[:, -1:]))
+        self.prev = output.logits[:, -1, :].float() / self.temperature
+
+    def finish(self, response: torch.Tensor) -> torch.Tensor:
+        """(batch, response length) log-probs of ``response`` (the sampled tokens)."""
+        self.active = False
+        last = logprobs_from_logits(self.prev[:, None, :], response[:, -1:])
+        out = torch.cat([*self.steps, last], dim=1)
+        self.prev, self.steps = None, []
+        if out.shape != response.shape:
+            raise RuntimeError(
+                f"generate ran {out.shape[1]} forwards for {response.shape[1]} new tokens"
+            )
+        return out
+
+
 class Generator(WeightSyncMember):
     def __init__(
         self,
@@ -61,8 +99,8 @@ class Generator(WeightSyncMember):
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids,
             return_dict_in_generate=True,
-            output_logits=True,
         )
+        self.sampled = SampledLogprobs(self.model, temperature)
         self.version = 0
 
     @torch.no_grad()
@@ -81,13 +119,16 @@ class Generator(WeightSyncMember):
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
         ).to(self.device)
-        out = self.model.generate(**enc, **self.gen_kwargs)
+        self.sampled.start()
+        try:
+            out = self.model.generate(**enc, **self.gen_kwargs)
+        finally:
+            self.sampled.active = False
         P = enc.input_ids.shape[1]
         response = out.sequences[:, P:]
         # Behaviour log-probs from the raw logits generate saw, under the sampling temperature
         # (top-k/top-p truncation is not applied: the learner recomputes the same quantity).
-        logits = torch.stack(out.logits, dim=1).float() / self.temperature
-        behaviour = logprobs_from_logits(logits, response)
+        behaviour = self.sampled.finish(response)
         # Response tokens run up to and including the first stop token (an EOS of the
         # tokenizer or of the model's generation config); pad may equal EOS, so the mask is
         # derived from the stop position, not from pad ids.

@@ -77,6 +77,36 @@ def test_behaviour_logprobs_match_a_fresh_forward(tiny_policy, batch):
     torch.testing.assert_close(out, batch.behaviour_logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
+def test_behaviour_logprobs_equal_those_of_generates_own_logits(tiny_policy, temperature, top_k):
+    """Taken step by step from each forward's logits (one vocabulary row held at a time), the
+    behaviour log-probs are bit for bit those of generate's ``output_logits`` (every step's row
+    kept), sequences that stop early included; and nothing is collected outside generate."""
+    from rlhf_dist.algo import logprobs_from_logits
+
+    gen = Generator(tiny_policy, max_new_tokens=12, temperature=temperature, top_k=top_k)
+    prompts = PROMPTS * 3
+    # one more stop token: the 4th one row 0 samples, so that rows stop early (as a chat
+    # model's end-of-turn token would stop them)
+    first = gen.generate(prompts, list(range(len(prompts))), seed=11)
+    gen.stop_ids = [*gen.stop_ids, int(first.sequences[0, first.prompt_len + 3])]
+    gen.gen_kwargs["eos_token_id"] = gen.stop_ids
+    b = gen.generate(prompts, list(range(len(prompts))), seed=11)
+    assert b.truncated.any() and not b.truncated.all()  # some stopped early, some ran out
+    torch.manual_seed(11)  # generate() seeds so; the same samples again, with every row kept
+    enc = gen.tokenizer(prompts, return_tensors="pt", padding=True)
+    out = gen.model.generate(**enc, **gen.gen_kwargs, output_logits=True)
+    kept = b.response_mask.long()
+    response = out.sequences[:, b.prompt_len :]
+    assert torch.equal(response * kept, b.sequences[:, b.prompt_len :] * kept)
+    logits = torch.stack(out.logits, dim=1).float() / temperature
+    want = logprobs_from_logits(logits, response) * b.response_mask
+    assert torch.equal(b.behaviour_logprobs, want)
+    # a forward outside generate (the reference from the base, a check) collects nothing
+    gen.model(input_ids=b.sequences)
+    assert gen.sampled.prev is None and gen.sampled.steps == []
+
+
 def test_temperature_applies_to_behaviour_logprobs(tiny_policy):
     hot = Generator(tiny_policy, max_new_tokens=6, temperature=2.0)
     b = hot.generate(PROMPTS, [0, 1, 2, 3], seed=1)
