@@ -9,11 +9,11 @@ minibatches of 8. For each size the same step is done
 - by the system: a local Ray cluster, ``mode=sync``, the configured pools (by default 2
   generators, 1 reward and 1 reference scorer, 1 DeepSpeed learner rank), timed by the sync
   loop's own block timer;
-- in one plain process (this one, with Ray idle): HF ``generate`` on the 16 prompts, the
-  reward and reference forwards, the old log-probs and values, GAE, then two minibatches of
-  policy and value forward/backward with ``torch.optim.AdamW`` and gradient clipping; the
-  weight sync is a parameter copy into the sampling copy of the policy. No Ray, no
-  DeepSpeed, ``torch.set_num_threads`` = every core.
+- in one plain process (this one, with Ray idle): HF ``generate`` on the same 16 prompts as
+  the system's step (its prompt order, replayed), the reward and reference forwards, the old
+  log-probs and values, GAE, then two minibatches of policy and value forward/backward with
+  ``torch.optim.AdamW`` and gradient clipping; the weight sync is a parameter copy into the
+  sampling copy of the policy. No Ray, no DeepSpeed, ``torch.set_num_threads`` = every core.
 
 The two take turns, step by step (the first step of each is a warm-up and is dropped), and
 the table shows each block's median seconds for both and their ratio; the last line gives the
@@ -114,7 +114,7 @@ class System:
 class Plain:
     """The same step in this process: plain torch and transformers, every core."""
 
-    def __init__(self, assets: Path, prompts: list[str], seed: int = 0):
+    def __init__(self, assets: Path, prompts: list[str], cursor, seed: int = 0):
         import torch
 
         from rlhf_dist.models import load_critic, load_policy, load_reward_model, load_tokenizer
@@ -131,7 +131,9 @@ class Plain:
         self.reward = load_reward_model(str(assets / "reward")).eval().requires_grad_(False)
         self.opt_p = torch.optim.AdamW(self.policy.parameters(), lr=1e-5, weight_decay=0.0)
         self.opt_v = torch.optim.AdamW(self.critic.parameters(), lr=5e-5, weight_decay=0.0)
-        self.prompts, self.cursor, self.seed = prompts, 0, seed
+        # the system's prompt order (its cursor, replayed): both sides see the same prompts,
+        # so the same prompt widths, step by step
+        self.prompts, self.cursor, self.seed = prompts, cursor, seed
 
     def step(self) -> dict:
         import torch
@@ -141,8 +143,7 @@ class Plain:
 
         times = {}
         t_step = t0 = time.perf_counter()
-        prompts = [self.prompts[(self.cursor + i) % len(self.prompts)] for i in range(PROMPTS)]
-        self.cursor += PROMPTS
+        prompts = [self.prompts[i] for i in self.cursor.take(PROMPTS)]
         tok = self.tok
         with torch.no_grad():
             enc = tok(prompts, return_tensors="pt", padding=True)
@@ -216,7 +217,11 @@ def run_size(name: str, steps: int, overrides: list[str], workdir: Path) -> dict
     assets = build(workdir, name)
     system = System(assets, workdir / f"run-{name}", steps, overrides)
     try:
-        plain = Plain(assets, system.prompts)
+        from rlhf_dist.data import PromptCursor
+
+        cfg = system.cfg
+        cursor = PromptCursor(len(system.prompts), cfg.run.seed, cfg.data.shuffle)
+        plain = Plain(assets, system.prompts, cursor)
         sys_rows, plain_rows = [], []
         for i in range(steps):  # turns: system first on even steps, plain first on odd ones
             order = [(system, sys_rows), (plain, plain_rows)]

@@ -18,6 +18,11 @@ member's call submitted, then wait for all):
   each tensor and copying it into its parameter (OpenRLHF's transport).
 - ``object store``: the sender packs the buckets and returns them (into Ray's object store);
   each receiver gets that ObjectRef as an argument and ``weight_sync.load_buckets`` them.
+- ``shm``: shared memory (``sync.backend=shm``, what ``auto`` picks on a one-machine CPU
+  cluster): the sender packs the model into the next of its two ``/dev/shm`` slots
+  (``weight_sync.ShmSlots``), then every receiver points its parameters at that slot
+  (``weight_sync.attach``); ``+verify`` as for buckets. Not a broadcast, so no ``limit``
+  applies: one copy of the model (``copy`` column, in the sender's memory) is its floor.
 
 Each transport is first run once with freshly perturbed sender weights and checked (every
 receiver's model checksum equals the sender's; for ``limit``, the received buffer's), then
@@ -59,7 +64,16 @@ SIZES = {
 }
 LIMIT_TARGET, LIMIT_FROM_PARAMS = 0.70, 9_000_000  # buckets/limit target, from "10m" up
 PER_TENSOR_TARGET, PER_TENSOR_SIZES = 5.0, ("small-tensors",)
-TRANSPORTS = ["limit", "buckets", "buckets+verify", "per-tensor", "object store"]
+TRANSPORTS = [
+    "limit",
+    "buckets",
+    "buckets+verify",
+    "per-tensor",
+    "object store",
+    "shm",
+    "shm+verify",
+    "copy",
+]
 HOST = "127.0.0.1"
 TIMEOUT_S = 600.0
 
@@ -170,6 +184,38 @@ class Member:
     def load_object_store(self, bucket_bytes: int, sent: dict) -> None:
         self.ws.load_buckets(self.model, self.manifest, bucket_bytes, sent["buckets"])
 
+    # ------------------------------------------------------------- shared memory
+    def host_shm(self, bucket_bytes: int) -> list:
+        self.slots = self.ws.ShmSlots(self.manifest, bucket_bytes)
+        return self.slots.handles
+
+    def write_shm(self, bucket_bytes: int, verify: bool) -> tuple[int, str | None]:
+        params = self._params()
+        plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
+        return self.slots.write(((b, params[b.start : b.stop]) for b in plan), verify)
+
+    def attach_shm(self, bucket_bytes: int, handles: list, slot: int, verify: bool):
+        # a model of its own: the other transports keep their buffers between rounds
+        if getattr(self, "shm_model", None) is None:
+            import copy
+
+            self.shm_model = copy.deepcopy(self.model)
+        self.ws.attach(self.shm_model, self.manifest, bucket_bytes, handles, slot)
+        return self.ws.model_checksum(self.shm_model) if verify else None
+
+    def shm_checksum(self) -> str:
+        return self.ws.model_checksum(self.shm_model)
+
+    def copy(self) -> None:
+        """The floor of any sync that leaves the sender's weights free to change: one copy of
+        them (into a buffer of the same layout, as the plain process's weight sync does)."""
+        import torch
+
+        if getattr(self, "copy_buf", None) is None:
+            self.copy_buf = [torch.empty_like(p) for p in self._params()]
+        with torch.no_grad():
+            torch._foreach_copy_(self.copy_buf, [p.detach() for p in self._params()])
+
 
 def submit(transport: str, sender, receivers: list, bucket_bytes: int) -> tuple[list, list]:
     """Start one sync; returns (refs to wait for, refs whose values to fetch)."""
@@ -190,7 +236,18 @@ def submit(transport: str, sender, receivers: list, bucket_bytes: int) -> tuple[
         loads = [r.load_object_store.remote(bucket_bytes, sent) for r in receivers]
         # The buckets are not fetched into the driver: the receivers pull them.
         return [sent, *loads], loads
+    if transport in ("shm", "shm+verify"):
+        verify = transport == "shm+verify"
+        slot, digest = ray.get(sender.write_shm.remote(bucket_bytes, verify))
+        refs = [r.attach_shm.remote(bucket_bytes, HANDLES[0], slot, verify) for r in receivers]
+        return refs, [ray.put(digest), *refs]
+    if transport == "copy":
+        refs = [sender.copy.remote()]
+        return refs, refs
     raise ValueError(transport)
+
+
+HANDLES: list = [None]  # the sender's shared-memory slots, once per size
 
 
 def run_once(transport: str, sender, receivers: list, bucket_bytes: int) -> float:
@@ -199,16 +256,20 @@ def run_once(transport: str, sender, receivers: list, bucket_bytes: int) -> floa
     ray.wait(wait, num_returns=len(wait), fetch_local=False)
     out = ray.get(fetch)
     dt = time.perf_counter() - t0
-    if transport == "buckets+verify" and len(set(out)) != 1:
-        raise RuntimeError(f"buckets+verify: sender and receivers disagree: {out}")
+    if transport in ("buckets+verify", "shm+verify") and len(set(out)) != 1:
+        raise RuntimeError(f"{transport}: sender and receivers disagree: {out}")
     return dt
 
 
 def check(transport: str, sender, receivers: list) -> None:
     """Every receiver holds the sender's weights (bit for bit)."""
     want = ray.get(sender.checksum.remote())
+    if transport == "copy":  # nothing reaches the receivers
+        return
     if transport == "limit":  # the received buffer, not the model: nothing is unpacked
         got = ray.get([r.limit_checksum.remote() for r in receivers])
+    elif transport.startswith("shm"):
+        got = ray.get([r.shm_checksum.remote() for r in receivers])
     else:
         got = ray.get([r.checksum.remote() for r in receivers])
     if any(g != want for g in got):
@@ -262,6 +323,7 @@ def run_size(
     try:
         info = ray.get(actors[0].info.remote())
         ray.get([a.info.remote() for a in actors])
+        HANDLES[0] = ray.get(actors[0].host_shm.remote(bucket_bytes))
         log(
             f"{name}: {info['params'] / 1e6:.1f}M params, {info['tensors']} tensors, "
             f"{info['bytes'] / 1e6:.1f} MB; actors ready"
@@ -312,7 +374,7 @@ def main() -> None:
 
     print("`" + " ".join(["python benchmarks/weight_sync.py", *sys.argv[1:]]) + "`")
     print(
-        f"\ngloo on CPU, bucket {args.bucket_mb:g} MB, median of {args.repeats} syncs after a "
+        f"\ngloo (and shm) on CPU, bucket {args.bucket_mb:g} MB, median of {args.repeats} syncs after a "
         f"warm-up; MB/s = model bytes / sync time; {os.cpu_count()} cores; "
         f"whole run {wall / 60:.1f} min.\n"
     )
@@ -320,9 +382,10 @@ def main() -> None:
     for t in ("limit", "buckets"):
         head += [f"{t} s", f"{t} MB/s"]
     head += ["+verify s"]
-    for t in ("per-tensor", "object store"):
+    for t in ("per-tensor", "object store", "shm"):
         head += [f"{t} s", f"{t} MB/s"]
-    head += ["buckets/limit", "buckets/per-tensor", "targets"]
+    head += ["shm +verify s", "copy s", "buckets/limit", "buckets/per-tensor", "buckets/shm"]
+    head += ["targets"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     verdicts = []
@@ -332,11 +395,13 @@ def main() -> None:
         for t in ("limit", "buckets"):
             cells += [f"{med[t]:.3f}", f"{mb / med[t]:.0f}"]
         cells += [f"{med['buckets+verify'] - med['buckets']:+.3f}"]
-        for t in ("per-tensor", "object store"):
+        for t in ("per-tensor", "object store", "shm"):
             cells += [f"{med[t]:.3f}", f"{mb / med[t]:.0f}"]
+        cells += [f"{med['shm+verify'] - med['shm']:+.3f}", f"{med['copy']:.3f}"]
         vs_limit = med["limit"] / med["buckets"]
         vs_per_tensor = med["per-tensor"] / med["buckets"]
         cells += [f"{100 * vs_limit:.0f}%", f"{vs_per_tensor:.1f}x"]
+        cells += [f"{med['buckets'] / med['shm']:.1f}x"]
         marks = []
         if info["params"] >= LIMIT_FROM_PARAMS:
             ok = vs_limit >= LIMIT_TARGET
