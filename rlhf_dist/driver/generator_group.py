@@ -121,6 +121,9 @@ class GeneratorGroup(PoolGroup):
         while True:
             out = self.sync.push(self.actors, version)
             self.pushed_bytes += self.sync.nbytes
+            if out.regroup:  # the transport changed: form its group and push again
+                self.regroup()
+                continue
             if not out.lost:
                 return out.compute_s
             self.replace(out.lost)

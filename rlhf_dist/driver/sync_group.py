@@ -13,6 +13,7 @@ it is tried again (the generator group does that, docs/architecture.md "Weight s
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import ray
@@ -25,10 +26,13 @@ from rlhf_dist.driver.errors import LearnerLost, SyncStalled, WeightSyncError
 
 @dataclass
 class PushOutcome:
-    """One push: the slowest member's compute, or the generator slots lost during it."""
+    """One push: the slowest member's compute, or the generator slots lost during it, or
+    ``regroup``: the transport changed (shared memory could not reach a generator) and the
+    group must form before the push is tried again."""
 
     compute_s: float = 0.0
     lost: list[int] = field(default_factory=list)
+    regroup: bool = False
 
 
 SHM_HEADROOM = 64 << 20  # bytes /dev/shm keeps free beside the slots for auto to pick shm
@@ -135,7 +139,12 @@ class WeightSyncGroup:
         if self.on_dispatch is not None:
             for slot in range(len(recv)):
                 self.on_dispatch("weight_sync", slot, 0)
-        got, lost, hung = self._wait_receivers(recv, send)
+        try:
+            got, lost, hung = self._wait_receivers(recv, send)
+        except ray.exceptions.RayTaskError as e:
+            if self.backend == "shm" and isinstance(e.cause, weight_sync.ShmError):
+                return self._leave_shared_memory(e.cause)
+            raise
         if lost:
             self._wait_send_after_loss(send)
             return PushOutcome(lost=sorted(lost | hung))
@@ -149,6 +158,16 @@ class WeightSyncGroup:
                     )
         self.version = version
         return PushOutcome(compute_s=max([sent["compute_s"]] + [g["compute_s"] for g in got]))
+
+    def _leave_shared_memory(self, cause: Exception) -> PushOutcome:
+        """A generator cannot attach to the learner's slots (placed on another machine after
+        ``auto`` chose shared memory for a one-machine cluster, which then grew): ``auto``
+        goes on over gloo, a set ``sync.backend=shm`` stops with the reason."""
+        if self.cfg.sync.backend != "auto":
+            raise WeightSyncError(str(cause))
+        warnings.warn(f"{cause}; sync.backend=auto goes on over gloo", RuntimeWarning, stacklevel=2)
+        self.backend = "gloo"
+        return PushOutcome(regroup=True)
 
     def _wait_send_after_loss(self, send: list) -> None:
         """The learner's send fails or ends with the broken group; a dead learner rank raises

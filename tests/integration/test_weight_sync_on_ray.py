@@ -196,3 +196,40 @@ def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
             orch.step()  # trains, so the slot left holds other weights than the one written
     finally:
         orch.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["auto", "shm"])
+def test_a_generator_that_cannot_attach_moves_auto_to_gloo(
+    ray_cluster, tiny_assets, tmp_path, backend
+):
+    """``auto`` chose shared memory (a one-machine cluster); a generator that cannot open the
+    learner's slot, as one placed on another machine later could not, moves the group to gloo
+    and the run goes on with every generator holding the learner's weights. A set
+    ``sync.backend=shm`` stops with the reason instead. (Simulated: this test has one
+    machine.)"""
+    cfg, orch = _orchestrator(
+        tiny_assets, tmp_path, "rollout.num_workers=2", "run.steps=1", f"sync.backend={backend}"
+    )
+
+    def cannot_open_slots(_self):
+        from rlhf_dist import weight_sync
+
+        def refuse(handle):
+            raise weight_sync.ShmError(f"weight sync: cannot open {handle.path} (simulated)")
+
+        weight_sync._map_slot = refuse  # slot 1 is not mapped yet: the next push needs it
+
+    try:
+        assert orch.generators.sync.backend == "shm"
+        ray.get(orch.generators.actors[1].__ray_call__.remote(cannot_open_slots))
+        if backend == "shm":
+            with pytest.raises(WeightSyncError, match=r"cannot open /proc/\d+/fd/\d+ \(simulated"):
+                orch.run(log=lambda _: None)
+            return
+        with pytest.warns(RuntimeWarning, match="sync.backend=auto goes on over gloo"):
+            rows = orch.run(log=lambda _: None)
+        assert orch.generators.sync.backend == "gloo"
+        assert rows[0]["sync/bytes"] == 2 * orch.generators.sync.nbytes  # shm tried, then gloo
+        _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 1)
+    finally:
+        orch.shutdown()
