@@ -158,19 +158,26 @@ def resume_layout(cfg: Config, run_dir: str | Path) -> Config:
             break
     if not isinstance(recorded, dict):
         return cfg
-    saved_stage, saved_ranks = recorded.get("zero_stage"), recorded.get("num_workers")
     if cfg.learner.zero_stage == "auto":
-        cfg.learner.zero_stage = saved_stage
-    elif cfg.learner.zero_stage != saved_stage:
+        cfg.learner.zero_stage = recorded.get("zero_stage")
+    check_layout(recorded, cfg, f"the checkpoints in {run_dir}")
+    return cfg
+
+
+def check_layout(recorded: dict, cfg: Config, where: str) -> None:
+    """Raise ``ConfigError`` naming the key when engine states written with the ``recorded``
+    layout cannot load into learners configured by ``cfg``: another ZeRO stage, or, at ZeRO
+    1-3, another number of ranks (ZeRO-0 states are whole on every rank)."""
+    saved_stage, saved_ranks = recorded.get("zero_stage"), recorded.get("num_workers")
+    stage = zero_stage(cfg)
+    if stage != saved_stage:
         raise ConfigError(
-            f"learner.zero_stage={cfg.learner.zero_stage}: the checkpoints in {run_dir} hold "
-            f"ZeRO-{saved_stage} engine states; resume with learner.zero_stage={saved_stage} "
-            f"(or auto)"
+            f"learner.zero_stage={cfg.learner.zero_stage}: {where} hold ZeRO-{saved_stage} "
+            f"engine states; resume with learner.zero_stage={saved_stage} (or auto)"
         )
     if saved_stage and cfg.learner.num_workers != saved_ranks:
         raise ConfigError(
-            f"learner.num_workers={cfg.learner.num_workers}: the checkpoints in {run_dir} hold "
-            f"ZeRO-{saved_stage} states partitioned over {saved_ranks} learner ranks; resume "
-            f"with learner.num_workers={saved_ranks}"
+            f"learner.num_workers={cfg.learner.num_workers}: {where} hold ZeRO-{saved_stage} "
+            f"states partitioned over {saved_ranks} learner ranks; resume with "
+            f"learner.num_workers={saved_ranks}"
         )
-    return cfg

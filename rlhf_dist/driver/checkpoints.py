@@ -43,10 +43,15 @@ def save(
 
 def load_newest(run_dir: Path, learners: LearnerGroup, log) -> tuple[Path | None, dict, dict]:
     """Load the newest usable checkpoint into the learner ranks (older ones are tried when it
-    is not usable); returns it, its run state and its pending work (empty: none)."""
+    is not usable); returns it, its run state and its pending work (empty: none). Engine states
+    of a layout the learners cannot load (another ZeRO stage, or rank count at ZeRO 1-3) stop
+    the resume with a ``ConfigError`` naming the key: falling back to an older checkpoint, or
+    to step 0, would then overwrite the run's checkpoints."""
     for ckpt in reversed(checkpoint.checkpoint_dirs(run_dir)):
         try:
             saved = checkpoint.read_state(ckpt)
+            if "learner" in saved:  # states the learners cannot load: stop, lose nothing
+                checkpoint.check_layout(saved["learner"], learners.cfg, f"checkpoint {ckpt}")
             pending = _read_pending(ckpt)
             learners.load(str(ckpt), saved["version"])
         except (checkpoint.CheckpointError, ray.exceptions.RayTaskError) as e:

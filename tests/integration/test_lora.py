@@ -12,7 +12,8 @@ import ray
 import torch
 
 from rlhf_dist import lora
-from rlhf_dist.config import load_config
+from rlhf_dist.checkpoint import checkpoint_dirs
+from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.orchestrator import Orchestrator
 from rlhf_dist.preflight import resolve_inputs
@@ -150,6 +151,16 @@ def test_a_resumed_lora_run_reproduces_the_uninterrupted_run(ray_cluster, tiny_a
     _stopped_after(cfg, 3)  # step 2's checkpoint is the newest, step 3's row comes after it
     ckpt = resumed / "checkpoints" / "step-00000002"
     assert {p.parent.parent.name for p in ckpt.rglob("*model_states.pt")} == {"policy", "critic"}
+    # Learners of another stage cannot load these states: the resume stops naming the key
+    # (not "unusable, trying the one before" down to step 0, which would overwrite them).
+    other = _cfg(tiny_assets, resumed, *extra, "learner.zero_stage=0")
+    orch = Orchestrator(other, resolve_inputs(other), resumed)
+    try:
+        with pytest.raises(ConfigError, match=r"learner.zero_stage=0: .* hold ZeRO-3 engine"):
+            orch.restore(log=lambda _: None)
+    finally:
+        orch.shutdown()
+    assert checkpoint_dirs(resumed)[-1] == ckpt
     run_checked(cfg, resumed, resume=ckpt)
     assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3, 4]
     assert_same_runs(resumed, straight, abs=1e-6, weights_atol=1e-5)
