@@ -32,6 +32,7 @@ from rlhf_dist.pools import PoolError
 from rlhf_dist.preflight import resolve_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from clusters import local_cluster  # noqa: E402
 from compare_runs import assert_same_runs  # noqa: E402
 from kill_points import KillPoint  # noqa: E402
 from ppo_runs import run_checked  # noqa: E402
@@ -53,30 +54,8 @@ NODE_KINDS = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    from rlhf_dist.ray_env import worker_runtime_env
-
-    fast_health = {
-        "health_check_initial_delay_ms": 0,
-        "health_check_period_ms": 500,
-        "health_check_failure_threshold": 4,
-    }
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 3,
-            "resources": {"learner_slot": 1},
-            "_system_config": fast_health,
-        },
-    )
-    for kind in NODE_KINDS.values():
-        c.add_node(**kind)
-    c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env=worker_runtime_env())
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster({"learner_slot": 1}, list(NODE_KINDS.values())) as c:
+        yield c
 
 
 def replace_node(cluster, node_id: str) -> None:

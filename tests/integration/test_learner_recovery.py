@@ -24,6 +24,7 @@ from rlhf_dist.orchestrator import Orchestrator
 from rlhf_dist.preflight import resolve_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from clusters import local_cluster  # noqa: E402
 from pinned_runs import pinned  # noqa: E402
 
 STEPS, PROMPTS = 4, 8
@@ -31,26 +32,10 @@ STEPS, PROMPTS = 4, 8
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    from rlhf_dist.ray_env import worker_runtime_env
-
-    fast_health = {
-        "health_check_initial_delay_ms": 0,
-        "health_check_period_ms": 500,
-        "health_check_failure_threshold": 4,
-    }
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 3, "resources": {"main": 10}, "_system_config": fast_health},
-    )
-    for _ in range(2):  # the learner ranks live here; either node can hold the whole group
-        c.add_node(num_cpus=2, resources={"learner_node": 2})
-    c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env=worker_runtime_env())
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    # the learner ranks live on the two worker nodes; either one can hold the whole group
+    learner_nodes = [{"num_cpus": 2, "resources": {"learner_node": 2}}] * 2
+    with local_cluster({"main": 10}, learner_nodes) as c:
+        yield c
 
 
 def make_cfg(tiny_assets, run_dir, *extra):
