@@ -383,7 +383,7 @@ class ShmSlots:
                 self.handles.append(ShmHandle(os.getpid(), fd, st.st_dev, st.st_ino, self.nbytes))
         except OSError as e:
             self.close()
-            free = _free_bytes(directory)
+            free = free_bytes(directory)
             raise ShmError(
                 f"weight sync: cannot hold two {self.nbytes / 2**20:.1f} MiB slots in "
                 f"{directory} ({e}; {free / 2**20:.0f} MiB free there); give it more room "
@@ -414,7 +414,8 @@ class ShmSlots:
         self.fds = []
 
 
-def _free_bytes(directory: str) -> int:
+def free_bytes(directory: str) -> int:
+    """Bytes free for an unprivileged writer in ``directory`` (0 when it cannot be read)."""
     try:
         st = os.statvfs(directory)
         return st.f_bavail * st.f_frsize

@@ -47,7 +47,7 @@ def sync_backend(cfg: Config, nbytes: int = 0) -> str:
     if cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0:
         return "nccl"
     one_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
-    room = weight_sync._free_bytes(weight_sync.SHM_DIR) >= 2 * nbytes + SHM_HEADROOM
+    room = weight_sync.free_bytes(weight_sync.SHM_DIR) >= 2 * nbytes + SHM_HEADROOM
     return "shm" if one_node and room else "gloo"
 
 
