@@ -410,10 +410,20 @@ class SyncConfig:
     (Ray's object store, for setups without a shared collective backend). ``auto``: nccl when
     learner and generators have GPUs; on CPUs shm when the cluster is one machine and
     ``/dev/shm`` has room for two copies, else gloo."""
+    zero_copy: bool = True
+    """With ``shm`` in ``mode=sync``, when the learner is one full-precision ZeRO-0 rank
+    (``learner.num_workers=1``, ``model.dtype=float32``): the learner's policy parameters
+    live in shared memory and the generators read them as they are, so a sync copies and
+    moves nothing (``weight_sync.ShmLive``). Sound because no generator samples while the
+    learner updates in sync mode. Elsewhere (async mode, ZeRO 1-3, bf16) ``shm`` writes
+    two alternating slots."""
     bucket_mb: float = 64.0
     """Size of the flat buffers the weights travel in."""
     verify: bool = True
-    """Compare every generator's checksum with the learner's after each sync."""
+    """Compare every generator's checksum with the learner's after each sync. With
+    ``zero_copy`` there is no transfer to check: a generator's bytes are compared with the
+    learner's when it attaches to the learner's memory, and each later sync checks that the
+    learner's parameters are still there (one found moved is copied back)."""
     timeout_s: float = 300.0
     """Timeout of the weight-sync collectives."""
 

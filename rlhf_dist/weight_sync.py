@@ -358,7 +358,9 @@ class ShmSlots:
     once: a killed sender leaves nothing in ``/dev/shm``, and the memory is freed when the last
     process holding it lets go."""
 
-    def __init__(self, manifest: list[ParamSpec], bucket_bytes: int, directory: str = SHM_DIR):
+    def __init__(
+        self, manifest: list[ParamSpec], bucket_bytes: int, directory: str = SHM_DIR, count: int = 2
+    ):
         import tempfile
 
         self.plan, self.offsets = shm_layout(manifest, bucket_bytes)
@@ -369,7 +371,7 @@ class ShmSlots:
         self.handles: list[ShmHandle] = []
         self.writes = 0
         try:
-            for _ in range(2):
+            for _ in range(count):
                 fd, path = tempfile.mkstemp(prefix="rlhf_dist-wsync-", dir=directory)
                 self.fds.append(fd)
                 try:
@@ -385,7 +387,8 @@ class ShmSlots:
             self.close()
             free = free_bytes(directory)
             raise ShmError(
-                f"weight sync: cannot hold two {self.nbytes / 2**20:.1f} MiB slots in "
+                f"weight sync: cannot hold {('one', 'two')[count - 1]} "
+                f"{self.nbytes / 2**20:.1f} MiB slot{'s' * (count > 1)} in "
                 f"{directory} ({e}; {free / 2**20:.0f} MiB free there); give it more room "
                 f"(docker: --shm-size) or set sync.backend=gloo"
             ) from None
@@ -412,6 +415,59 @@ class ShmSlots:
             except OSError:
                 pass
         self.fds = []
+
+
+class ShmLive:
+    """Zero-copy sender (``sync.zero_copy``): the learner's own parameters live in one
+    shared-memory slot, in the layout of ``ShmSlots``, and each generator's parameters are
+    views of the same bytes. The optimizer updates them in place, so a sync copies nothing and
+    moves nothing: it only tells the generators the new version.
+
+    Sound only while no generator samples during an update, which holds in ``mode=sync``
+    (generate, score, train and sync run one after another), and only for an engine whose
+    optimizer steps the module's parameters themselves: one rank at ZeRO-0 in full precision
+    (ZeRO 1-3 and bf16 keep the weights in flat buffers of their own). The learner calls
+    ``home`` before each sync: a parameter found moved out of the slot (something replaced
+    its ``.data``) is copied back in and pointed at it again, so the generators never read
+    weights the learner stopped updating."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        manifest: list[ParamSpec],
+        bucket_bytes: int,
+        directory: str = SHM_DIR,
+    ):
+        self.slots = ShmSlots(manifest, bucket_bytes, directory, count=1)
+        self.key, self.handles = self.slots.key, self.slots.handles
+        flat = self.slots.slots[0]
+        self.views = [
+            v
+            for bucket, off in zip(self.slots.plan, self.slots.offsets)
+            for v in bucket.views(flat[off : off + bucket.nbytes])
+        ]
+        if len(params) != len(self.views):
+            raise ValueError(f"weight sync: {len(params)} parameters for {len(manifest)} specs")
+        self.params = params
+        self.home()
+
+    @torch.no_grad()
+    def home(self) -> int:
+        """Point every parameter not in the slot at its place there (its values copied in
+        first); returns how many had to be moved."""
+        moved = 0
+        for p, view in zip(self.params, self.views):
+            if p.data_ptr() != view.data_ptr():
+                view.copy_(p.data)
+                p.data = view  # a tied Parameter is one object: every module sees the view
+                moved += 1
+        return moved
+
+    def checksum(self) -> str:
+        return checksum(self.params)
+
+    def close(self) -> None:
+        self.slots.close()
 
 
 def free_bytes(directory: str) -> int:
@@ -455,10 +511,11 @@ def attach(
     bucket_bytes: int,
     handles: list[ShmHandle],
     slot: int,
-) -> None:
+) -> bool:
     """Point ``model``'s synced parameters at slot ``slot`` of the sender's shared memory
     (each ``.data`` becomes a view of its bytes there; a tied ``Parameter`` is one object,
-    so every module sees it). Each slot is mapped once per sender and kept on the model."""
+    so every module sees it). Each slot is mapped once per sender and kept on the model.
+    Returns whether any parameter was not there already (a fresh attach)."""
     params = dict(model.named_parameters())
     _check_manifest(params, manifest)
     maps = getattr(model, "_weight_sync_shm", None)
@@ -468,7 +525,12 @@ def attach(
         maps[1][slot] = _map_slot(handles[slot])
     flat = maps[1][slot]
     plan, offsets = shm_layout(manifest, bucket_bytes)
+    fresh = False
     for bucket, off in zip(plan, offsets):
         region = flat[off : off + bucket.nbytes]
         for spec, view in zip(bucket.specs, bucket.views(region)):
-            params[spec.name].data = view
+            p = params[spec.name]
+            if p.data_ptr() != view.data_ptr():
+                p.data = view
+                fresh = True
+    return fresh

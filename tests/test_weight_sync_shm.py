@@ -95,3 +95,77 @@ def test_no_room_for_the_slots_is_a_clear_error_and_leaves_nothing(tmp_path, mon
     with pytest.raises(ws.ShmError, match=r"cannot hold two .* MiB slots .*sync.backend=gloo"):
         ws.ShmSlots(manifest, BUCKET, directory=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def _learner_with_live_weights(tmp_path):
+    """A learner model whose synced parameters were moved into a zero-copy slot."""
+    learner = _gpt2(0)
+    manifest = ws.manifest_of(learner)
+    params = [p for _, p in ws.sync_params(learner)]
+    return learner, manifest, ws.ShmLive(params, manifest, BUCKET, directory=str(tmp_path))
+
+
+def test_zero_copy_generators_read_the_parameters_the_optimizer_steps(tmp_path):
+    """``sync.zero_copy``: the learner's parameters move into the slot unchanged, an optimizer
+    step on them is what every attached generator reads next, with no write and no copy."""
+    x = torch.randint(0, 50, (3, 7))
+    learner = _gpt2(0)
+    before = learner(x).logits
+    learner, manifest, live = _learner_with_live_weights(tmp_path)
+    slot = live.slots.slots[0]
+    inside = [
+        slot.data_ptr() <= p.data_ptr() < slot.data_ptr() + slot.numel()
+        for p in learner.parameters()
+    ]
+    assert all(inside) and torch.equal(learner(x).logits, before)
+    assert learner.lm_head.weight.data_ptr() == learner.transformer.wte.weight.data_ptr()
+    gens = [_gpt2(1), _gpt2(2)]
+    for g in gens:
+        assert ws.attach(g, manifest, BUCKET, live.handles, 0)  # fresh
+        assert ws.model_checksum(g) == live.checksum() == ws.model_checksum(learner)
+    opt = torch.optim.AdamW(learner.parameters(), lr=1e-2)
+    learner.train()
+    learner(x, labels=x).loss.backward()
+    opt.step()
+    learner.eval()
+    assert live.home() == 0  # the optimizer stepped the parameters where they are
+    assert ws.model_checksum(learner) != ws.model_checksum(_gpt2(0))
+    for g in gens:
+        assert not ws.attach(g, manifest, BUCKET, live.handles, 0)  # nothing to re-point
+        assert ws.model_checksum(g) == ws.model_checksum(learner)
+        assert torch.equal(g(x).logits, learner(x).logits)
+    assert list(tmp_path.iterdir()) == []  # unlinked at once
+
+
+def test_zero_copy_a_parameter_moved_out_of_the_slot_is_brought_back(tmp_path):
+    """Something replaced a learner parameter's ``.data`` (the generators would go on reading
+    the slot's stale bytes): ``home`` copies the new values in and re-points it; a generator
+    parameter moved away is re-pointed at its next attach, which then counts as fresh."""
+    learner, manifest, live = _learner_with_live_weights(tmp_path)
+    gen = _gpt2(1)
+    ws.attach(gen, manifest, BUCKET, live.handles, 0)
+    w = learner.transformer.h[1].attn.c_attn.weight
+    with torch.no_grad():
+        w.data = w.data + 0.5
+    assert ws.model_checksum(gen) != ws.model_checksum(learner)
+    assert live.home() == 1 and live.home() == 0
+    assert ws.model_checksum(gen) == ws.model_checksum(learner)
+    g = gen.transformer.h[0].mlp.c_proj.weight
+    g.data = torch.zeros_like(g)
+    assert ws.attach(gen, manifest, BUCKET, live.handles, 0)
+    assert ws.model_checksum(gen) == ws.model_checksum(learner)
+
+
+def test_zero_copy_parameters_save_and_load_as_a_plain_state_dict(tmp_path):
+    """A checkpoint of parameters that are views of the slot holds their values, and loads
+    (``weights_only``) into a plain model, and back into the slot in place."""
+    (tmp_path / "shm").mkdir()
+    learner, manifest, live = _learner_with_live_weights(tmp_path / "shm")
+    path = tmp_path / "model.pt"
+    torch.save(learner.state_dict(), path)
+    plain = _gpt2(3)
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    assert ws.model_checksum(plain) == ws.model_checksum(learner)
+    other = _gpt2(4).state_dict()
+    learner.load_state_dict(other)  # in place: the parameters stay in the slot
+    assert live.home() == 0 and live.checksum() == ws.model_checksum(_gpt2(4))

@@ -119,8 +119,9 @@ class GeneratorGroup(PoolGroup):
         ``pushed_bytes`` is what it moved (a redone sync counted again)."""
         self.pushed_bytes = 0
         while True:
+            moves = self.sync.bytes_per_push  # before: a push may change the transport
             out = self.sync.push(self.actors, version)
-            self.pushed_bytes += self.sync.nbytes
+            self.pushed_bytes += moves
             if out.regroup:  # the transport changed: form its group and push again
                 self.regroup()
                 continue

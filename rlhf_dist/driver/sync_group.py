@@ -5,7 +5,10 @@ A collective backend (gloo on CPUs, NCCL on GPUs) needs a group whose members ar
 0 hosts a ``TCPStore`` and each membership forms a group under a fresh prefix. The object-store
 transport needs no group: each generator pulls rank 0's buckets by reference; neither does
 shared memory (one machine, CPUs): rank 0 writes the policy into the next of its two slots and
-each generator points its parameters at that slot (``weight_sync.ShmSlots``). Either way a
+each generator points its parameters at that slot (``weight_sync.ShmSlots``); in sync mode
+with one full-precision ZeRO-0 learner rank (``sync.zero_copy``), the learner's parameters
+live in one slot the generators read as it is, and a push only hands out the version
+(``weight_sync.ShmLive``). Either way a
 push returns what it cost, or the generator slots that were lost and must be replaced before
 it is tried again (the generator group does that, docs/architecture.md "Weight sync").
 """
@@ -63,13 +66,21 @@ class WeightSyncGroup:
         self.manifest = ray.put(manifest)
         self.on_dispatch = None  # (pool name, slot, task) after each receive is started
         self.shm_handles = None
+        self.zero_copy = False  # the generators read the learner's own parameters
         if self.backend == "shm":
+            share = cfg.sync.zero_copy and cfg.mode == "sync"
             try:
-                self.shm_handles = ray.get(rank0.host_shm_sync.remote(self.bucket_bytes))
+                held = ray.get(rank0.host_shm_sync.remote(self.bucket_bytes, share))
+                self.shm_handles, self.zero_copy = held["handles"], held["zero_copy"]
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, weight_sync.ShmError):
                     raise WeightSyncError(str(e.cause)) from None
                 raise
+
+    @property
+    def bytes_per_push(self) -> int:
+        """What one push moves: nothing when the generators read the learner's parameters."""
+        return 0 if self.zero_copy else self.nbytes
 
     @property
     def collective(self) -> bool:
@@ -107,6 +118,16 @@ class WeightSyncGroup:
             send = self.learners.call("broadcast_weights", self.bucket_bytes, version, verify)
             recv = [
                 g.receive_weights.remote(self.manifest, self.bucket_bytes, version, verify)
+                for g in generators
+            ]
+        elif self.zero_copy:
+            # nothing to write: the learner checks its parameters are in the shared slot
+            # while each generator takes the version (and, new to the slot, attaches)
+            send = [self.learners.actors[0].share_weights.remote(version)]
+            recv = [
+                g.attach_weights.remote(
+                    self.manifest, self.bucket_bytes, self.shm_handles, 0, version, verify, True
+                )
                 for g in generators
             ]
         elif self.backend == "shm":
@@ -149,9 +170,16 @@ class WeightSyncGroup:
             self._wait_send_after_loss(send)
             return PushOutcome(lost=sorted(lost | hung))
         sent = ray.get(send)[0]
+        if self.zero_copy and any(g["checksum"] is not None for g in got):
+            # a generator attached afresh: compare its bytes with the learner's once
+            sent = {**sent, "checksum": ray.get(self.learners.actors[0].shared_checksum.remote())}
         if verify:
             for i, g in enumerate(got):
-                if g["checksum"] != sent["checksum"] or g["version"] != version:
+                if self.zero_copy and g["checksum"] is None:
+                    bad = g["version"] != version  # reads the learner's own bytes
+                else:
+                    bad = g["checksum"] != sent["checksum"] or g["version"] != version
+                if bad:
                     raise WeightSyncError(
                         f"generator {i} holds version {g['version']} checksum {g['checksum']}, "
                         f"learner sent version {version} checksum {sent['checksum']}"
@@ -166,7 +194,7 @@ class WeightSyncGroup:
         if self.cfg.sync.backend != "auto":
             raise WeightSyncError(str(cause))
         warnings.warn(f"{cause}; sync.backend=auto goes on over gloo", RuntimeWarning, stacklevel=2)
-        self.backend = "gloo"
+        self.backend, self.zero_copy = "gloo", False
         return PushOutcome(regroup=True)
 
     def _wait_send_after_loss(self, send: list) -> None:

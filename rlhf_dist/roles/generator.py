@@ -182,17 +182,27 @@ class Generator(WeightSyncMember):
         }
 
     def attach_weights(
-        self, manifest, bucket_bytes: int, handles: list, slot: int, version: int, verify: bool
+        self,
+        manifest,
+        bucket_bytes: int,
+        handles: list,
+        slot: int,
+        version: int,
+        verify: bool,
+        zero_copy: bool = False,
     ) -> dict:
         """``sync.backend=shm``: take learner rank 0's slot ``slot`` as the weights (the
         parameters become views of its shared memory; no copy). Between two ``generate``
-        calls, as ``receive_weights``."""
+        calls, as ``receive_weights``. With ``zero_copy`` the slot holds the learner's own
+        parameters: attached once, they are checksummed then, and later syncs only take the
+        version (the bytes read are the learner's)."""
         t0 = time.perf_counter()
-        weight_sync.attach(self.model, manifest, bucket_bytes, handles, slot)
+        fresh = weight_sync.attach(self.model, manifest, bucket_bytes, handles, slot)
         self.version = version
+        hashed = verify and (fresh or not zero_copy)
         return {
             "version": version,
-            "checksum": weight_sync.model_checksum(self.model) if verify else None,
+            "checksum": weight_sync.model_checksum(self.model) if hashed else None,
             "compute_s": time.perf_counter() - t0,
         }
 

@@ -59,6 +59,7 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.version = 0
         self.sync_store = None  # the weight-sync store, once hosted
         self.shm_slots = None  # sync.backend=shm: rank 0's two shared-memory slots
+        self.shm_live = None  # sync.zero_copy: the slot rank 0's policy parameters live in
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
         """Join the learner group and build the policy's engine, and the critic's when
@@ -398,16 +399,62 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         self.version = version
         return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
 
-    def host_shm_sync(self, bucket_bytes: int) -> list[weight_sync.ShmHandle]:
-        """``sync.backend=shm``: make rank 0's two shared-memory slots (once per layout) and
-        return the handles the generators attach through (``weight_sync.ShmSlots``)."""
+    def host_shm_sync(self, bucket_bytes: int, zero_copy: bool = False) -> dict:
+        """``sync.backend=shm``: make rank 0's shared memory (once per layout) and return
+        ``{"handles": [...], "zero_copy": bool}`` for the generators to attach through. With
+        ``zero_copy`` asked for and an engine that allows it (``can_share_weights``), the
+        policy's parameters move into one slot that the generators read as they are
+        (``weight_sync.ShmLive``); otherwise two slots each sync writes into in turn
+        (``weight_sync.ShmSlots``)."""
         assert self.rank == 0, "only learner rank 0 holds the shared-memory slots"
         manifest = self.sync_manifest()
-        if self.shm_slots is None or self.shm_slots.key != (tuple(manifest), bucket_bytes):
+        key = (tuple(manifest), bucket_bytes)
+        if zero_copy and self.can_share_weights(manifest):
+            if self.shm_live is None or self.shm_live.key != key:
+                if self.shm_live is not None:
+                    self.shm_live.close()
+                params = [p for _, p in weight_sync.sync_params(self.policy.module)]
+                self.shm_live = weight_sync.ShmLive(params, manifest, bucket_bytes)
+            return {"handles": self.shm_live.handles, "zero_copy": True}
+        if self.shm_slots is None or self.shm_slots.key != key:
             if self.shm_slots is not None:
                 self.shm_slots.close()
             self.shm_slots = weight_sync.ShmSlots(manifest, bucket_bytes)
-        return self.shm_slots.handles
+        return {"handles": self.shm_slots.handles, "zero_copy": False}
+
+    def can_share_weights(self, manifest: list[weight_sync.ParamSpec]) -> bool:
+        """Whether the optimizer steps the policy module's own parameters, so that the
+        generators can read them where they are: one rank, on CPU, ZeRO-0, no bf16/fp16
+        engine (whose optimizer keeps its own flat copies), one dtype throughout (a
+        checkpoint's ``torch.save`` refuses one storage viewed as two types)."""
+        engine = self.policy
+        return (
+            self.world_size == 1
+            and self.device.type == "cpu"
+            and zero_stage(self.cfg) == 0
+            and not engine.bfloat16_enabled()
+            and not engine.fp16_enabled()
+            and len({s.dtype for s in manifest}) == 1
+        )
+
+    def share_weights(self, version: int) -> dict:
+        """``sync.zero_copy``: the generators read the policy's parameters where they are;
+        only check that every one is still in the shared slot (one found moved is copied
+        back and pointed at it again, counted in ``moved``) and take ``version``."""
+        t0 = time.perf_counter()
+        moved = self.shm_live.home()
+        self.version = version
+        return {
+            "version": version,
+            "checksum": None,
+            "moved": moved,
+            "compute_s": time.perf_counter() - t0,
+        }
+
+    def shared_checksum(self) -> str:
+        """The checksum of the parameters in the shared slot (``sync.zero_copy``), for a
+        generator that attached afresh."""
+        return self.shm_live.checksum()
 
     def write_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
         """``sync.backend=shm``: pack the policy into rank 0's next slot; the generators then

@@ -263,12 +263,15 @@ def test_unplaceable_worker_fails_after_the_placement_timeout(cluster, tiny_asse
     assert ray.available_resources().get("CPU") == 7
 
 
+@pytest.mark.parametrize("zero_copy", [False, True])
 def test_a_generator_killed_while_attaching_over_shared_memory(
-    cluster, tiny_assets, tmp_path, undisturbed
+    cluster, tiny_assets, tmp_path, undisturbed, zero_copy
 ):
     """``sync.backend=shm`` (every node of this cluster is this machine): a generator killed
     inside its attach is the only one replaced, since no group breaks under the others, and
-    the redone sync writes the other slot while the survivor samples on."""
+    the redone sync writes the other slot while the survivor samples on. With
+    ``sync.zero_copy`` the replacement attaches to the learner's own parameters afresh (and is
+    checksummed), and no sync moves a byte."""
     attach = KillPoint(tmp_path / "attach")
     make, left = scripted(
         {
@@ -276,11 +279,15 @@ def test_a_generator_killed_while_attaching_over_shared_memory(
             ("weight_sync", 2): kill(attach, "SIGKILL"),  # inside step 2's attach
         }
     )
-    rows = run_checked(make_cfg(tiny_assets, "sync.backend=shm"), tmp_path / "run", make)
+    cfg = make_cfg(tiny_assets, "sync.backend=shm", f"sync.zero_copy={zero_copy}")
+    rows = run_checked(cfg, tmp_path / "run", make)
     assert not left, f"never reached: {list(left)}"
     assert [r["fault/restarts"] for r in rows] == [0, 1, 1]
     sent = [r["sync/bytes"] for r in rows]
-    assert sent[1] == 2 * sent[0] and sent[2] == sent[0] > 0  # step 2's sync was redone
+    if zero_copy:
+        assert sent == [0, 0, 0]
+    else:
+        assert sent[1] == 2 * sent[0] and sent[2] == sent[0] > 0  # step 2's sync was redone
     assert_same_training(tmp_path / "run", undisturbed)
 
 

@@ -96,6 +96,9 @@ def test_sync_after_a_ppo_step(
     )
     try:
         assert orch.generators.sync.backend == ("shm" if backend == "auto" else backend)
+        # sync mode, one full-precision ZeRO-0 rank: the generators read its own parameters
+        shares = backend in ("auto", "shm") and zero_stage == 0 and dtype == "float32"
+        assert orch.generators.sync.zero_copy == shares
         manifest = ray.get(orch.generators.sync.manifest)
         assert all(str(s.dtype) == f"torch.{dtype}" for s in manifest)
         names = [s.name for s in manifest]
@@ -158,7 +161,12 @@ def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
     slots alternate push by push, and a generator that attached to the other (stale) slot is
     caught by the checksum."""
     cfg, orch = _orchestrator(
-        tiny_assets, tmp_path, "rollout.num_workers=2", "run.steps=2", "sync.backend=shm"
+        tiny_assets,
+        tmp_path,
+        "rollout.num_workers=2",
+        "run.steps=2",
+        "sync.backend=shm",
+        "sync.zero_copy=false",  # the two alternating slots
     )
 
     def where_weights_live(self):
@@ -198,9 +206,9 @@ def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
         orch.shutdown()
 
 
-@pytest.mark.parametrize("backend", ["auto", "shm"])
+@pytest.mark.parametrize("backend, zero_copy", [("auto", True), ("auto", False), ("shm", True)])
 def test_a_generator_that_cannot_attach_moves_auto_to_gloo(
-    ray_cluster, tiny_assets, tmp_path, backend
+    ray_cluster, tiny_assets, tmp_path, backend, zero_copy
 ):
     """``auto`` chose shared memory (a one-machine cluster); a generator that cannot open the
     learner's slot, as one placed on another machine later could not, moves the group to gloo
@@ -208,19 +216,26 @@ def test_a_generator_that_cannot_attach_moves_auto_to_gloo(
     ``sync.backend=shm`` stops with the reason instead. (Simulated: this test has one
     machine.)"""
     cfg, orch = _orchestrator(
-        tiny_assets, tmp_path, "rollout.num_workers=2", "run.steps=1", f"sync.backend={backend}"
+        tiny_assets,
+        tmp_path,
+        "rollout.num_workers=2",
+        "run.steps=1",
+        f"sync.backend={backend}",
+        f"sync.zero_copy={zero_copy}",
     )
 
-    def cannot_open_slots(_self):
+    def cannot_open_slots(self):
         from rlhf_dist import weight_sync
 
         def refuse(handle):
             raise weight_sync.ShmError(f"weight sync: cannot open {handle.path} (simulated)")
 
-        weight_sync._map_slot = refuse  # slot 1 is not mapped yet: the next push needs it
+        weight_sync._map_slot = refuse
+        self.model._weight_sync_shm = None  # forget the mapped slot: the next push maps again
 
     try:
         assert orch.generators.sync.backend == "shm"
+        assert orch.generators.sync.zero_copy == zero_copy
         ray.get(orch.generators.actors[1].__ray_call__.remote(cannot_open_slots))
         if backend == "shm":
             with pytest.raises(WeightSyncError, match=r"cannot open /proc/\d+/fd/\d+ \(simulated"):
@@ -229,7 +244,118 @@ def test_a_generator_that_cannot_attach_moves_auto_to_gloo(
         with pytest.warns(RuntimeWarning, match="sync.backend=auto goes on over gloo"):
             rows = orch.run(log=lambda _: None)
         assert orch.generators.sync.backend == "gloo"
-        assert rows[0]["sync/bytes"] == 2 * orch.generators.sync.nbytes  # shm tried, then gloo
+        assert orch.generators.sync.backend == "gloo" and not orch.generators.sync.zero_copy
+        # shm tried (moving nothing with zero copy), then gloo
+        assert rows[0]["sync/bytes"] == (1 if zero_copy else 2) * orch.generators.sync.nbytes
         _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 1)
     finally:
         orch.shutdown()
+
+
+def test_zero_copy_generators_read_the_learner_parameters_and_train_the_same(
+    ray_cluster, tiny_assets, tmp_path
+):
+    """``sync.zero_copy`` (sync mode, one fp32 ZeRO-0 learner rank, shared memory): every
+    generator's parameters are views of the very memory the learner's optimizer steps, a sync
+    moves nothing, and training is bit for bit that of the two-slot transport. A parameter
+    moved out of the shared memory on either side is brought back at the next sync, and a
+    generator holding other bytes than the learner's is caught by the checksum."""
+    runs = {}
+    for zero_copy in (True, False):
+        cfg, orch = _orchestrator(
+            tiny_assets,
+            tmp_path / str(zero_copy),
+            "rollout.num_workers=2",
+            "run.steps=2",
+            "sync.backend=shm",
+            f"sync.zero_copy={zero_copy}",
+        )
+        try:
+            assert orch.generators.sync.zero_copy == zero_copy
+            rows = orch.run(log=lambda _: None)
+            checksum = _check_generators_hold_learner_weights(
+                orch, cfg, str(tiny_assets / "policy"), 2
+            )
+            runs[zero_copy] = (rows, checksum)
+            if zero_copy:
+                assert [r["sync/bytes"] for r in rows] == [0, 0]
+                _zero_copy_faults(orch, cfg, tiny_assets)
+        finally:
+            orch.shutdown()
+    (rows, checksum), (want_rows, want_checksum) = runs[True], runs[False]
+    assert checksum == want_checksum
+    keys = [k for k in want_rows[0] if k.startswith(("train/", "reward/", "rollout/"))]
+    assert len(keys) > 5
+    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in want_rows]
+
+
+def _zero_copy_faults(orch, cfg, tiny_assets):
+    def learner_params_in_its_slot(self):
+        from rlhf_dist import weight_sync
+
+        slot = self.shm_live.slots.slots[0]
+        start, end = slot.data_ptr(), slot.data_ptr() + slot.numel()
+        return all(
+            start <= p.data_ptr() < end for _, p in weight_sync.sync_params(self.policy.module)
+        )
+
+    # the generators' parameters lie in the learner's slot (as mapped by each process: the
+    # addresses differ, so compare each generator's mapping with the handle's file instead)
+    def generator_maps_learner_file(self):
+        import os
+
+        handles, maps = self.model._weight_sync_shm
+        fd = os.open(handles[0].path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        m = maps[0]
+        return (st.st_dev, st.st_ino) == (handles[0].dev, handles[0].ino) and all(
+            m.data_ptr() <= p.data_ptr() < m.data_ptr() + m.numel() for p in self.model.parameters()
+        )
+
+    rank0 = orch.learners.actors[0]
+    assert ray.get(rank0.__ray_call__.remote(learner_params_in_its_slot))
+    gens = orch.generators.actors
+    assert all(ray.get([g.__ray_call__.remote(generator_maps_learner_file) for g in gens]))
+
+    # Defined here so Ray pickles them by value. The learner's parameter moved out of the
+    # slot (a stand-in for an engine replacing ``.data``), then trained: without the move
+    # back, the generators would sample the stale slot.
+    def move_out_and_step(self):
+        import torch
+
+        p = next(self.policy.module.parameters())
+        with torch.no_grad():
+            p.data = p.data + 0.25
+
+    def move_out(self):
+        import torch
+
+        p = next(self.model.parameters())
+        p.data = torch.zeros_like(p)
+
+    ray.get(rank0.__ray_call__.remote(move_out_and_step))
+    ray.get(gens[1].__ray_call__.remote(move_out))
+    orch.sync_weights(3)
+    _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 3)
+
+    # a generator whose attach leaves it holding a private copy: caught at once
+    def attach_to_a_copy(_self):
+        from rlhf_dist import weight_sync
+
+        original = weight_sync.attach
+
+        def attach(model, manifest, bucket_bytes, handles, slot):
+            original(model, manifest, bucket_bytes, handles, slot)
+            p = next(model.parameters())
+            p.data = p.data.clone()
+            p.data.view(-1)[0] += 1.0
+            return True
+
+        weight_sync.attach = attach
+
+    ray.get(gens[0].__ray_call__.remote(attach_to_a_copy))
+    with pytest.raises(WeightSyncError, match="generator 0 holds version 4 checksum"):
+        orch.sync_weights(4)
