@@ -91,6 +91,26 @@ def _leave_out_tied_frozen(engine) -> None:
     engine.module_state_dict = state_dict
 
 
+def _keep_clip_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 clipping computes the global gradient norm and drops it
+    (``get_global_grad_norm()`` stays None); keep it in ``engine.clip_norm`` for the metrics,
+    rather than computing it a second time (14 ms per optimizer step of a 30m policy). The
+    clipping itself is DeepSpeed's, unchanged."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    engine.clip_norm = None
+
+    def clip_fp32_gradients():
+        norm = clip_grad_norm_(
+            parameters=engine.module.parameters(),
+            max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu,
+        )
+        engine.clip_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
 class DeepSpeedRank(SystemStats):
     """One data-parallel rank. ``init_distributed`` is collective: call it on every rank."""
 
@@ -190,6 +210,8 @@ class DeepSpeedRank(SystemStats):
             # exact no-op that cost 11% of a 10m update. DeepSpeed's own switch for it (set
             # when it has no process group, or by its pipeline engine).
             engine.enable_backward_allreduce = False
+        if zero_stage(self.cfg) == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+            _keep_clip_norm(engine)
         return engine
 
     @staticmethod

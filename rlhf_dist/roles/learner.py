@@ -137,15 +137,21 @@ class Learner(DeepSpeedRank, WeightSyncMember):
     def _step(self, engine, boundary: bool) -> float:
         """``engine.step()``; at an accumulation boundary, the global norm of the gradients the
         optimizer step applied (before clipping). DeepSpeed reports that norm at ZeRO 1-3 and in
-        bf16, but its fp32 ZeRO-0 clipping discards it (``get_global_grad_norm()`` stays None).
-        At ZeRO 0 every rank holds the full gradients, already averaged over ranks at the
-        boundary, so the norm is taken from them before the step clears them."""
+        bf16; its fp32 ZeRO-0 clipping drops it, and ``make_engine`` keeps it in
+        ``engine.clip_norm``. Without clipping (``learner.max_grad_norm=0``) nothing computes
+        it: at ZeRO 0 every rank holds the full gradients, already averaged over ranks at the
+        boundary, so it is taken from them before the step clears them."""
         own = None
-        if boundary and zero_stage(self.cfg) == 0:
+        kept = hasattr(engine, "clip_norm") and engine.gradient_clipping() > 0
+        if boundary and zero_stage(self.cfg) == 0 and not kept:
             grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
             own = float(torch.stack([g.norm() for g in grads]).norm()) if grads else None
+        if kept:
+            engine.clip_norm = None
         engine.step()
         reported = engine.get_global_grad_norm() if boundary else None
+        if reported is None and kept and boundary:
+            reported = engine.clip_norm
         return float(reported) if reported is not None else (own or 0.0)
 
     def ppo_update(

@@ -574,3 +574,36 @@ def test_generator_stops_at_every_eos_of_the_generation_config(tmp_path, tiny_po
             assert n == stops[0] + 1
             ended_at_turn_end += resp[stops[0]] == turn_end
     assert ended_at_turn_end > 0
+
+
+def test_fp32_zero0_grad_norm_is_the_norm_deepspeed_clipped_with(batch, tiny_policy):
+    """At fp32 ZeRO-0 the reported gradient norm is the one DeepSpeed's clipping computed (kept
+    by ``make_engine``, not computed twice), and equals the norm taken from the gradients
+    themselves when no clipping runs (``learner.max_grad_norm=0``). One optimizer step from
+    the same weights and batch, so the two see the same gradients."""
+    scored = _scored(batch, tiny_policy, [0.0, 1.0, 1.0, 0.0, 0.5, 0.2, 0.0, 3.0])
+    norms = {}
+    for max_norm in (0.5, 0.0):
+        cfg = load_config(
+            None,
+            [
+                "learner.num_workers=1",
+                "rollout.num_workers=1",
+                "rollout.prompts_per_step=4",
+                "rollout.samples_per_prompt=2",
+                "ppo.minibatch_size=8",
+                "ppo.micro_batch_size=2",
+                "ppo.estimator=grpo",
+                "ppo.kl_coef=0",
+                f"learner.max_grad_norm={max_norm}",
+            ],
+        )
+        learner = Learner(cfg, rank=0, world_size=1)
+        learner.setup(tiny_policy, "/no/critic", "127.0.0.1", learner.host_rendezvous())
+        m = learner.ppo_update(scored, kl_coef=0.0, seed=0)
+        assert m["train/optimizer_steps"] == 1
+        if max_norm:
+            assert learner.policy.clip_norm == m["train/grad_norm"]  # what DeepSpeed clipped with
+        norms[max_norm] = m["train/grad_norm"]
+    assert norms[0.5] > 0.5  # so the clipping did act
+    assert norms[0.5] == pytest.approx(norms[0.0], rel=1e-5)
