@@ -607,3 +607,17 @@ def test_fp32_zero0_grad_norm_is_the_norm_deepspeed_clipped_with(batch, tiny_pol
         norms[max_norm] = m["train/grad_norm"]
     assert norms[0.5] > 0.5  # so the clipping did act
     assert norms[0.5] == pytest.approx(norms[0.0], rel=1e-5)
+
+
+def test_the_learner_steps_with_torch_fused_adamw(learner):
+    """Where torch has the fused AdamW kernel for the device (CPU since torch 2.4), the
+    engines use it: one pass over each parameter's memory per step instead of one per
+    operation. The update it computes equals the unfused one's (pinned runs, stage tests)."""
+    from rlhf_dist.roles.deepspeed_rank import deepspeed_config, fused_adam_ok
+
+    assert fused_adam_ok(torch.device("cpu"))  # torch >= 2.4 is what pyproject installs
+    for engine in learner.engines().values():
+        assert isinstance(engine.optimizer, torch.optim.AdamW)
+        assert engine.optimizer.defaults["fused"] is True
+    cfg = learner.cfg
+    assert "fused" not in deepspeed_config(cfg, 1e-3, 2, 1, 1)["optimizer"]["params"]
