@@ -12,8 +12,9 @@ minibatches of 8. For each size the same step is done
 - in one plain process (this one, with Ray idle): HF ``generate`` on the same 16 prompts as
   the system's step (its prompt order, replayed), the reward and reference forwards, the old
   log-probs and values, GAE, then two minibatches of policy and value forward/backward with
-  ``torch.optim.AdamW`` and gradient clipping; the weight sync is a parameter copy into the
-  sampling copy of the policy. No Ray, no DeepSpeed, ``torch.set_num_threads`` = every core.
+  ``torch.optim.AdamW`` (fused, as the learner's, where torch has the kernel) and gradient
+  clipping; the weight sync is a parameter copy into the sampling copy of the policy. No
+  Ray, no DeepSpeed, ``torch.set_num_threads`` = every core.
 
 The two take turns, step by step (the first step of each is a warm-up and is dropped), and
 the table shows each block's median seconds for both and their ratio; the last line gives the
@@ -118,6 +119,7 @@ class Plain:
         import torch
 
         from rlhf_dist.models import load_critic, load_policy, load_reward_model, load_tokenizer
+        from rlhf_dist.roles.deepspeed_rank import fused_adam_ok
 
         torch.set_num_threads(os.cpu_count() or 1)
         torch.manual_seed(seed)
@@ -129,8 +131,10 @@ class Plain:
         self.ref = load_policy(policy).eval().requires_grad_(False)
         self.critic = load_critic(policy).eval()
         self.reward = load_reward_model(str(assets / "reward")).eval().requires_grad_(False)
-        self.opt_p = torch.optim.AdamW(self.policy.parameters(), lr=1e-5, weight_decay=0.0)
-        self.opt_v = torch.optim.AdamW(self.critic.parameters(), lr=5e-5, weight_decay=0.0)
+        # the fused kernel where torch has it, as the learner uses: the plain side's best
+        fused = {"fused": True} if fused_adam_ok(torch.device("cpu")) else {}
+        self.opt_p = torch.optim.AdamW(self.policy.parameters(), lr=1e-5, weight_decay=0.0, **fused)
+        self.opt_v = torch.optim.AdamW(self.critic.parameters(), lr=5e-5, weight_decay=0.0, **fused)
         # the system's prompt order (its cursor, replayed): both sides see the same prompts,
         # so the same prompt widths, step by step
         self.prompts, self.cursor, self.seed = prompts, cursor, seed
