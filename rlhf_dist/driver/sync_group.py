@@ -170,6 +170,13 @@ class WeightSyncGroup:
             self._wait_send_after_loss(send)
             return PushOutcome(lost=sorted(lost | hung))
         sent = ray.get(send)[0]
+        if sent.get("moved"):
+            warnings.warn(
+                f"weight sync: {sent['moved']} of the learner's parameters had left the shared "
+                f"memory the generators read (their .data was replaced); copied back",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if self.zero_copy and any(g["checksum"] is not None for g in got):
             # a generator attached afresh: compare its bytes with the learner's once
             sent = {**sent, "checksum": ray.get(self.learners.actors[0].shared_checksum.remote())}
