@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhf_dist.algo.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+
 
 class ConfigError(ValueError):
     """A config problem; the message starts with the dotted key at fault."""
@@ -52,6 +54,10 @@ class RunConfig:
     reward model when PPO uses it, i.e. ``reward.model``, ``model.policy`` or
     ``model.critic`` is ``run:rm``, then PPO). A stage run alone reuses earlier stages'
     outputs from ``run.dir`` (``run:sft``, ``run:rm``)."""
+
+    def check(self, cfg: Config) -> None:
+        _need("run", self, "steps", "max_bad_steps")
+        _need("run", self, "seed", "max_restarts", allow_zero=True)
 
 
 @dataclass
@@ -90,6 +96,24 @@ class SupervisedConfig:
     """Names (or name suffixes) of the layers that get adapters; empty = every linear layer
     but the output head."""
 
+    def check(self, stage: str, cfg: Config) -> None:
+        """Positive sizes; the batch split over the ranks when this run goes through the
+        stage (sizes of a stage it does not run are not held against it)."""
+        _need(stage, self, "epochs", "batch_size", "micro_batch_size", "lr")
+        if cfg.run.stage not in (stage, "all"):
+            return
+        key = f"{stage}.batch_size"
+        workers = cfg.learner.num_workers
+        per_rank = _divides(key, self.batch_size, "learner.num_workers", workers)
+        _divides(
+            f"{key} / learner.num_workers",
+            per_rank,
+            f"{stage}.micro_batch_size",
+            self.micro_batch_size,
+        )
+        if not 0 <= self.eval_frac < 1:
+            raise ConfigError(f"{stage}.eval_frac: must be in [0, 1), got {self.eval_frac}")
+
 
 @dataclass
 class SFTConfig(SupervisedConfig):
@@ -121,6 +145,9 @@ class EvalConfig:
     """Evaluate before PPO, every this many steps, and after the last step."""
     num_prompts: int = 128
     """Held-out prompts per evaluation (one sample each, fixed seed)."""
+
+    def check(self, cfg: Config) -> None:
+        _need("eval", self, "every", "num_prompts")
 
 
 @dataclass
@@ -159,6 +186,10 @@ class ModelConfig:
     critic_lora_target_modules: list[str] = field(default_factory=list)
     """The critic's layers that get adapters; empty = every linear layer but the head."""
 
+    def check(self, cfg: Config) -> None:
+        if not self.policy:
+            raise ConfigError("model.policy: must name a model directory, hub id or builtin:tiny")
+
 
 @dataclass
 class DataConfig:
@@ -196,6 +227,25 @@ class AutoscaleConfig:
     cooldown_steps: int = 2
     """Steps to wait after a change before the rule is applied again."""
 
+    def check(self, cfg: Config) -> None:
+        if not self.max_workers:
+            return
+        key = "rollout.autoscale"
+        if self.cooldown_steps < 0:
+            raise ConfigError(f"{key}.cooldown_steps: must be >= 0, got {self.cooldown_steps}")
+        if self.max_workers < cfg.rollout.num_workers:
+            raise ConfigError(
+                f"{key}.max_workers={self.max_workers} is below "
+                f"rollout.num_workers={cfg.rollout.num_workers} (0 turns autoscaling off)"
+            )
+        if not 0 < self.generate_frac < 1:
+            raise ConfigError(f"{key}.generate_frac: must be in (0, 1), got {self.generate_frac}")
+        if cfg.mode == "async":
+            raise ConfigError(
+                f"{key}.max_workers: autoscaling reads the share of a synchronous step spent "
+                f"generating; with mode=async set it to 0 and size rollout.num_workers"
+            )
+
 
 POOL_SECTIONS = ("learner", "rollout", "reward", "reference")
 """The config sections that are pools of Ray actors (each a :class:`PoolConfig`)."""
@@ -203,30 +253,56 @@ POOL_SECTIONS = ("learner", "rollout", "reward", "reference")
 
 @dataclass
 class PoolConfig:
-    """A pool of identical Ray actors: how many, and what each one is given."""
+    """A pool of identical Ray actors: how many, and what each one is given. The four pool
+    sections (``POOL_SECTIONS``) are these fields with defaults of their own
+    (``pool_section``) plus their own settings."""
 
     num_workers: int = 1
-    """Number of actors in the pool."""
+    """Number of actors in the pool (learner: data-parallel DeepSpeed ranks, called
+    ``learner.world_size`` before)."""
     num_cpus: float = 1.0
     """CPUs per actor."""
     num_gpus: float = 0.0
-    """GPUs per actor."""
+    """GPUs per actor (learner: 0 = CPU with gloo, > 0 = CUDA with NCCL)."""
     resources: dict[str, float] = field(default_factory=dict)
     """Ray custom resources per actor, e.g. ``{rollout_node: 1}``: places the pool on the
     nodes that offer them (``ray start --resources '{"rollout_node": 8}'``)."""
 
+    def check_pool(self, section: str) -> None:
+        """A positive number of workers, each asking for something Ray can place."""
+        _need(section, self, "num_workers")
+        _need(section, self, "num_cpus", "num_gpus", allow_zero=True)
+        for res, amount in self.resources.items():
+            if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
+                raise ConfigError(
+                    f"{section}.resources.{res}: must be a custom resource with an amount > 0 "
+                    f"(CPUs and GPUs are {section}.num_cpus / num_gpus), got {amount}"
+                )
+        if not (self.num_cpus > 0 or self.num_gpus > 0 or self.resources):
+            raise ConfigError(
+                f"{section}.num_cpus: a worker must be given some CPU, GPU or custom resource "
+                f"({section}.num_cpus, {section}.num_gpus and {section}.resources are all empty)"
+            )
 
-@dataclass
+
+def pool_section(*, num_workers: int, num_cpus: float):
+    """Class decorator: a dataclass section that is a pool (a ``PoolConfig``) with its own
+    defaults for ``num_workers`` and ``num_cpus``; the fields stay declared once, in
+    ``PoolConfig``."""
+
+    def wrap(cls: type) -> type:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = {"num_workers": "int", "num_cpus": "float", **own}
+        cls.num_workers, cls.num_cpus = num_workers, num_cpus
+        return dataclass(cls)
+
+    return wrap
+
+
+@pool_section(num_workers=2, num_cpus=0.5)
 class RolloutConfig(PoolConfig):
-    num_workers: int = 2
-    """Number of generator actors."""
-    num_cpus: float = 0.5
-    """CPUs per generator actor."""
-    num_gpus: float = 0.0
-    """GPUs per generator actor."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Ray custom resources per generator, e.g. ``{rollout_node: 1}``: places the pool on the
-    nodes that offer them (``ray start --resources '{"rollout_node": 8}'``)."""
+    """The generators (rollout workers)."""
+
     prompts_per_step: int = 8
     """Prompts sampled per PPO step. They are cut into chunks of ``chunk_prompts`` and dealt
     by load: each generator takes the next chunk when it finishes one, so a slow or busy
@@ -260,17 +336,33 @@ class RolloutConfig(PoolConfig):
     autoscale: AutoscaleConfig = field(default_factory=lambda: AutoscaleConfig())
     """Grow the pool while generation dominates the step."""
 
+    def check(self, cfg: Config) -> None:
+        names = ("prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_new_tokens")
+        _need("rollout", self, *names, "temperature")
+        _need("rollout", self, "top_k", "chunk_prompts", allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        self.autoscale.check(cfg)
+        if not self.drop_uniform_groups:
+            return
+        if self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"rollout.drop_uniform_groups: needs rollout.samples_per_prompt >= 2 (got "
+                f"{self.samples_per_prompt}): a prompt with one sample is always a uniform group"
+            )
+        if cfg.mode == "async":
+            raise ConfigError(
+                "rollout.drop_uniform_groups: not supported with mode=async yet (the async "
+                "loop hands out whole steps' chunks ahead of scoring); use mode=sync"
+            )
+        if self.max_fill_rounds < 1:
+            raise ConfigError(f"rollout.max_fill_rounds: must be >= 1, got {self.max_fill_rounds}")
 
-@dataclass
+
+@pool_section(num_workers=1, num_cpus=0.25)
 class RewardConfig(PoolConfig):
-    num_workers: int = 1
-    """Number of reward scorer actors."""
-    num_cpus: float = 0.25
-    """CPUs per reward scorer."""
-    num_gpus: float = 0.0
-    """GPUs per reward scorer."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Ray custom resources per reward scorer (node placement)."""
+    """The reward scorers."""
+
     model: str = ""
     """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
     function: str = "rlhf_dist.tasks.tiny:reward"
@@ -285,33 +377,56 @@ class RewardConfig(PoolConfig):
     """One weight per function in ``function``, in order; empty = 1.0 each. A weight of 0
     logs a function without rewarding it."""
 
+    def check(self, cfg: Config) -> None:
+        """One or more distinct ``module:function`` (or a model); ``weights``: one finite
+        weight per function (or none)."""
+        if not self.model and not self.function:
+            raise ConfigError("reward.model / reward.function: one of them must be set")
+        specs = reward_function_specs(self.function) if self.function else []
+        for spec in specs:
+            module, _, fn = spec.partition(":")
+            if not module.strip() or not fn.strip():
+                raise ConfigError(
+                    f"reward.function: expected 'module:function' (comma-separated for "
+                    f"several), got {spec!r} in {self.function!r}"
+                )
+        if len(set(specs)) < len(specs):
+            twice = next(s for s in specs if specs.count(s) > 1)
+            raise ConfigError(f"reward.function: {twice!r} is listed twice in {self.function!r}")
+        if self.weights:
+            self._check_weights(specs)
 
-@dataclass
+    def _check_weights(self, specs: list[str]) -> None:
+        if self.model:
+            raise ConfigError(
+                "reward.weights: weigh the functions of reward.function, but reward.model is "
+                "set (the reward model's score is used alone); leave reward.weights empty"
+            )
+        if len(self.weights) != len(specs):
+            raise ConfigError(
+                f"reward.weights: {len(self.weights)} weights for {len(specs)} functions in "
+                f"reward.function ({', '.join(specs)}); give one weight per function, or none "
+                f"(1.0 each)"
+            )
+        for i, w in enumerate(self.weights):
+            if not math.isfinite(w):
+                raise ConfigError(f"reward.weights[{i}]: must be a finite number, got {w}")
+
+
+@pool_section(num_workers=1, num_cpus=0.25)
 class ReferenceConfig(PoolConfig):
-    num_workers: int = 1
-    """Number of reference scorer actors (frozen copy of the initial policy)."""
-    num_cpus: float = 0.25
-    """CPUs per reference scorer."""
-    num_gpus: float = 0.0
-    """GPUs per reference scorer."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Ray custom resources per reference scorer (node placement)."""
+    """The reference scorers: frozen copies of the initial policy."""
+
     from_base: bool = False
     """With LoRA (``model.lora_rank > 0``): the learner takes the reference log-probs from
     its own base model with the adapters disabled, so no reference scorer (and no second
     copy of the model) is started; ``num_workers`` and the rest of this section are unused."""
 
 
-@dataclass
+@pool_section(num_workers=1, num_cpus=1.0)
 class LearnerConfig(PoolConfig):
-    num_workers: int = 1
-    """Data-parallel DeepSpeed ranks (one Ray actor each); called ``learner.world_size`` before."""
-    num_cpus: float = 1.0
-    """CPUs per learner rank."""
-    num_gpus: float = 0.0
-    """GPUs per learner rank (0 = CPU with gloo; >0 = CUDA with NCCL)."""
-    resources: dict[str, float] = field(default_factory=dict)
-    """Ray custom resources per learner rank (node placement)."""
+    """The learner's data-parallel DeepSpeed ranks."""
+
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     """DeepSpeed ZeRO stage for policy and critic (and the SFT and reward-model stages).
     ``auto``: 0 with one learner rank, where ZeRO has nothing to partition and stage 2 only
@@ -327,24 +442,20 @@ class LearnerConfig(PoolConfig):
     max_grad_norm: float = 1.0
     """Gradient clipping (DeepSpeed ``gradient_clipping``); 0 = off."""
 
+    def check(self, cfg: Config) -> None:
+        _need("learner", self, "lr")
+        _need("learner", self, "critic_lr", "weight_decay", "max_grad_norm", allow_zero=True)
+
 
 @dataclass
 class PPOConfig:
-    estimator: Literal[
-        "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
-    ] = "gae"
-    """Advantage estimator. ``gae``: GAE with a learned critic (value model; Schulman et al.
-    2016). The others need no critic: the learner builds, trains and checkpoints none, and logs
-    no value metrics. Each puts a shaped score on the response's last token, adds the per-token
-    KL penalty (``kl_coef``) and takes the return over the response (so with ``kl_coef=0`` the
-    sequence's advantage is broadcast over its tokens): ``grpo`` (score - group mean) / (group
-    std + 1e-6) (Shao et al. 2024, DeepSeekMath); ``dr_grpo`` score - group mean (Liu et al.
-    2025; pair it with ``loss_agg=seq_mean_token_sum``); ``rloo`` score - mean of the prompt's
-    other samples (Ahmadian et al. 2024); ``reinforce_pp`` the score itself, advantages
-    whitened over the step's batch (Hu 2025, REINFORCE++); ``reinforce_pp_baseline`` score -
-    group mean, then as reinforce_pp (OpenRLHF's reinforce_baseline). A group is the
-    ``rollout.samples_per_prompt`` samples of one prompt (at least 2). Formulas and sources:
-    ``rlhf_dist/algo/advantages.py``."""
+    estimator: str = DEFAULT_ESTIMATOR
+    """Advantage estimator: a name in ``rlhf_dist.algo.ESTIMATORS``, the one table that says
+    what each is and needs (a critic, groups of ``rollout.samples_per_prompt`` >= 2 samples,
+    whitening over the batch) and where its formula comes from; docs/algorithms.md prints it.
+    ``gae`` (PPO with a learned critic) or a critic-free one: ``grpo``, ``dr_grpo``, ``rloo``,
+    ``reinforce_pp``, ``reinforce_pp_baseline``. A critic-free learner builds, trains and
+    checkpoints no critic and logs no value metrics."""
     epochs: int = 1
     """Passes over each step's samples."""
     minibatch_size: int = 8
@@ -400,6 +511,61 @@ class PPOConfig:
     kl_horizon: int = 10000
     """Horizon of the adaptive controller (samples)."""
 
+    def check(self, cfg: Config) -> None:
+        _need("ppo", self, "epochs", "minibatch_size", "micro_batch_size")
+        names = ("clip_eps", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef")
+        _need("ppo", self, *names, "kl_loss_coef", allow_zero=True)
+        for key in ("gamma", "lam"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise ConfigError(f"ppo.{key}: must be in [0, 1], got {v}")
+        if self.adaptive_kl:
+            _need("ppo", self, "kl_target", "kl_horizon")
+        self._check_estimator(cfg)
+
+    def _check_estimator(self, cfg: Config) -> None:
+        """What the estimator's table entry needs: a critic only where it has one, and for a
+        group baseline, groups of 2 or more that no learner rank splits, and gamma 1.
+
+        The learner computes group statistics once over its rank's whole shard, before
+        cutting it into minibatches, so only the split of the step's batch over the ranks
+        can cut a group: ``RolloutBatch.split`` deals contiguous shards, and a prompt's
+        samples are consecutive."""
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"ppo.estimator: {self.estimator!r} is not one of {list(ESTIMATORS)}")
+        est, name = ESTIMATORS[self.estimator], self.estimator
+        with_critic = [n for n, e in ESTIMATORS.items() if e.needs_critic]
+        if not est.needs_critic and cfg.model.critic:
+            raise ConfigError(
+                f"model.critic: ppo.estimator={name} builds no critic; leave model.critic empty "
+                f"(only ppo.estimator={'/'.join(with_critic)} has one)"
+            )
+        if not est.needs_critic and cfg.model.critic_lora_rank:
+            raise ConfigError(
+                f"model.critic_lora_rank: ppo.estimator={name} builds no critic; leave it 0 "
+                f"(only ppo.estimator={'/'.join(with_critic)} has one)"
+            )
+        if not est.uses_groups:
+            return
+        group, prompts = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
+        if group < 2:
+            raise ConfigError(
+                f"rollout.samples_per_prompt={group} must be >= 2 for ppo.estimator={name}: "
+                f"its baseline is computed from the other samples of the same prompt"
+            )
+        if prompts % cfg.learner.num_workers:
+            raise ConfigError(
+                f"rollout.prompts_per_step={prompts} must be divisible by "
+                f"learner.num_workers={cfg.learner.num_workers} for ppo.estimator={name}: each "
+                f"learner rank must receive whole groups (the rollout.samples_per_prompt="
+                f"{group} samples of a prompt) to compute their statistics"
+            )
+        if self.gamma != 1:
+            raise ConfigError(
+                f"ppo.gamma: must be 1 for ppo.estimator={name} (its advantage is the "
+                f"sequence's, broadcast over the response), got {self.gamma}"
+            )
+
 
 @dataclass
 class SyncConfig:
@@ -427,6 +593,20 @@ class SyncConfig:
     timeout_s: float = 300.0
     """Timeout of the weight-sync collectives."""
 
+    def check(self, cfg: Config) -> None:
+        _need("sync", self, "bucket_mb", "timeout_s")
+        gpus = cfg.learner.num_gpus > 0, cfg.rollout.num_gpus > 0
+        if self.backend == "shm" and any(gpus):
+            raise ConfigError(
+                "sync.backend=shm shares CPU memory between processes on one machine; it needs "
+                "learner.num_gpus and rollout.num_gpus = 0 (use nccl or auto on GPUs)"
+            )
+        if self.backend == "nccl" and not all(gpus):
+            raise ConfigError(
+                "sync.backend=nccl needs GPUs on both sides (learner.num_gpus and "
+                "rollout.num_gpus > 0); use gloo or auto on CPUs"
+            )
+
 
 @dataclass
 class AsyncConfig:
@@ -442,6 +622,19 @@ class AsyncConfig:
     """Bound on samples generated (or being generated) and not yet trained; 0 = two steps'
     worth."""
 
+    def check(self, cfg: Config) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError(f"async.max_staleness: must be >= 0, got {self.max_staleness}")
+        if not self.is_cap >= 1 or not math.isfinite(self.is_cap):
+            raise ConfigError(f"async.is_cap: must be >= 1 (a finite cap), got {self.is_cap}")
+        samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+        if self.queue_samples and self.queue_samples < samples:
+            raise ConfigError(
+                f"async.queue_samples={self.queue_samples} cannot hold one step's samples "
+                f"(rollout.prompts_per_step * rollout.samples_per_prompt = {samples}); "
+                f"0 means two steps' worth"
+            )
+
 
 @dataclass
 class CheckpointConfig:
@@ -451,6 +644,10 @@ class CheckpointConfig:
     """Keep the last K checkpoints."""
     save_hf: bool = False
     """Also write the policy as a Hugging Face directory (``policy_hf/``) into each checkpoint."""
+
+    def check(self, cfg: Config) -> None:
+        _need("checkpoint", self, "every", allow_zero=True)
+        _need("checkpoint", self, "keep")
 
 
 @dataclass
@@ -473,6 +670,9 @@ class WandbConfig:
     """Log a table of sample prompts, responses and rewards every this many PPO steps (0 = off)."""
     table_rows: int = 8
     """Rows in each samples table."""
+
+    def check(self, cfg: Config) -> None:
+        _need("wandb", self, "table_every", "table_rows", allow_zero=True)
 
 
 @dataclass
@@ -686,14 +886,14 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
-def _positive(cfg: Config, *keys: str, allow_zero: bool = False) -> None:
-    for key in keys:
-        section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
+def _need(section: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
+    """Each field ``names`` of section ``obj`` is > 0 (>= 0 with ``allow_zero``) and finite."""
+    for name in names:
+        v = getattr(obj, name)
         ok = v >= 0 if allow_zero else v > 0  # written so that NaN fails
         if not ok or not math.isfinite(v):
             need = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{key}: must be {need}, got {v}")
+            raise ConfigError(f"{section}.{name}: must be {need}, got {v}")
 
 
 def _divides(key: str, value: int, by_key: str, by: int) -> int:
@@ -702,119 +902,9 @@ def _divides(key: str, value: int, by_key: str, by: int) -> int:
     return value // by
 
 
-def _check_pool(cfg: Config, section: str) -> None:
-    """A pool section: a positive number of workers, each asking for something Ray can place."""
-    pool: PoolConfig = getattr(cfg, section)
-    _positive(cfg, f"{section}.num_workers")
-    _positive(cfg, f"{section}.num_cpus", f"{section}.num_gpus", allow_zero=True)
-    for res, amount in pool.resources.items():
-        if res in ("CPU", "GPU", "memory") or not amount > 0 or not math.isfinite(amount):
-            raise ConfigError(
-                f"{section}.resources.{res}: must be a custom resource with an amount > 0 "
-                f"(CPUs and GPUs are {section}.num_cpus / num_gpus), got {amount}"
-            )
-    if not (pool.num_cpus > 0 or pool.num_gpus > 0 or pool.resources):
-        raise ConfigError(
-            f"{section}.num_cpus: a worker must be given some CPU, GPU or custom resource "
-            f"({section}.num_cpus, {section}.num_gpus and {section}.resources are all empty)"
-        )
-
-
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-"""``ppo.estimator`` values whose baseline compares the samples of one prompt (the same list as
-``rlhf_dist.algo.GROUP_ESTIMATORS``; a test keeps them equal)."""
-
-
-def _check_estimator(cfg: Config) -> None:
-    """What a critic-free estimator needs: no critic asked for, and whole groups on each rank.
-
-    The learner computes group statistics once over its rank's whole shard, before cutting it
-    into minibatches, so only the split of the step's batch over the ranks can cut a group:
-    ``RolloutBatch.split`` deals contiguous shards, and a prompt's samples are consecutive."""
-    est = cfg.ppo.estimator
-    if est == "gae":
-        return
-    if cfg.model.critic:
-        raise ConfigError(
-            f"model.critic: ppo.estimator={est} builds no critic; leave model.critic empty "
-            f"(only ppo.estimator=gae has one)"
-        )
-    if est not in GROUP_ESTIMATORS:
-        return
-    group = cfg.rollout.samples_per_prompt
-    if group < 2:
-        raise ConfigError(
-            f"rollout.samples_per_prompt={group} must be >= 2 for ppo.estimator={est}: its "
-            f"baseline is computed from the other samples of the same prompt"
-        )
-    if cfg.rollout.prompts_per_step % cfg.learner.num_workers:
-        raise ConfigError(
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by "
-            f"learner.num_workers={cfg.learner.num_workers} for ppo.estimator={est}: each "
-            f"learner rank must receive whole groups (the rollout.samples_per_prompt={group} "
-            f"samples of a prompt) to compute their statistics"
-        )
-    if cfg.ppo.gamma != 1:
-        raise ConfigError(
-            f"ppo.gamma: must be 1 for ppo.estimator={est} (its advantage is the sequence's, "
-            f"broadcast over the response), got {cfg.ppo.gamma}"
-        )
-
-
-def _check_dynamic_sampling(cfg: Config) -> None:
-    r = cfg.rollout
-    if not r.drop_uniform_groups:
-        return
-    if r.samples_per_prompt < 2:
-        raise ConfigError(
-            f"rollout.drop_uniform_groups: needs rollout.samples_per_prompt >= 2 (got "
-            f"{r.samples_per_prompt}): a prompt with one sample is always a uniform group"
-        )
-    if cfg.mode == "async":
-        raise ConfigError(
-            "rollout.drop_uniform_groups: not supported with mode=async yet (the async loop "
-            "hands out whole steps' chunks ahead of scoring); use mode=sync"
-        )
-    if r.max_fill_rounds < 1:
-        raise ConfigError(f"rollout.max_fill_rounds: must be >= 1, got {r.max_fill_rounds}")
-
-
 def reward_function_specs(value: str) -> list[str]:
     """The ``module:function`` specs of ``reward.function`` (comma-separated), stripped."""
     return [s.strip() for s in value.split(",")]
-
-
-def _check_reward_functions(cfg: Config) -> None:
-    """``reward.function``: one or more distinct ``module:function``; ``reward.weights``: one
-    finite weight per function (or none)."""
-    r = cfg.reward
-    specs = reward_function_specs(r.function) if r.function else []
-    for spec in specs:
-        module, _, fn = spec.partition(":")
-        if not module.strip() or not fn.strip():
-            raise ConfigError(
-                f"reward.function: expected 'module:function' (comma-separated for several), "
-                f"got {spec!r} in {r.function!r}"
-            )
-    if len(set(specs)) < len(specs):
-        twice = next(s for s in specs if specs.count(s) > 1)
-        raise ConfigError(f"reward.function: {twice!r} is listed twice in {r.function!r}")
-    if not r.weights:
-        return
-    if r.model:
-        raise ConfigError(
-            "reward.weights: weigh the functions of reward.function, but reward.model is set "
-            "(the reward model's score is used alone); leave reward.weights empty"
-        )
-    if len(r.weights) != len(specs):
-        raise ConfigError(
-            f"reward.weights: {len(r.weights)} weights for {len(specs)} functions in "
-            f"reward.function ({', '.join(specs)}); give one weight per function, or none "
-            f"(1.0 each)"
-        )
-    for i, w in enumerate(r.weights):
-        if not math.isfinite(w):
-            raise ConfigError(f"reward.weights[{i}]: must be a finite number, got {w}")
 
 
 LORA_PREFIXES = (("model", "lora_"), ("model", "critic_lora_"), ("sft", "lora_"), ("rm", "lora_"))
@@ -849,11 +939,6 @@ def _check_lora(cfg: Config) -> None:
             raise ConfigError(f"{key}dropout: must be in [0, 1), got {dropout}")
         if any(not t.strip() for t in targets):
             raise ConfigError(f"{key}target_modules: an empty module name in {targets}")
-    if cfg.model.critic_lora_rank and cfg.ppo.estimator != "gae":
-        raise ConfigError(
-            f"model.critic_lora_rank: ppo.estimator={cfg.ppo.estimator} builds no critic; "
-            f"leave it 0 (only ppo.estimator=gae has one)"
-        )
     if cfg.reference.from_base and cfg.model.lora_rank <= 0:
         raise ConfigError(
             "reference.from_base: the reference is the base model under the policy's LoRA "
@@ -871,131 +956,30 @@ def zero_stage(cfg: Config) -> int:
     return stage
 
 
-def validate(cfg: Config) -> Sizes:
-    """Refuse what is wrong, naming the key; return the derived sizes."""
-    for section in POOL_SECTIONS:
-        _check_pool(cfg, section)
-    _positive(
-        cfg,
-        "run.steps",
-        "rollout.prompts_per_step",
-        "rollout.samples_per_prompt",
-        "rollout.max_prompt_tokens",
-        "rollout.max_new_tokens",
-        "rollout.temperature",
-        "learner.lr",
-        "ppo.epochs",
-        "ppo.minibatch_size",
-        "ppo.micro_batch_size",
-        "sync.bucket_mb",
-        "sync.timeout_s",
-    )
-    _positive(
-        cfg,
-        "rollout.top_k",
-        "learner.critic_lr",
-        "learner.weight_decay",
-        "learner.max_grad_norm",
-        "ppo.clip_eps",
-        "ppo.value_clip_eps",
-        "ppo.vf_coef",
-        "ppo.entropy_coef",
-        "ppo.kl_coef",
-        "ppo.kl_loss_coef",
-        "run.seed",
-        allow_zero=True,
-    )
-    _positive(
-        cfg,
-        "sft.epochs",
-        "sft.batch_size",
-        "sft.micro_batch_size",
-        "sft.lr",
-        "rm.epochs",
-        "rm.batch_size",
-        "rm.micro_batch_size",
-        "rm.lr",
-        "eval.every",
-        "eval.num_prompts",
-    )
-    _positive(cfg, "wandb.table_every", "wandb.table_rows", "checkpoint.every", allow_zero=True)
-    _positive(cfg, "checkpoint.keep", "run.max_bad_steps")
-    for section in ("sft", "rm"):
-        if cfg.run.stage not in (section, "all"):
-            continue  # sizes of a stage this run does not go through
-        key = f"{section}.batch_size"
-        per_rank = _divides(
-            key, getattr(cfg, section).batch_size, "learner.num_workers", cfg.learner.num_workers
-        )
-        _divides(
-            f"{key} / learner.num_workers",
-            per_rank,
-            f"{section}.micro_batch_size",
-            getattr(cfg, section).micro_batch_size,
-        )
-        frac = getattr(cfg, section).eval_frac
-        if not 0 <= frac < 1:
-            raise ConfigError(f"{section}.eval_frac: must be in [0, 1), got {frac}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
-    for key in ("ppo.gamma", "ppo.lam"):
-        v = getattr(cfg.ppo, key.split(".")[1])
-        if not 0 <= v <= 1:
-            raise ConfigError(f"{key}: must be in [0, 1], got {v}")
-    if cfg.ppo.adaptive_kl:
-        _positive(cfg, "ppo.kl_target", "ppo.kl_horizon")
-    _check_estimator(cfg)
-    if not cfg.model.policy:
-        raise ConfigError("model.policy: must name a model directory, hub id or builtin:tiny")
-    if not cfg.reward.model and not cfg.reward.function:
-        raise ConfigError("reward.model / reward.function: one of them must be set")
-    _check_reward_functions(cfg)
-    _check_lora(cfg)
+CHECKED_SECTIONS = ("run", "eval", "model", "rollout", "reward", "learner", "ppo", "sync")
+CHECKED_SECTIONS += ("async_", "checkpoint", "wandb")
+"""The sections whose ``check(cfg)`` ``validate`` runs, in this order (after every pool's
+``check_pool``; then SFT's and RM's ``check``, then the LoRA rules)."""
 
-    samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    _positive(cfg, "rollout.chunk_prompts", "run.max_restarts", allow_zero=True)
-    auto = cfg.rollout.autoscale
-    if auto.max_workers:
-        if auto.cooldown_steps < 0:
-            raise ConfigError(
-                f"rollout.autoscale.cooldown_steps: must be >= 0, got {auto.cooldown_steps}"
-            )
-        if auto.max_workers < cfg.rollout.num_workers:
-            raise ConfigError(
-                f"rollout.autoscale.max_workers={auto.max_workers} is below "
-                f"rollout.num_workers={cfg.rollout.num_workers} (0 turns autoscaling off)"
-            )
-        if not 0 < auto.generate_frac < 1:
-            raise ConfigError(
-                f"rollout.autoscale.generate_frac: must be in (0, 1), got {auto.generate_frac}"
-            )
-    _check_dynamic_sampling(cfg)
-    a = cfg.async_
-    if cfg.mode == "async" and auto.max_workers:
-        raise ConfigError(
-            "rollout.autoscale.max_workers: autoscaling reads the share of a synchronous step "
-            "spent generating; with mode=async set it to 0 and size rollout.num_workers"
-        )
-    if a.max_staleness < 0:
-        raise ConfigError(f"async.max_staleness: must be >= 0, got {a.max_staleness}")
-    if not a.is_cap >= 1 or not math.isfinite(a.is_cap):
-        raise ConfigError(f"async.is_cap: must be >= 1 (a finite cap), got {a.is_cap}")
-    if a.queue_samples and a.queue_samples < samples:
-        raise ConfigError(
-            f"async.queue_samples={a.queue_samples} cannot hold one step's samples "
-            f"(rollout.prompts_per_step * rollout.samples_per_prompt = {samples}); "
-            f"0 means two steps' worth"
-        )
-    if cfg.sync.backend == "shm" and (cfg.learner.num_gpus > 0 or cfg.rollout.num_gpus > 0):
-        raise ConfigError(
-            "sync.backend=shm shares CPU memory between processes on one machine; it needs "
-            "learner.num_gpus and rollout.num_gpus = 0 (use nccl or auto on GPUs)"
-        )
-    if cfg.sync.backend == "nccl" and not (cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0):
-        raise ConfigError(
-            "sync.backend=nccl needs GPUs on both sides (learner.num_gpus and "
-            "rollout.num_gpus > 0); use gloo or auto on CPUs"
-        )
+
+def validate(cfg: Config) -> Sizes:
+    """Refuse what is wrong, naming the key; return the derived sizes. Each rule lives with
+    its section (``check``), the estimator rules with ``PPOConfig`` (from the estimator
+    table), the LoRA rules with ``LORA_PREFIXES``."""
+    for section in POOL_SECTIONS:
+        getattr(cfg, section).check_pool(section)
+    for section in CHECKED_SECTIONS:
+        getattr(cfg, section).check(cfg)
+    for stage in ("sft", "rm"):
+        getattr(cfg, stage).check(stage, cfg)
+    _check_lora(cfg)
+    return _sizes(cfg)
+
+
+def _sizes(cfg: Config) -> Sizes:
+    """The derived sizes, each checked for exact division."""
+    r = cfg.rollout
+    samples = r.prompts_per_step * r.samples_per_prompt
     minibatches = _divides(
         "samples per step (rollout.prompts_per_step * rollout.samples_per_prompt)",
         samples,
@@ -1013,8 +997,7 @@ def validate(cfg: Config) -> Sizes:
     )
     return Sizes(
         samples_per_step=samples,
-        chunk_prompts=cfg.rollout.chunk_prompts
-        or math.ceil(cfg.rollout.prompts_per_step / cfg.rollout.num_workers),
+        chunk_prompts=r.chunk_prompts or math.ceil(r.prompts_per_step / r.num_workers),
         queue_samples=cfg.async_.queue_samples or 2 * samples,
         minibatches_per_epoch=minibatches,
         minibatch_per_rank=per_rank,

@@ -14,10 +14,11 @@ policy's context window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_dist import chat
+from rlhf_dist.algo.estimators import estimator
 from rlhf_dist.config import Config, ConfigError
 from rlhf_dist.data import (
     DataError,
@@ -27,6 +28,7 @@ from rlhf_dist.data import (
     load_preference_pairs,
     load_prompt_rows,
 )
+from rlhf_dist.inputs import Inputs
 
 STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
 STAGE_ORDER = ["sft", "rm", "ppo"]
@@ -244,33 +246,6 @@ def _check_chat_records(cfg: Config, stage: str, tok, tok_path: str, records, wh
 
 
 @dataclass
-class Inputs:
-    """Resolved PPO inputs."""
-
-    policy: str
-    tokenizer: str
-    critic: str
-    prompts: Sequence[str]
-    """The text each prompt row gives the policy (a chat row rendered with its template); a
-    ``datasets`` source is read and rendered row by row when indexed."""
-    pad_token_id: int
-    reward_model: str = ""
-    eval_prompts: Sequence[str] = field(default_factory=list)
-    prompt_fields: dict[str, Sequence] = field(default_factory=dict)
-    """The other fields of data.prompts' rows: field -> one value per prompt (None where a
-    row lacks it), for reward functions that take them."""
-    eval_prompt_fields: dict[str, Sequence] = field(default_factory=dict)
-    """The same for ``eval_prompts``."""
-    prompt_messages: Sequence[list[dict]] | None = None
-    """Chat data: each prompt row as messages, which travel with the samples to a reward model
-    to render the conversation with its own template; None when the prompts are plain text."""
-    eval_prompt_messages: Sequence[list[dict]] | None = None
-    add_special_tokens: bool = True
-    """Whether the generators' tokenizer adds its special tokens to the prompts (not to text a
-    chat template rendered: the template holds them)."""
-
-
-@dataclass
 class Prompts:
     """A prompt source checked and rendered for the policy."""
 
@@ -374,7 +349,7 @@ def resolve_inputs(
     )
     tokenizer_path = cfg.model.tokenizer or policy
     check_lora(cfg, "policy", known)
-    if cfg.ppo.estimator == "gae":
+    if estimator(cfg.ppo.estimator).needs_critic:
         check_lora(cfg, "critic", critic if cfg.model.critic not in pending else known)
     tokenizer = _tokenizer("model.tokenizer", cfg.model.tokenizer or known)
     limit = cfg.rollout.max_prompt_tokens
@@ -395,29 +370,7 @@ def resolve_inputs(
     check_fields("reward.function", functions, rows, "data.prompts")
     eval_prompts = None
     if cfg.eval.gold:
-        source, key = (
-            (cfg.eval.prompts, "eval.prompts")
-            if cfg.eval.prompts
-            else (
-                cfg.data.prompts,
-                "data.prompts",
-            )
-        )
-        eval_file = resolve(cfg, run_dir, key, source, "eval_prompts")
-        split = cfg.data.eval_split or cfg.data.split
-        eval_prompts = _prompts(cfg, key, eval_file, tokenizer, tok_shown, limit, split)
-        eval_prompts = eval_prompts.head(cfg.eval.num_prompts)
-        eval_rows = eval_prompts.rows
-        check_fields("eval.gold", gold, eval_rows, key)
-        # evaluation scores the held-out samples with the reward functions too (the proxy)
-        check_fields("reward.function", functions, eval_rows, key)
-        if eval_prompts.template != prompts.template:
-            which = {True: "rendered with", False: "not rendered with"}
-            raise ConfigError(
-                f"{key}: its prompts are {which[eval_prompts.template]} the policy's chat "
-                f"template, data.prompts' are {which[prompts.template]} it: the generators "
-                f"read both the same way (give both message lists, or set data.chat_template)"
-            )
+        eval_prompts = _eval_prompts(cfg, run_dir, prompts, tokenizer, tok_shown, gold, functions)
     return Inputs(
         policy,
         tokenizer_path,
@@ -432,6 +385,32 @@ def resolve_inputs(
         eval_prompts.messages if eval_prompts else None,
         add_special_tokens=not prompts.template,
     )
+
+
+def _eval_prompts(cfg: Config, run_dir: Path, prompts, tokenizer, tok_shown, gold, functions):
+    """The held-out prompts (``eval.prompts``, or ``data.prompts``), checked as the training
+    prompts are, with the fields the gold function and the reward functions take."""
+    source, key = (
+        (cfg.eval.prompts, "eval.prompts")
+        if cfg.eval.prompts
+        else (cfg.data.prompts, "data.prompts")
+    )
+    eval_file = resolve(cfg, run_dir, key, source, "eval_prompts")
+    split = cfg.data.eval_split or cfg.data.split
+    limit = cfg.rollout.max_prompt_tokens
+    eval_prompts = _prompts(cfg, key, eval_file, tokenizer, tok_shown, limit, split)
+    eval_prompts = eval_prompts.head(cfg.eval.num_prompts)
+    check_fields("eval.gold", gold, eval_prompts.rows, key)
+    # evaluation scores the held-out samples with the reward functions too (the proxy)
+    check_fields("reward.function", functions, eval_prompts.rows, key)
+    if eval_prompts.template != prompts.template:
+        which = {True: "rendered with", False: "not rendered with"}
+        raise ConfigError(
+            f"{key}: its prompts are {which[eval_prompts.template]} the policy's chat "
+            f"template, data.prompts' are {which[prompts.template]} it: the generators "
+            f"read both the same way (give both message lists, or set data.chat_template)"
+        )
+    return eval_prompts
 
 
 def check_all(cfg: Config, run_dir: Path, stages: list[str] | None = None) -> None:

@@ -6,14 +6,20 @@ ray, deepspeed, transformers or wandb.
 """
 
 from .advantages import (
-    CRITIC_FREE_ESTIMATORS,
-    GROUP_ESTIMATORS,
     discounted_returns,
     gae_advantages,
     group_relative_scores,
     leave_one_out_scores,
-    shaped_scores,
     uniform_groups,
+)
+from .estimators import (
+    CRITIC_FREE_ESTIMATORS,
+    ESTIMATORS,
+    GROUP_ESTIMATORS,
+    Estimator,
+    estimator,
+    estimator_advantages,
+    shaped_scores,
 )
 from .kl import kl_estimate, kl_penalized_rewards
 from .kl_controller import AdaptiveKLController, FixedKLController
@@ -32,6 +38,8 @@ from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
     "CRITIC_FREE_ESTIMATORS",
+    "ESTIMATORS",
+    "Estimator",
     "GROUP_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",
@@ -41,6 +49,8 @@ __all__ = [
     "decoupled_importance_weights",
     "discounted_returns",
     "entropy_from_logits",
+    "estimator",
+    "estimator_advantages",
     "explained_variance",
     "gae_advantages",
     "group_relative_scores",

@@ -56,11 +56,6 @@ def gae_advantages(
 
 # ----------------------------------------------------------------------------- critic-free
 
-CRITIC_FREE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-"""Advantage estimators that need no value model (``ppo.estimator`` besides ``gae``)."""
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-"""The estimators whose baseline is computed from the other samples of the same prompt."""
-
 
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) -> (B / G, G): row g holds samples g*G .. g*G + G - 1 (one prompt's group)."""
@@ -158,31 +153,3 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
         running = torch.where(m, rewards[..., t] + gamma * running, running)
         out.append(torch.where(m, running, zero))
     return torch.stack(out[::-1], dim=-1) if out else torch.zeros_like(rewards)
-
-
-def shaped_scores(
-    estimator: str, scores: torch.Tensor, group_size: int, eps: float = 1e-6
-) -> torch.Tensor:
-    """The sequence score a critic-free estimator puts on a response's last token.
-
-    ``grpo``: ``group_relative_scores`` divided by the group's std; ``dr_grpo`` and
-    ``reinforce_pp_baseline``: centred on the group mean only; ``rloo``:
-    ``leave_one_out_scores``; ``reinforce_pp``: the score itself (its baseline is the batch
-    whitening that follows). The per-token advantage is then
-    ``discounted_returns(kl_penalized_rewards(shaped, ...), mask, gamma)``: the shaped score
-    broadcast over the response, plus the return of the per-token KL penalty when kl_coef > 0
-    (OpenRLHF ``RemoteExperienceMaker.compute_advantages_and_returns`` does the same: it shapes
-    the scores per group, then takes cumulative returns of the KL-penalised rewards).
-    Shapes: scores (B,) -> (B,); ``group_size`` is ignored by ``reinforce_pp``.
-    """
-    if estimator == "grpo":
-        return group_relative_scores(scores, group_size, scale_by_std=True, eps=eps)
-    if estimator in ("dr_grpo", "reinforce_pp_baseline"):
-        return group_relative_scores(scores, group_size, scale_by_std=False)
-    if estimator == "rloo":
-        return leave_one_out_scores(scores, group_size)
-    if estimator == "reinforce_pp":
-        return scores
-    raise ValueError(
-        f"unknown critic-free estimator {estimator!r}; expected {CRITIC_FREE_ESTIMATORS}"
-    )
