@@ -28,7 +28,14 @@ class RolloutBatch:
     truncated: Tensor  # (B,) bool, response hit the length limit without EOS
     scores: Tensor | None = None  # (B,) reward of each response
     ref_logprobs: Tensor | None = None  # (B, R) reference policy log-probs
-    extra: dict = field(default_factory=dict)
+    # what the generators report, added up over a step's chunks (dropped samples included)
+    compute_s: float = 0.0  # the generators' compute (a step's: the busiest generator's)
+    generated_tokens: int = 0  # response tokens sampled
+    worker: str = ""  # the ``host:pid`` of the generator of a chunk ("" once chunks are merged)
+    chunks_per_worker: tuple[int, ...] = ()  # a step's chunks taken by each generator slot
+    # per sample, filled in by the driver
+    origins: list[tuple] | None = None  # ledger origin of each sample (``ledger.chunk_origins``)
+    reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,) each function's
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -38,6 +45,8 @@ class RolloutBatch:
         return self.sequences.shape[1] - self.prompt_len
 
     def select(self, idx: list[int] | Tensor) -> RolloutBatch:
+        """The samples ``idx``: every per-sample field (tensors, lists, reward parts) taken
+        along; the chunk-level figures (``compute_s`` ...) kept as they are."""
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         idx_l = idx_t.tolist()
         out = {}
@@ -47,6 +56,8 @@ class RolloutBatch:
                 out[f.name] = v[idx_t]
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx_l]
+            elif f.name == "reward_parts":
+                out[f.name] = {name: part[idx_t] for name, part in v.items()}
             else:
                 out[f.name] = v
         return RolloutBatch(**out)
@@ -77,9 +88,16 @@ class RolloutBatch:
             return d
 
         widened = [widen(b) for b in batches]
-        out: dict = {"prompt_len": P, "extra": {}}
+        out: dict = {
+            "prompt_len": P,
+            "compute_s": sum(b.compute_s for b in batches),
+            "generated_tokens": sum(b.generated_tokens for b in batches),
+        }
+        parts = [b.reward_parts for b in batches]
+        if parts[0] and all(p.keys() == parts[0].keys() for p in parts):
+            out["reward_parts"] = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
         for f in dataclasses.fields(RolloutBatch):
-            if f.name in ("prompt_len", "extra"):
+            if f.name in (*out, *CHUNK_FIELDS):
                 continue
             vals = [w.get(f.name, getattr(b, f.name)) for w, b in zip(widened, batches)]
             if any(v is None for v in vals):
@@ -89,6 +107,33 @@ class RolloutBatch:
             else:
                 out[f.name] = [x for v in vals for x in v]
         return RolloutBatch(**out)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RolloutBatch:
+        """``dataclasses.asdict`` read back (async pending samples); a record written before
+        the typed fields (with ``extra``) is read too."""
+        d = dict(d)
+        extra = d.pop("extra", None) or {}
+        d.setdefault("compute_s", extra.get("compute_s", 0.0))
+        d.setdefault("generated_tokens", extra.get("num_tokens", 0))
+        d.setdefault("worker", extra.get("worker", ""))
+        return cls(**d)
+
+
+CHUNK_FIELDS = ("worker", "chunks_per_worker", "reward_parts", "compute_s", "generated_tokens")
+"""The fields of ``RolloutBatch`` that describe a chunk or a step rather than each sample:
+``concat`` adds up the figures and leaves the rest to the caller."""
+
+
+@dataclass
+class UpdateResult:
+    """What a learner rank's update returns; rank 0's metrics are averaged over the ranks."""
+
+    metrics: dict[str, float] = field(default_factory=dict)  # ``metric_keys`` keys
+    compute_s: float = 0.0
+    skipped: tuple[str, ...] = ()
+    """Not empty: the update was refused (every rank skipped it) because these quantities
+    were not finite (``scores``, ``logprobs``, ...); nothing was trained."""
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

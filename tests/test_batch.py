@@ -41,7 +41,7 @@ def make_batch(prompts, responses, *, tag, scores=True, ref=True, version=0):
         truncated=torch.tensor([len(r) == R for r in responses]),
         scores=torch.arange(B, dtype=torch.float) + tag if scores else None,
         ref_logprobs=blp * 2 if ref else None,
-        extra={"compute_s": 1.0},
+        compute_s=1.0,
     )
 
 

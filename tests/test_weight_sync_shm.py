@@ -21,6 +21,19 @@ def _gpt2(seed, dtype=torch.float32):
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
+def attach(model, manifest, bucket_bytes, handles, slot, zero_copy=False):
+    """Point ``model``'s parameters at slot ``slot`` as a generator's shared-memory receiver
+    does (one receiver per model, as each generator keeps one: it maps each slot once);
+    returns whether any parameter moved there (a fresh attach)."""
+    receiver, target = RECEIVERS.setdefault(id(model), (ws.ShmReceiver(), ws.ModuleWeights(model)))
+    info = {"handles": handles, "zero_copy": zero_copy}
+    receiver.open(ws.Channel("shm", bucket_bytes, manifest, info))
+    return receiver.receive(target, 1, False, slot).fresh
+
+
+RECEIVERS: dict = {}
+
+
 def _write(slots, model, manifest):
     params = [p for _, p in ws.sync_params(model)]
     buckets = ((b, params[b.start : b.stop]) for b in ws.plan_buckets(manifest, BUCKET))
@@ -36,7 +49,7 @@ def test_generators_attach_to_one_copy_of_the_learner_weights(tmp_path, dtype):
     assert slot == 0
     x = torch.randint(0, 50, (3, 7))
     for g in gens:
-        ws.attach(g, manifest, BUCKET, slots.handles, slot)
+        attach(g, manifest, BUCKET, slots.handles, slot)
         assert ws.model_checksum(g) == digest == ws.model_checksum(learner)
         assert torch.equal(g(x).logits, learner(x).logits)
         # tied weights stay one tensor
@@ -56,14 +69,14 @@ def test_a_write_goes_to_the_other_slot_and_leaves_the_weights_in_use_alone(tmp_
     manifest = ws.manifest_of(learner)
     slots = ws.ShmSlots(manifest, BUCKET, directory=str(tmp_path))
     slot, v1 = _write(slots, learner, manifest)
-    ws.attach(gen, manifest, BUCKET, slots.handles, slot)
+    attach(gen, manifest, BUCKET, slots.handles, slot)
     with torch.no_grad():
         for p in learner.parameters():
             p.add_(0.01)
     slot2, v2 = _write(slots, learner, manifest)
     assert (slot, slot2) == (0, 1) and v2 != v1
     assert ws.model_checksum(gen) == v1  # still on slot 0, untouched by the write
-    ws.attach(gen, manifest, BUCKET, slots.handles, slot2)
+    attach(gen, manifest, BUCKET, slots.handles, slot2)
     assert ws.model_checksum(gen) == v2 == ws.model_checksum(learner)
     assert _write(slots, learner, manifest)[0] == 0  # and back
 
@@ -76,13 +89,13 @@ def test_a_handle_that_is_not_the_slot_is_refused(tmp_path):
     # the path opens, but is another file: as on another machine or in another PID namespace
     other = ws.ShmHandle(h.pid, h.fd, h.dev, h.ino + 1, h.nbytes)
     with pytest.raises(ws.ShmError, match="not the learner's shared-memory slot.*sync.backend"):
-        ws.attach(gen, manifest, BUCKET, [other, other], 0)
+        attach(gen, manifest, BUCKET, [other, other], 0)
     gone = ws.ShmHandle(2**22 + 7, h.fd, h.dev, h.ino, h.nbytes)  # beyond any pid_max default
     with pytest.raises(ws.ShmError, match="cannot open the learner's shared-memory slot"):
-        ws.attach(gen, manifest, BUCKET, [gone, gone], 0)
+        attach(gen, manifest, BUCKET, [gone, gone], 0)
     # a generator whose model differs is named as such, before anything is attached
     with pytest.raises(ValueError, match="the generator and learner models differ"):
-        ws.attach(_gpt2(0, torch.bfloat16), manifest, BUCKET, slots.handles, 0)
+        attach(_gpt2(0, torch.bfloat16), manifest, BUCKET, slots.handles, 0)
 
 
 def test_no_room_for_the_slots_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -121,7 +134,7 @@ def test_zero_copy_generators_read_the_parameters_the_optimizer_steps(tmp_path):
     assert learner.lm_head.weight.data_ptr() == learner.transformer.wte.weight.data_ptr()
     gens = [_gpt2(1), _gpt2(2)]
     for g in gens:
-        assert ws.attach(g, manifest, BUCKET, live.handles, 0)  # fresh
+        assert attach(g, manifest, BUCKET, live.handles, 0)  # fresh
         assert ws.model_checksum(g) == live.checksum() == ws.model_checksum(learner)
     opt = torch.optim.AdamW(learner.parameters(), lr=1e-2)
     learner.train()
@@ -131,7 +144,7 @@ def test_zero_copy_generators_read_the_parameters_the_optimizer_steps(tmp_path):
     assert live.home() == 0  # the optimizer stepped the parameters where they are
     assert ws.model_checksum(learner) != ws.model_checksum(_gpt2(0))
     for g in gens:
-        assert not ws.attach(g, manifest, BUCKET, live.handles, 0)  # nothing to re-point
+        assert not attach(g, manifest, BUCKET, live.handles, 0)  # nothing to re-point
         assert ws.model_checksum(g) == ws.model_checksum(learner)
         assert torch.equal(g(x).logits, learner(x).logits)
     assert list(tmp_path.iterdir()) == []  # unlinked at once
@@ -143,7 +156,7 @@ def test_zero_copy_a_parameter_moved_out_of_the_slot_is_brought_back(tmp_path):
     parameter moved away is re-pointed at its next attach, which then counts as fresh."""
     learner, manifest, live = _learner_with_live_weights(tmp_path)
     gen = _gpt2(1)
-    ws.attach(gen, manifest, BUCKET, live.handles, 0)
+    attach(gen, manifest, BUCKET, live.handles, 0)
     w = learner.transformer.h[1].attn.c_attn.weight
     with torch.no_grad():
         w.data = w.data + 0.5
@@ -152,7 +165,7 @@ def test_zero_copy_a_parameter_moved_out_of_the_slot_is_brought_back(tmp_path):
     assert ws.model_checksum(gen) == ws.model_checksum(learner)
     g = gen.transformer.h[0].mlp.c_proj.weight
     g.data = torch.zeros_like(g)
-    assert ws.attach(gen, manifest, BUCKET, live.handles, 0)
+    assert attach(gen, manifest, BUCKET, live.handles, 0)
     assert ws.model_checksum(gen) == ws.model_checksum(learner)
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 
 def pick_device(num_gpus: float) -> torch.device:
@@ -27,19 +25,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def host_store(timeout_s: float) -> dist.TCPStore:
-    """A ``TCPStore`` server bound at port 0: the OS picks a free port as it binds, so no other
-    process can take the port between choosing and binding it. Hand ``store.port`` to the
-    members that connect to it (the server listens on every interface)."""
-    return dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-
-
 class SystemStats:
     """Per-role resource use, gathered by the orchestrator for monitoring."""
 
@@ -55,13 +40,6 @@ class SystemStats:
             out["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             out["gpu_util_percent"] = float(torch.cuda.utilization())
         return out
-
-
-class WeightSyncMember(SystemStats):
-    """What every member of the weight-sync group shares: the group and its version."""
-
-    sync_group = None
-    version: int = 0
 
 
 def in_threads(*calls, timeout: float = 120.0) -> list:

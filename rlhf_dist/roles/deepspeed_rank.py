@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from rlhf_dist.config import Config, zero_stage
-from rlhf_dist.roles.common import SystemStats, host_store, pick_device
+from rlhf_dist.roles.common import SystemStats, pick_device
+from rlhf_dist.weight_sync import host_store
 
 
 def fused_adam_ok(device: torch.device) -> bool:

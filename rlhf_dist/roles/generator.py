@@ -19,7 +19,7 @@ from rlhf_dist.algo import logprobs_from_logits
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.lora import LoraSettings, wrap
 from rlhf_dist.models import load_policy, load_tokenizer, response_logprobs, stop_token_ids
-from rlhf_dist.roles.common import WeightSyncMember, pick_device
+from rlhf_dist.roles.common import SystemStats, pick_device
 
 
 class SampledLogprobs:
@@ -60,7 +60,7 @@ class SampledLogprobs:
         return out
 
 
-class Generator(WeightSyncMember):
+class Generator(SystemStats):
     def __init__(
         self,
         model_path: str,
@@ -101,7 +101,9 @@ class Generator(WeightSyncMember):
             return_dict_in_generate=True,
         )
         self.sampled = SampledLogprobs(self.model, temperature)
-        self.version = 0
+        self.version = 0  # the policy version the weights are
+        self.weights = weight_sync.ModuleWeights(self.model)  # where weight syncs land
+        self.receiver: weight_sync.Receiver | None = None
 
     @torch.no_grad()
     def generate(
@@ -150,6 +152,8 @@ class Generator(WeightSyncMember):
             prompt_ids=prompt_ids,
             versions=torch.full((len(prompts),), self.version, dtype=torch.long),
             truncated=truncated.cpu(),
+            generated_tokens=int(response_mask.sum().item()),
+            worker=f"{socket.gethostname()}:{os.getpid()}",  # the sample ledger's
         )
         if self.ref_from_base:
             with self.model.disable_adapter():
@@ -157,67 +161,30 @@ class Generator(WeightSyncMember):
                     self.model, batch.sequences.to(self.device), attention_mask, P, self.temperature
                 )
             batch.ref_logprobs = (ref.float() * response_mask).cpu()
-        batch.extra["compute_s"] = time.perf_counter() - t0
-        batch.extra["num_tokens"] = int(response_mask.sum().item())
-        batch.extra["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # the sample ledger's
+        batch.compute_s = time.perf_counter() - t0
         return batch
 
     # ----------------------------------------------------------------- weight sync
 
-    def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
-        self.sync_group = weight_sync.SyncGroup(
-            host, port, rank, world_size, prefix, backend, timeout_s
-        )
+    def open_weight_sync(
+        self, channel: weight_sync.Channel, membership: weight_sync.Membership | None = None
+    ) -> None:
+        """Open the receiver of ``channel``'s transport (a new one when the transport
+        changed), joining ``membership`` (a collective's group)."""
+        if self.receiver is None or self.receiver.backend != channel.backend:
+            self.receiver = weight_sync.receiver(channel.backend)
+        self.receiver.open(channel, membership)
 
-    def receive_weights(self, manifest, bucket_bytes: int, version: int, verify: bool) -> dict:
-        """Take a broadcast from learner rank 0; called between two ``generate`` calls (a Ray
-        actor runs one method at a time, so a batch never sees half-swapped weights)."""
-        t0 = time.perf_counter()
-        weight_sync.receive(self.sync_group, self.model, manifest, bucket_bytes)
+    def receive_weights(self, version: int, verify: bool, handoff=None) -> weight_sync.Receipt:
+        """Take ``version`` from learner rank 0 into the model (``handoff``: what the
+        transport's send returned, where it needs it). Called between two ``generate`` calls:
+        a Ray actor runs one method at a time, so a batch never sees half-swapped weights."""
+        if self.receiver is None:
+            raise RuntimeError("weight sync: receive_weights before open_weight_sync")
+        receipt = self.receiver.receive(self.weights, version, verify, handoff)
         self.version = version
-        return {
-            "version": version,
-            "checksum": weight_sync.model_checksum(self.model) if verify else None,
-            "compute_s": time.perf_counter() - t0,
-        }
-
-    def attach_weights(
-        self,
-        manifest,
-        bucket_bytes: int,
-        handles: list,
-        slot: int,
-        version: int,
-        verify: bool,
-        zero_copy: bool = False,
-    ) -> dict:
-        """``sync.backend=shm``: take learner rank 0's slot ``slot`` as the weights (the
-        parameters become views of its shared memory; no copy). Between two ``generate``
-        calls, as ``receive_weights``. With ``zero_copy`` the slot holds the learner's own
-        parameters: attached once, they are checksummed then, and later syncs only take the
-        version (the bytes read are the learner's)."""
-        t0 = time.perf_counter()
-        fresh = weight_sync.attach(self.model, manifest, bucket_bytes, handles, slot)
-        self.version = version
-        hashed = verify and (fresh or not zero_copy)
-        return {
-            "version": version,
-            "checksum": weight_sync.model_checksum(self.model) if hashed else None,
-            "compute_s": time.perf_counter() - t0,
-        }
-
-    def load_weight_buckets(
-        self, manifest, bucket_bytes: int, buckets: list, version: int, verify: bool
-    ) -> dict:
-        """Fallback transport: ``buckets`` came through Ray's object store."""
-        t0 = time.perf_counter()
-        weight_sync.load_buckets(self.model, manifest, bucket_bytes, buckets)
-        self.version = version
-        return {
-            "version": version,
-            "checksum": weight_sync.model_checksum(self.model) if verify else None,
-            "compute_s": time.perf_counter() - t0,
-        }
+        return receipt
 
     def status(self) -> dict:
+        """The version held and the checksum of the weights the model holds."""
         return {"version": self.version, "checksum": weight_sync.model_checksum(self.model)}

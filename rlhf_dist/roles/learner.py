@@ -32,38 +32,41 @@ averages them over accumulation steps and ranks.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
 from rlhf_dist import algo, weight_sync
-from rlhf_dist.batch import RolloutBatch
+from rlhf_dist import metric_keys as K
+from rlhf_dist.batch import RolloutBatch, UpdateResult
 from rlhf_dist.config import Config, validate, zero_stage
 from rlhf_dist.models import load_critic, load_policy, response_logprobs, response_values
-from rlhf_dist.roles.common import WeightSyncMember, host_store
 from rlhf_dist.roles.deepspeed_rank import DeepSpeedRank
-
-WHITENED_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
-"""Estimators whose advantages ``ppo.whiten_advantages`` whitens over the step's batch; the
-group estimators (grpo, dr_grpo, rloo) are normalised within each prompt's group instead."""
+from rlhf_dist.roles.experience import Experience, learner_metrics
 
 
-class Learner(DeepSpeedRank, WeightSyncMember):
+class Learner(DeepSpeedRank):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size)
         self.sizes = validate(cfg)
         self.policy = self.critic = None
-        self.has_critic = cfg.ppo.estimator == "gae"
+        self.has_critic = self.estimator.needs_critic
+        # seq_mean_token_sum's constant normaliser: the generation budget (Dr. GRPO)
+        self.loss_norm = float(cfg.rollout.max_new_tokens)
+        self.policy_grad_norm = self.critic_grad_norm = 0.0  # of the last optimizer step
         self.version = 0
-        self.sync_store = None  # the weight-sync store, once hosted
-        self.shm_slots = None  # sync.backend=shm: rank 0's two shared-memory slots
-        self.shm_live = None  # sync.zero_copy: the slot rank 0's policy parameters live in
+        self.sender: weight_sync.Sender | None = None  # rank 0's side of the weight sync
+
+    @property
+    def estimator(self) -> algo.Estimator:
+        """The table's entry for ``ppo.estimator`` (read at each update, as every option)."""
+        return algo.estimator(self.cfg.ppo.estimator)
 
     def setup(self, policy_path: str, critic_path: str, master_addr: str, master_port: int) -> dict:
-        """Join the learner group and build the policy's engine, and the critic's when
-        ``ppo.estimator=gae`` (``critic_path`` is unused otherwise). Collective: call on every
+        """Join the learner group and build the policy's engine, and the critic's when the
+        estimator needs one (``critic_path`` is unused otherwise). Collective: call on every
         rank."""
         self.init_distributed(master_addr, master_port)
         dtype, micro, accum = (
@@ -99,16 +102,203 @@ class Learner(DeepSpeedRank, WeightSyncMember):
         if self.critic is not None and not (Path(ckpt_dir) / "critic").is_dir():
             raise RuntimeError(
                 f"cannot load {ckpt_dir}: it holds no critic/ (saved by a run with a "
-                f"critic-free ppo.estimator) and ppo.estimator=gae needs one"
+                f"critic-free ppo.estimator) and ppo.estimator={self.estimator.name} needs one"
             )
         self.load_engines(ckpt_dir, self.engines())
         self.version = version
 
     def setup_info(self) -> dict:
+        """The policy's size and what a weight sync moves (its manifest)."""
         params = self.policy.module.parameters()
-        return {"policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+        return {
+            "policy_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "sync_manifest": weight_sync.manifest_of(self.policy.module),
+        }
 
     # ----------------------------------------------------------------- PPO
+
+    def ppo_update(
+        self, batch: RolloutBatch, kl_coef: float, seed: int, is_cap: float | None = None
+    ) -> UpdateResult:
+        """One PPO update on this rank's shard; its metrics are averaged over all ranks.
+        ``is_cap`` (async mode) turns on the decoupled-PPO weights of stale samples."""
+        t0 = time.perf_counter()
+        exp, bad = self.prepare(batch, kl_coef, is_cap)
+        if bad:
+            return UpdateResult(compute_s=time.perf_counter() - t0, skipped=bad)
+        totals, ratio_max = self.minibatch_loop(exp, seed)
+        metrics = self.update_metrics(exp, totals, ratio_max, kl_coef, is_cap is not None)
+        return UpdateResult(metrics, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def prepare(
+        self, batch: RolloutBatch, kl_coef: float, is_cap: float | None
+    ) -> tuple[Experience | None, tuple[str, ...]]:
+        """This rank's shard turned into an ``Experience``: old log-probs (and values)
+        recomputed, advantages from the estimator's table entry, whitened where it says, and
+        the decoupled-PPO weights of stale tokens. A non-finite reward, log-prob, value or
+        advantage on any rank makes every rank skip the update (deciding together keeps the
+        collectives in step); returns ``(None, the names of what was not finite)`` then."""
+        cfg, dev = self.cfg.ppo, self.device
+        P = batch.prompt_len
+        seq, am = batch.sequences.to(dev), batch.attention_mask.to(dev)
+        mask = batch.response_mask.to(dev).float()
+        scores = batch.scores.to(dev).float()
+        ref_logp = batch.ref_logprobs.to(dev).float()
+        old_logp, old_values = self._old_logprobs_and_values(seq, am, P)
+        if old_values is not None:
+            old_values = old_values * mask
+        # Whole groups on this rank (validate), so the groups are its shard's rows cut every
+        # rollout.samples_per_prompt.
+        adv, returns, kl = algo.estimator_advantages(
+            self.estimator,
+            scores,
+            old_logp,
+            ref_logp,
+            mask,
+            kl_coef,
+            cfg.kl_estimator,
+            cfg.gamma,
+            cfg.lam,
+            values=old_values,
+            group_size=self.cfg.rollout.samples_per_prompt,
+        )
+        bad = self._nonfinite(scores, ref_logp, old_logp, old_values, adv, mask)
+        if bad:
+            return None, bad
+        whitened = adv
+        if cfg.whiten_advantages and self.estimator.whitened:
+            whitened = self._whiten(adv, mask)
+        stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
+        is_weights = truncated = None
+        if is_cap is not None:
+            behaviour = batch.behaviour_logprobs.to(dev).float()
+            is_weights, truncated = algo.decoupled_importance_weights(
+                old_logp, behaviour, stale, is_cap
+            )
+        return Experience(
+            seq,
+            am,
+            mask,
+            P,
+            old_logp,
+            ref_logp,
+            whitened,
+            adv,
+            returns,
+            kl,
+            scores,
+            old_values,
+            stale,
+            is_weights,
+            truncated,
+        ), ()
+
+    def _nonfinite(self, scores, ref_logp, old_logp, old_values, adv, mask) -> tuple[str, ...]:
+        """The quantities not finite on any rank (gathered, so every rank decides alike and
+        the driver records rank 0's answer whichever rank saw them)."""
+        valid = mask > 0
+        checks = {"scores": scores, "ref_logprobs": ref_logp[valid], "logprobs": old_logp[valid]}
+        if old_values is not None:
+            checks["values"] = old_values[valid]
+        checks["advantages"] = adv[valid]
+        local = [0.0 if torch.isfinite(t).all() else 1.0 for t in checks.values()]
+        seen = self.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        return tuple(name for name, n_ranks in zip(checks, seen) if n_ranks > 0)
+
+    def minibatch_loop(self, exp: Experience, seed: int) -> tuple[dict[str, float], float]:
+        """``ppo.epochs`` passes over the shard in minibatches (a fresh order each epoch,
+        seeded by ``seed``), each of micro-batches whose gradients DeepSpeed accumulates (and
+        averages across ranks) before one optimizer step. Returns this rank's sums of the
+        statistics and the largest ratio seen."""
+        sums: dict[str, float] = {}
+        ratio_max = 0.0
+        gen = torch.Generator().manual_seed(seed)
+        n, mb, micro = len(exp), self.sizes.minibatch_per_rank, self.cfg.ppo.micro_batch_size
+        for _ in range(self.cfg.ppo.epochs):
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            for start in range(0, n, mb):
+                for m0 in range(start, start + mb, micro):
+                    stats = self._micro_step(exp, perm[m0 : m0 + micro])
+                    ratio_max = max(ratio_max, stats.pop("ratio_max"))
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+        return sums, ratio_max
+
+    def _micro_step(self, exp: Experience, i: torch.Tensor) -> dict[str, float]:
+        """Forward, backward and (at an accumulation boundary) the optimizer step of one
+        micro-batch, for the policy and the critic; its statistics."""
+        cfg, P = self.cfg.ppo, exp.prompt_len
+        s, a, m = exp.sequences[i], exp.attention_mask[i], exp.mask[i]
+        logp, ent = response_logprobs(
+            self.policy, s, a, P, self.cfg.rollout.temperature, with_entropy=True
+        )
+        logp = logp.float()
+        pg_loss, st = algo.ppo_policy_loss(
+            logp,
+            exp.old_logp[i],
+            exp.advantages[i],
+            m,
+            cfg.clip_eps,
+            importance_weights=None if exp.is_weights is None else exp.is_weights[i],
+            ratio_level=cfg.ratio_level,
+            loss_agg=cfg.loss_agg,
+            loss_norm=self.loss_norm,
+        )
+        entropy = algo.masked_mean(ent, m)
+        # the bonus is aggregated like the loss
+        bonus = entropy
+        if cfg.loss_agg != "token_mean":
+            bonus = algo.aggregate_loss(ent, m, cfg.loss_agg, self.loss_norm)
+        boundary = self.policy.is_gradient_accumulation_boundary()
+        loss = pg_loss - cfg.entropy_coef * bonus
+        out = {"micro_steps": 1.0}
+        if cfg.kl_loss_coef > 0:
+            kl_loss = algo.reference_kl_loss(logp, exp.ref_logp[i], m, cfg.loss_agg, self.loss_norm)
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            out["kl_loss"] = kl_loss.item()
+        out["nonfinite_losses"] = self._backward_and_step(self.policy, loss, logp)
+        if boundary:
+            out.update(grad_norm=self.policy_grad_norm, optimizer_steps=1.0)
+        if self.critic is not None:
+            out.update(self._critic_step(exp, i, boundary))
+        out.update(
+            policy_loss=pg_loss.item(),
+            entropy=entropy.item(),
+            clipfrac=float(st["clipfrac"]),
+            approx_kl=float(st["approx_kl"]),
+            ratio_mean=float(st["ratio_mean"]),
+            ratio_max=float(st["ratio_max"]),
+        )
+        return out
+
+    def _backward_and_step(self, engine, loss: torch.Tensor, graph: torch.Tensor) -> float:
+        """Backward and step of one engine; a non-finite loss contributes nothing (every
+        rank still steps) and counts 1. The engine's gradient norm is kept for the metrics."""
+        bad = 0.0
+        if not torch.isfinite(loss):
+            bad, loss = 1.0, graph.sum() * 0.0
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        norm = self._step(engine, boundary)
+        if engine is self.policy:
+            self.policy_grad_norm = norm
+        else:
+            self.critic_grad_norm = norm
+        return bad
+
+    def _critic_step(self, exp: Experience, i: torch.Tensor, boundary: bool) -> dict[str, float]:
+        cfg = self.cfg.ppo
+        s, a, m = exp.sequences[i], exp.attention_mask[i], exp.mask[i]
+        values = response_values(self.critic, s, a, exp.prompt_len)
+        value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
+        v_loss, vst = algo.value_loss(values, exp.old_values[i], exp.returns[i], m, value_clip)
+        v_loss = v_loss * cfg.vf_coef
+        out = {"nonfinite_losses": self._backward_and_step(self.critic, v_loss, values)}
+        out.update(value_loss=v_loss.item(), value_clipfrac=float(vst["value_clipfrac"]))
+        if boundary:
+            out["critic_grad_norm"] = self.critic_grad_norm
+        return out
 
     @torch.no_grad()
     def _old_logprobs_and_values(self, seq, am, P):
@@ -154,279 +344,90 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             reported = engine.clip_norm
         return float(reported) if reported is not None else (own or 0.0)
 
-    def ppo_update(
-        self, batch: RolloutBatch, kl_coef: float, seed: int, is_cap: float | None = None
-    ) -> dict:
-        """One PPO update on this rank's shard; returns metrics averaged over all ranks.
-        ``is_cap`` (async mode) turns on the decoupled-PPO weights of stale samples."""
-        t0 = time.perf_counter()
-        cfg, dev = self.cfg.ppo, self.device
-        P = batch.prompt_len
-        seq = batch.sequences.to(dev)
-        am = batch.attention_mask.to(dev)
-        mask = batch.response_mask.to(dev).float()
-        scores = batch.scores.to(dev).float()
-        ref_logp = batch.ref_logprobs.to(dev).float()
-
-        old_logp, old_values = self._old_logprobs_and_values(seq, am, P)
-        critic = self.critic is not None
-        if critic:
-            old_values = old_values * mask
-        with torch.no_grad():
-            if critic:
-                rewards, kl = algo.kl_penalized_rewards(
-                    scores, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
-                )
-                adv, returns = algo.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            else:
-                # Whole groups on this rank (validate), so the groups are its shard's rows
-                # cut every rollout.samples_per_prompt.
-                shaped = algo.shaped_scores(
-                    cfg.estimator, scores, self.cfg.rollout.samples_per_prompt
-                )
-                rewards, kl = algo.kl_penalized_rewards(
-                    shaped, old_logp, ref_logp, mask, kl_coef, cfg.kl_estimator
-                )
-                returns = adv = algo.discounted_returns(rewards, mask, cfg.gamma)
-        # A non-finite reward, log-prob, value or advantage on any rank: every rank skips the
-        # update (deciding together keeps the collectives in step) and the driver counts it.
-        # The reasons are gathered too: the driver records rank 0's, whichever rank saw them.
-        checks = {
-            "scores": scores,
-            "ref_logprobs": ref_logp[mask > 0],
-            "logprobs": old_logp[mask > 0],
-        }
-        if critic:
-            checks["values"] = old_values[mask > 0]
-        checks["advantages"] = adv[mask > 0]
-        local = [0.0 if torch.isfinite(t).all() else 1.0 for t in checks.values()]
-        seen = self.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        bad = [name for name, n_ranks in zip(checks, seen) if n_ranks > 0]
-        if bad:
-            return {"skipped": True, "reason": bad, "compute_s": time.perf_counter() - t0}
-        raw_adv = adv
-        if cfg.whiten_advantages and cfg.estimator in WHITENED_ESTIMATORS:
-            adv = self._whiten(adv, mask)
-        is_weights = None
-        stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
-        if is_cap is not None:
-            behaviour = batch.behaviour_logprobs.to(dev).float()
-            is_weights, truncated = algo.decoupled_importance_weights(
-                old_logp, behaviour, stale, is_cap
-            )
-
-        sums: dict[str, float] = {}
-
-        def add(key: str, value) -> None:
-            sums[key] = sums.get(key, 0.0) + float(value)
-
-        ratio_max = 0.0
-        gen = torch.Generator().manual_seed(seed)
-        n, mb, micro = len(batch), self.sizes.minibatch_per_rank, cfg.micro_batch_size
-        value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
-        # seq_mean_token_sum's constant normaliser: the generation budget (Dr. GRPO)
-        loss_norm = float(self.cfg.rollout.max_new_tokens)
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen).to(dev)
-            for start in range(0, n, mb):
-                for m0 in range(start, start + mb, micro):
-                    i = perm[m0 : m0 + micro]
-                    s, a, m = seq[i], am[i], mask[i]
-                    logp, ent = response_logprobs(
-                        self.policy, s, a, P, self.cfg.rollout.temperature, with_entropy=True
-                    )
-                    pg_loss, st = algo.ppo_policy_loss(
-                        logp.float(),
-                        old_logp[i],
-                        adv[i],
-                        m,
-                        cfg.clip_eps,
-                        importance_weights=None if is_weights is None else is_weights[i],
-                        ratio_level=cfg.ratio_level,
-                        loss_agg=cfg.loss_agg,
-                        loss_norm=loss_norm,
-                    )
-                    entropy = algo.masked_mean(ent, m)
-                    if cfg.loss_agg != "token_mean":  # the bonus is aggregated like the loss
-                        bonus = algo.aggregate_loss(ent, m, cfg.loss_agg, loss_norm)
-                    else:
-                        bonus = entropy
-                    boundary = self.policy.is_gradient_accumulation_boundary()
-                    loss = pg_loss - cfg.entropy_coef * bonus
-                    if cfg.kl_loss_coef > 0:
-                        kl_loss = algo.reference_kl_loss(
-                            logp.float(), ref_logp[i], m, cfg.loss_agg, loss_norm
-                        )
-                        loss = loss + cfg.kl_loss_coef * kl_loss
-                        add("kl_loss", kl_loss.item())
-                    if not torch.isfinite(loss):
-                        # this micro-batch contributes nothing (every rank still steps)
-                        add("nonfinite_losses", 1)
-                        loss = logp.sum() * 0.0
-                    self.policy.backward(loss)
-                    grad_norm = self._step(self.policy, boundary)
-                    if critic:
-                        values = response_values(self.critic, s, a, P)
-                        v_loss, vst = algo.value_loss(
-                            values, old_values[i], returns[i], m, value_clip
-                        )
-                        v_loss = v_loss * cfg.vf_coef
-                        if not torch.isfinite(v_loss):
-                            add("nonfinite_losses", 1)
-                            v_loss = values.sum() * 0.0
-                        self.critic.backward(v_loss)
-                        critic_grad_norm = self._step(self.critic, boundary)
-                        add("value_loss", v_loss.item())
-                        add("value_clipfrac", vst["value_clipfrac"])
-                    add("policy_loss", pg_loss.item())
-                    add("entropy", entropy.item())
-                    add("clipfrac", st["clipfrac"])
-                    add("approx_kl", st["approx_kl"])
-                    add("ratio_mean", st["ratio_mean"])
-                    ratio_max = max(ratio_max, float(st["ratio_max"]))
-                    add("micro_steps", 1)
-                    if boundary:
-                        add("grad_norm", grad_norm)
-                        if critic:
-                            add("critic_grad_norm", critic_grad_norm)
-                        add("optimizer_steps", 1)
-
-        add("nonfinite_losses", 0)
-        add("stale_tokens", stale.sum())
-        if is_weights is not None:
-            add("is_weight_sum", (is_weights * stale).sum())
-            add("is_truncated", truncated.sum())
-        num_tokens = mask.sum()
-        add("kl_sum", (kl * mask).sum())
-        add("tokens", num_tokens)
-        add("sequences", n)
-        add("score_sum", scores.sum())
-        add("adv_sum", (raw_adv * mask).sum())
-        add("adv_sq_sum", (raw_adv * raw_adv * mask).sum())
-        has_returns = critic or cfg.estimator in WHITENED_ESTIMATORS
-        if has_returns:
-            add("returns_sum", (returns * mask).sum())
-        if critic:
-            add("ev_res_sq", (((returns - old_values) * mask) ** 2).sum())
-            add("ret_sq", ((returns * mask) ** 2).sum())
+    def update_metrics(
+        self, exp: Experience, sums: dict, ratio_max: float, kl_coef: float, async_is: bool
+    ) -> dict[str, float]:
+        """The update's metrics (``metric_keys``), summed over the ranks then averaged."""
+        mask = exp.mask
+        adv = exp.raw_advantages
+        sums = {"nonfinite_losses": 0.0, **sums}
+        sums.update(
+            stale_tokens=float(exp.stale.sum()),
+            kl_sum=float((exp.kl * mask).sum()),
+            tokens=float(mask.sum()),
+            sequences=float(len(exp)),
+            adv_sum=float((adv * mask).sum()),
+            adv_sq_sum=float((adv * adv * mask).sum()),
+            returns_sum=float((exp.returns * mask).sum()),
+        )
+        if async_is:
+            sums["is_weight_sum"] = float((exp.is_weights * exp.stale).sum())
+            sums["is_truncated"] = float(exp.is_truncated.sum())
+        if exp.old_values is not None:
+            sums["ev_res_sq"] = float((((exp.returns - exp.old_values) * mask) ** 2).sum())
+            sums["ret_sq"] = float(((exp.returns * mask) ** 2).sum())
         keys = sorted(sums)
         total = self.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         t = dict(zip(keys, total.tolist()))
-
-        micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
-        adv_mean = t["adv_sum"] / tok
-        means = ["policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "ratio_mean"]
-        means += ["value_clipfrac", "kl_loss"]
-        metrics = {f"train/{k}": t[k] / micro_n for k in means if k in t}
-        metrics.update(
-            {
-                "train/grad_norm": t["grad_norm"] / opt_n,
-                "train/kl": t["kl_sum"] / tok,
-                "train/kl_per_sequence": t["kl_sum"] / t["sequences"],
-                "train/kl_coef": kl_coef,
-                "train/advantages_mean": adv_mean,
-                "train/advantages_std": math.sqrt(max(t["adv_sq_sum"] / tok - adv_mean**2, 0.0)),
-                "train/optimizer_steps": t["optimizer_steps"] / self.world_size,
-                "fault/nonfinite_losses": t["nonfinite_losses"],
-                "train/ratio_max": self.all_reduce_max(ratio_max),
-                "train/stale_token_frac": t["stale_tokens"] / tok,
-                "train/lr": self.policy.get_lr()[0],
-            }
-        )
-        if has_returns:
-            metrics["train/returns_mean"] = t["returns_sum"] / tok
-        if critic:
-            ret_mean = t["returns_sum"] / tok
-            ret_var = t["ret_sq"] / tok - ret_mean**2
-            metrics["train/critic_grad_norm"] = t["critic_grad_norm"] / opt_n
-            metrics["train/explained_variance"] = (
-                1.0 - (t["ev_res_sq"] / tok) / ret_var if ret_var > 0 else 0.0
-            )
-            metrics["train/critic_lr"] = self.critic.get_lr()[0]
-        if is_cap is not None:
-            n_stale = max(t["stale_tokens"], 1.0)
-            metrics["train/is_weight_mean"] = (
-                t["is_weight_sum"] / n_stale if t["stale_tokens"] else 1.0
-            )
-            metrics["train/is_truncated_frac"] = t["is_truncated"] / n_stale
-        metrics["compute_s"] = time.perf_counter() - t0
+        metrics = learner_metrics(t, self.world_size, kl_coef, self.estimator.has_returns)
+        metrics[K.RATIO_MAX] = self.all_reduce_max(ratio_max)
+        metrics[K.LR] = self.policy.get_lr()[0]
+        if self.critic is not None:
+            metrics[K.CRITIC_LR] = self.critic.get_lr()[0]
         return metrics
 
     # ----------------------------------------------------------------- weight sync
-
-    def sync_manifest(self) -> list[weight_sync.ParamSpec]:
-        return weight_sync.manifest_of(self.policy.module)
 
     def _buckets(self, bucket_bytes: int):
         """Yield (layout, full parameters) for each bucket on rank 0 (parameters None
         elsewhere), gathered only while the consumer handles that bucket. Under ZeRO-3 every
         rank takes part in gathering, so every rank must iterate this."""
-        manifest = self.sync_manifest()
+        manifest = weight_sync.manifest_of(self.policy.module)
         params = [p for _, p in weight_sync.sync_params(self.policy.module)]
         for bucket in weight_sync.plan_buckets(manifest, bucket_bytes):
             ps = params[bucket.start : bucket.stop]
             with self.gathered(ps):
                 yield bucket, ps if self.rank == 0 else None
 
-    def host_weight_sync(self) -> int:
-        """Host the store every weight-sync group of this run meets through (once, bound at
-        port 0; each group uses a prefix of its own) and return its port for the members'
-        ``join_weight_sync``."""
-        assert self.rank == 0, "only learner rank 0 hosts the weight-sync store"
-        if self.sync_store is None:
-            self.sync_store = host_store(self.cfg.sync.timeout_s)
-        return self.sync_store.port
+    def open_weight_sync(
+        self,
+        backend: str,
+        bucket_bytes: int,
+        membership: weight_sync.Membership | None = None,
+        zero_copy: bool = False,
+    ) -> dict:
+        """Rank 0: set up the sender of transport ``backend`` (a new one when the transport
+        changed), or join ``membership`` (a collective's group); returns what the generators'
+        receivers need (``Channel.info``). ``zero_copy`` asks for the generators to read the
+        policy's parameters where they are; ``info["zero_copy"]`` says whether they do (a
+        transport that can, shared memory, on an engine that allows it: ``can_share_weights``)."""
+        assert self.rank == 0, "only learner rank 0 sends the weights"
+        if self.sender is None or self.sender.backend != backend:
+            if self.sender is not None:
+                self.sender.close()
+            self.sender = weight_sync.sender(backend, self.cfg.sync.timeout_s)
+        manifest = weight_sync.manifest_of(self.policy.module)
+        share = zero_copy and self.can_share_weights(manifest)
+        params = [p for _, p in weight_sync.sync_params(self.policy.module)]
+        info = self.sender.open(params, manifest, bucket_bytes, membership, share)
+        return {"zero_copy": False, **info}  # a transport that shares says so itself
 
-    def join_weight_sync(self, host, port, rank, world_size, prefix, backend, timeout_s) -> None:
-        """Join as rank 0, through the store ``host_weight_sync`` hosts (or, without one, a
-        store opened at ``port``)."""
-        assert self.rank == 0, "only learner rank 0 joins the weight-sync group"
-        self.sync_group = weight_sync.SyncGroup(
-            host, port, rank, world_size, prefix, backend, timeout_s, store=self.sync_store
-        )
-
-    def broadcast_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
-        """Send the policy to the generators (call on every rank; rank 0 sends)."""
+    def send_weights(
+        self, bucket_bytes: int, version: int, verify: bool, full: bool = False
+    ) -> tuple[weight_sync.Receipt, object]:
+        """Send the policy as ``version`` (call on every rank: under ZeRO-3 every rank takes
+        part in gathering; rank 0 sends). Returns the receipt and what the receivers need of
+        this send (the transport's handoff; None on the other ranks)."""
         t0 = time.perf_counter()
         buckets = self._buckets(bucket_bytes)
         if self.rank == 0:
-            try:
-                digest = weight_sync.send(self.sync_group, buckets, verify)
-            except Exception:
-                # The group broke (a generator was lost): still take part in gathering the
-                # remaining buckets, or the other ranks would wait in the all-gather for ever.
-                for _ in buckets:
-                    pass
-                raise
+            receipt, handoff = self.sender.send(buckets, version, verify, full)
         else:
             for _ in buckets:
                 pass
-            digest = None
+            receipt, handoff = weight_sync.Receipt(version, 0, None, 0.0), None
         self.version = version
-        return {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
-
-    def host_shm_sync(self, bucket_bytes: int, zero_copy: bool = False) -> dict:
-        """``sync.backend=shm``: make rank 0's shared memory (once per layout) and return
-        ``{"handles": [...], "zero_copy": bool}`` for the generators to attach through. With
-        ``zero_copy`` asked for and an engine that allows it (``can_share_weights``), the
-        policy's parameters move into one slot that the generators read as they are
-        (``weight_sync.ShmLive``); otherwise two slots each sync writes into in turn
-        (``weight_sync.ShmSlots``)."""
-        assert self.rank == 0, "only learner rank 0 holds the shared-memory slots"
-        manifest = self.sync_manifest()
-        key = (tuple(manifest), bucket_bytes)
-        if zero_copy and self.can_share_weights(manifest):
-            if self.shm_live is None or self.shm_live.key != key:
-                if self.shm_live is not None:
-                    self.shm_live.close()
-                params = [p for _, p in weight_sync.sync_params(self.policy.module)]
-                self.shm_live = weight_sync.ShmLive(params, manifest, bucket_bytes)
-            return {"handles": self.shm_live.handles, "zero_copy": True}
-        if self.shm_slots is None or self.shm_slots.key != key:
-            if self.shm_slots is not None:
-                self.shm_slots.close()
-            self.shm_slots = weight_sync.ShmSlots(manifest, bucket_bytes)
-        return {"handles": self.shm_slots.handles, "zero_copy": False}
+        return dataclasses.replace(receipt, seconds=time.perf_counter() - t0), handoff
 
     def can_share_weights(self, manifest: list[weight_sync.ParamSpec]) -> bool:
         """Whether the optimizer steps the policy module's own parameters, so that the
@@ -442,59 +443,6 @@ class Learner(DeepSpeedRank, WeightSyncMember):
             and not engine.fp16_enabled()
             and len({s.dtype for s in manifest}) == 1
         )
-
-    def share_weights(self, version: int) -> dict:
-        """``sync.zero_copy``: the generators read the policy's parameters where they are;
-        only check that every one is still in the shared slot (one found moved is copied
-        back and pointed at it again, counted in ``moved``) and take ``version``."""
-        t0 = time.perf_counter()
-        moved = self.shm_live.home()
-        self.version = version
-        return {
-            "version": version,
-            "checksum": None,
-            "moved": moved,
-            "compute_s": time.perf_counter() - t0,
-        }
-
-    def shared_checksum(self) -> str:
-        """The checksum of the parameters in the shared slot (``sync.zero_copy``), for a
-        generator that attached afresh."""
-        return self.shm_live.checksum()
-
-    def write_weights(self, bucket_bytes: int, version: int, verify: bool) -> dict:
-        """``sync.backend=shm``: pack the policy into rank 0's next slot; the generators then
-        attach to ``slot``. Call on every rank (under ZeRO-3 every rank gathers)."""
-        t0 = time.perf_counter()
-        buckets = self._buckets(bucket_bytes)
-        if self.rank == 0:
-            slot, digest = self.shm_slots.write(buckets, verify)
-        else:
-            for _ in buckets:
-                pass
-            slot = digest = None
-        self.version = version
-        return {
-            "version": version,
-            "checksum": digest,
-            "slot": slot,
-            "compute_s": time.perf_counter() - t0,
-        }
-
-    def weight_buckets(self, bucket_bytes: int, version: int, verify: bool) -> tuple[dict, list]:
-        """Fallback transport: (metadata, the policy's buckets as CPU tensors) for Ray's object
-        store; called with ``num_returns=2`` so the driver never fetches the weights. Call on
-        every rank; rank 0 returns the buckets."""
-        t0 = time.perf_counter()
-        plan, buckets = [], []
-        for bucket, ps in self._buckets(bucket_bytes):
-            if ps is not None:
-                plan.append(bucket)
-                buckets.append(weight_sync.flat_bucket(bucket, ps))
-        self.version = version
-        digest = weight_sync.buckets_checksum(plan, buckets) if verify and self.rank == 0 else None
-        meta = {"version": version, "checksum": digest, "compute_s": time.perf_counter() - t0}
-        return meta, buckets
 
     def policy_checksum(self) -> str | None:
         """Checksum of what a sync sends: the full policy, or its LoRA adapters (collective

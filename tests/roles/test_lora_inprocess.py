@@ -8,8 +8,8 @@ from rlhf_dist import weight_sync
 from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
-from rlhf_dist.roles.common import in_threads
 from rlhf_dist.roles.deepspeed_rank import safe_load
+from tests.helpers.sync_pairs import open_gloo, push
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
 LORA = ["model.lora_rank=4", "model.lora_alpha=8", "model.critic_lora_rank=2"]
@@ -57,7 +57,7 @@ def trained(learner, tiny_policy):
     )["scores"]
     batch.ref_logprobs = ReferenceScorer(tiny_policy).ref_logprobs(batch)["ref_logprobs"]
     before = learner.policy_state()
-    metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0)
+    metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0).metrics
     assert metrics["train/optimizer_steps"] == 2
     return before, learner.policy_state()
 
@@ -91,7 +91,7 @@ def test_only_the_adapters_train_and_the_optimizer_holds_only_them(learner, trai
 def test_the_sync_sends_the_adapters_only_and_generators_sample_as_the_merged_model(
     learner, trained, tiny_policy, tmp_path
 ):
-    manifest = learner.sync_manifest()
+    manifest = learner.setup_info()["sync_manifest"]
     adapters = {n: t for n, t in trained[1].items() if "lora_" in n}
     assert [s.name for s in manifest] == list(adapters)
     weigh = sum(t.numel() * t.element_size() for t in adapters.values())
@@ -100,23 +100,18 @@ def test_the_sync_sends_the_adapters_only_and_generators_sample_as_the_merged_mo
     assert weigh < 0.2 * full  # rank 4 on a 64-wide model; a few % on larger ones
 
     gen = _generator(tiny_policy, learner.cfg)
-    port = learner.host_weight_sync()
-    in_threads(
-        lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "lora", "gloo", 60),
-        lambda: gen.join_weight_sync("127.0.0.1", port, 1, 2, "lora", "gloo", 60),
-    )
-    sent, got = in_threads(
-        lambda: learner.broadcast_weights(4096, version=1, verify=True),
-        lambda: gen.receive_weights(manifest, 4096, version=1, verify=True),
-    )
-    assert sent["checksum"] == got["checksum"] == learner.policy_checksum()
-    assert gen.status() == {"version": 1, "checksum": sent["checksum"]}
+    open_gloo(learner, gen, prefix="lora")
+    sent, got = push(learner, gen, version=1)
+    assert sent.checksum == got.checksum == learner.policy_checksum()
+    assert gen.status() == {"version": 1, "checksum": sent.checksum}
     # the object-store transport moves the same adapters
     other = _generator(tiny_policy, learner.cfg)
-    meta, buckets = learner.weight_buckets(4096, version=1, verify=True)
+    learner.open_weight_sync("object_store", 4096)
+    meta, buckets = learner.send_weights(4096, 1, True)
     assert sum(b.numel() for b in buckets) < weigh + 64 * len(manifest)
-    loaded = other.load_weight_buckets(manifest, 4096, buckets, 1, verify=True)
-    assert loaded["checksum"] == meta["checksum"] == sent["checksum"]
+    other.open_weight_sync(weight_sync.Channel("object_store", 4096, manifest))
+    loaded = other.receive_weights(1, True, buckets)
+    assert loaded.checksum == meta.checksum == sent.checksum
 
     # The export, merged, is a plain transformers model; a plain generator on it samples
     # what the LoRA generator samples.

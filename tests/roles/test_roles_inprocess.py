@@ -11,8 +11,10 @@ from rlhf_dist import weight_sync
 from rlhf_dist.config import load_config
 from rlhf_dist.models import load_policy
 from rlhf_dist.roles import Generator, Learner, ReferenceScorer, RewardScorer
-from rlhf_dist.roles.common import host_store, in_threads
+from rlhf_dist.roles.common import in_threads
 from rlhf_dist.tasks.tiny import WARM, build_policy, build_tokenizer
+from rlhf_dist.weight_sync import host_store
+from tests.helpers.sync_pairs import buckets_of, open_gloo, push, push_object_store, stand_in_sender
 
 PROMPTS = ["describe : red cat", "describe : sun", "describe : blue owl tree", "describe : cup"]
 # what only a learner with a critic (ppo.estimator=gae) reports
@@ -198,14 +200,13 @@ def _taken(port: int) -> bool:
         return False
 
 
-def test_ports_are_bound_before_they_are_handed_over():
+def test_ports_are_bound_before_they_are_handed_over(learner):
     """The port a store's host hands to the other members is bound already (the OS picked it
     at port 0), so no other process can take it between choosing and binding it; the
     learner hosts one weight-sync store for all its groups."""
-    learner = Learner(_learner_cfg(), rank=0, world_size=1)  # no engines needed
-    port = learner.host_weight_sync()
-    assert _taken(port) and learner.host_weight_sync() == port
-    assert _taken(learner.host_rendezvous())
+    port = learner.open_weight_sync("gloo", 4096)["port"]
+    assert _taken(port) and learner.open_weight_sync("gloo", 4096)["port"] == port
+    assert _taken(Learner(_learner_cfg(), rank=0, world_size=1).host_rendezvous())
     store = host_store(10)
     assert _taken(store.port) and store.port != port
 
@@ -218,7 +219,7 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     before = learner.policy_checksum()
     assert before == weight_sync.model_checksum(load_policy(tiny_policy))
 
-    metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0)
+    metrics = learner.ppo_update(batch, kl_coef=0.05, seed=0).metrics
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["train/optimizer_steps"] == 2  # 8 samples / minibatch 4
     assert set(VALUE_METRICS) <= metrics.keys() and "train/kl_loss" not in metrics
@@ -228,20 +229,12 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     assert after != before
 
     # tied weights travel once: lm_head.weight is the embedding
-    names = [s.name for s in learner.sync_manifest()]
+    names = [s.name for s in learner.setup_info()["sync_manifest"]]
     assert "lm_head.weight" not in names and "transformer.wte.weight" in names
 
-    port = learner.host_weight_sync()
-    in_threads(
-        lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "t", "gloo", 60),
-        lambda: generator.join_weight_sync("127.0.0.1", port, 1, 2, "t", "gloo", 60),
-    )
-    manifest = learner.sync_manifest()
-    sent, got = in_threads(
-        lambda: learner.broadcast_weights(4096, version=1, verify=True),
-        lambda: generator.receive_weights(manifest, 4096, version=1, verify=True),
-    )
-    assert sent["checksum"] == got["checksum"] == after
+    open_gloo(learner, generator)
+    sent, got = push(learner, generator, version=1)
+    assert sent.checksum == got.checksum == after and sent.version == got.version == 1
     assert generator.status() == {"version": 1, "checksum": after}
 
     # The generator now samples exactly what a plain model holding the learner's weights does.
@@ -264,33 +257,22 @@ def test_decoupled_ppo_weights_stale_samples_only(learner, batch, tiny_policy):
 
     fresh = scored.select(list(range(len(scored))))
     fresh.versions = torch.full((len(fresh),), 3)
-    m = learner.ppo_update(fresh, kl_coef=0.05, seed=0, is_cap=2.0)
+    m = learner.ppo_update(fresh, kl_coef=0.05, seed=0, is_cap=2.0).metrics
     assert m["train/stale_token_frac"] == 0.0 and m["train/is_weight_mean"] == 1.0
 
     stale = scored.select(list(range(len(scored))))
     stale.versions = torch.full((len(stale),), 2)
     # the behaviour policy found these tokens 5 nats less likely: weights e^5 > cap
     stale.behaviour_logprobs = (stale.behaviour_logprobs - 5.0) * stale.response_mask
-    m = learner.ppo_update(stale, kl_coef=0.05, seed=0, is_cap=2.0)
+    m = learner.ppo_update(stale, kl_coef=0.05, seed=0, is_cap=2.0).metrics
     assert m["train/stale_token_frac"] == 1.0
     assert m["train/is_truncated_frac"] > 0.9 and m["train/is_weight_mean"] <= 2.0
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
 
 
-def _sender_and(join):
-    """A stand-in for learner rank 0 (rank 0 of a gloo group) and ``join`` as rank 1."""
-    store = host_store(60)
-    group, _ = in_threads(
-        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
-        lambda: join("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
-    )
-    return group
-
-
-def _send(group, model, bucket_bytes):
-    params = [p for _, p in model.named_parameters()]
-    plan = weight_sync.plan_buckets(weight_sync.manifest_of(model), bucket_bytes)
-    return weight_sync.send(group, ((b, params[b.start : b.stop]) for b in plan), verify=True)
+def _send(sender, model, bucket_bytes, version=1):
+    receipt, _ = sender.send(buckets_of(model, bucket_bytes), version, True, False)
+    return receipt.checksum
 
 
 def _perturb(model, delta):
@@ -304,20 +286,20 @@ def test_generator_receives_in_place_into_persistent_buffers(tiny_policy):
     (no allocation) and the tied embedding stays one tensor that holds the new weights."""
     sender = load_policy(tiny_policy).eval()
     gen = Generator(tiny_policy, max_new_tokens=4)
-    group = _sender_and(gen.join_weight_sync)
     manifest, bucket_bytes = weight_sync.manifest_of(sender), 4096
+    group = stand_in_sender(gen, manifest, bucket_bytes)
     first = None
     for version, delta in [(1, 0.5), (2, -0.25)]:
         _perturb(sender, delta)
         sent, got = in_threads(
-            lambda: _send(group, sender, bucket_bytes),
-            lambda v=version: gen.receive_weights(manifest, bucket_bytes, v, verify=True),
+            lambda v=version: _send(group, sender, bucket_bytes, v),
+            lambda v=version: gen.receive_weights(v, verify=True),
         )
-        assert sent == got["checksum"] == weight_sync.model_checksum(sender)
+        assert sent == got.checksum == weight_sync.model_checksum(sender)
 
         spans = [
             (b.data_ptr(), b.data_ptr() + b.numel())
-            for b in weight_sync.bucket_buffers(gen.model, manifest, bucket_bytes)
+            for b in gen.weights.buffers(manifest, bucket_bytes)
         ]
         ptrs = [p.data_ptr() for p in gen.model.parameters()]
         assert all(any(lo <= x < hi for lo, hi in spans) for x in ptrs)
@@ -350,16 +332,22 @@ def test_weight_sync_round_trips_bf16_and_mixed_dtypes_exactly(tmp_path, dtypes)
     _perturb(sender, 0.5)
     manifest = weight_sync.manifest_of(sender)
     assert len({s.dtype for s in manifest}) == (3 if dtypes == "mixed" else 1)
-    store = host_store(60)
-    group_0, group_1 = in_threads(
-        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 0, 2, "t", "gloo", 60, store),
-        lambda: weight_sync.SyncGroup("127.0.0.1", store.port, 1, 2, "t", "gloo", 60),
+    out = weight_sync.CollectiveSender("gloo", 60)
+    port = out.open([], manifest, 4096)["port"]
+    inbox = weight_sync.CollectiveReceiver("gloo")
+    channel = weight_sync.Channel("gloo", 4096, manifest, {"port": port})
+    member = [weight_sync.Membership("127.0.0.1", port, r, 2, "t", 60) for r in (0, 1)]
+    in_threads(
+        lambda: out.open([], manifest, 4096, member[0]),
+        lambda: inbox.open(channel, member[1]),
     )
-    sent, _ = in_threads(
-        lambda: _send(group_0, sender, 4096),
-        lambda: weight_sync.receive(group_1, receiver, manifest, 4096),
+    target = weight_sync.ModuleWeights(receiver)
+    sent, got = in_threads(
+        lambda: _send(out, sender, 4096),
+        lambda: inbox.receive(target, 1, True),
     )
-    assert sent == weight_sync.model_checksum(receiver) == weight_sync.model_checksum(sender)
+    assert sent == got.checksum == weight_sync.model_checksum(receiver)
+    assert sent == weight_sync.model_checksum(sender)
     for (name, a), b in zip(sender.named_parameters(), receiver.parameters()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
@@ -369,9 +357,8 @@ def test_object_store_sync_checksums_agree(learner, tiny_policy):
     buckets equals the generator's checksum of its model after loading them."""
     gen = Generator(tiny_policy, max_new_tokens=4)
     _perturb(gen.model, 1.0)
-    meta, buckets = learner.weight_buckets(4096, version=3, verify=True)
-    got = gen.load_weight_buckets(learner.sync_manifest(), 4096, buckets, 3, verify=True)
-    assert meta["checksum"] == got["checksum"] == learner.policy_checksum()
+    sent, got = push_object_store(learner, gen, version=3)
+    assert sent.checksum == got.checksum == learner.policy_checksum() and got.version == 3
     assert gen.model.lm_head.weight is gen.model.transformer.wte.weight
 
 
@@ -444,7 +431,7 @@ def test_grpo_update_uses_group_advantages_and_reports_no_value_metrics(
     # groups (samples 2k, 2k + 1): scores (0, 1), (1, 0), (0.5, 0.5), (0, 3)
     scored = _scored(batch, tiny_policy, [0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.0, 3.0])
     before = grpo_learner.policy_checksum()
-    m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0)
+    m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0).metrics
     assert grpo_learner.policy_checksum() != before
     assert not set(VALUE_METRICS) & m.keys()
     assert all(math.isfinite(v) for v in m.values())
@@ -482,7 +469,7 @@ def test_groups_that_all_scored_alike_teach_nothing(
     saved = ppo.estimator, ppo.kl_loss_coef
     ppo.estimator, ppo.kl_loss_coef = estimator, 0.0  # the KL loss would pull towards the ref
     try:
-        m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0)
+        m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0).metrics
     finally:
         ppo.estimator, ppo.kl_loss_coef = saved
     assert (m["train/grad_norm"] > 0) == learns
@@ -506,7 +493,7 @@ def test_every_critic_free_estimator_and_loss_option_trains(grpo_learner, batch,
         ]:
             ppo.estimator, ppo.loss_agg, ppo.ratio_level = estimator, loss_agg, ratio_level
             before = grpo_learner.policy_checksum()
-            m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=1)
+            m = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=1).metrics
             assert grpo_learner.policy_checksum() != before, estimator
             assert all(math.isfinite(v) for v in m.values()), estimator
             whitened = estimator.startswith("reinforce_pp")
@@ -600,7 +587,7 @@ def test_fp32_zero0_grad_norm_is_the_norm_deepspeed_clipped_with(batch, tiny_pol
         )
         learner = Learner(cfg, rank=0, world_size=1)
         learner.setup(tiny_policy, "/no/critic", "127.0.0.1", learner.host_rendezvous())
-        m = learner.ppo_update(scored, kl_coef=0.0, seed=0)
+        m = learner.ppo_update(scored, kl_coef=0.0, seed=0).metrics
         assert m["train/optimizer_steps"] == 1
         if max_norm:
             assert learner.policy.clip_norm == m["train/grad_norm"]  # what DeepSpeed clipped with

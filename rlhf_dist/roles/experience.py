@@ -1,0 +1,90 @@
+"""What the learner's PPO update works on, and the metrics it reports (no ray, no deepspeed).
+
+``Experience`` is one learner rank's shard of a step once prepared (as OpenRLHF's
+``Experience``): the samples with the old log-probs recomputed, the advantages and returns of
+the estimator, and the decoupled-PPO weights in async mode. ``learner_metrics`` turns the
+statistics the minibatch loop summed (over micro-batches, then over ranks) into the
+``train/`` metrics, every key a ``metric_keys`` constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from rlhf_dist import metric_keys as K
+
+
+@dataclass
+class Experience:
+    sequences: Tensor  # (B, P + R) long
+    attention_mask: Tensor  # (B, P + R)
+    mask: Tensor  # (B, R) float, 1 on response tokens
+    prompt_len: int  # P
+    old_logp: Tensor  # (B, R) the policy's log-probs before the update (the proximal policy)
+    ref_logp: Tensor  # (B, R) the reference policy's
+    advantages: Tensor  # (B, R) as trained on (whitened where the estimator says)
+    raw_advantages: Tensor  # (B, R) before whitening (reported)
+    returns: Tensor  # (B, R) the critic's targets, or the critic-free return-to-go
+    kl: Tensor  # (B, R) the KL estimate in the reward
+    scores: Tensor  # (B,)
+    old_values: Tensor | None  # (B, R) the critic's values before the update (gae only)
+    stale: Tensor  # (B, R) bool: a token sampled by an older policy than the learner's
+    is_weights: Tensor | None  # (B, R) decoupled-PPO weights (async mode only)
+    is_truncated: Tensor | None  # (B, R) bool: a stale token whose weight hit the cap
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+
+# statistics the minibatch loop sums per micro-batch, reported as means over micro-batches
+MICRO_MEANS = {
+    "policy_loss": K.POLICY_LOSS,
+    "value_loss": K.VALUE_LOSS,
+    "entropy": K.ENTROPY,
+    "clipfrac": K.CLIPFRAC,
+    "approx_kl": K.APPROX_KL,
+    "ratio_mean": K.RATIO_MEAN,
+    "value_clipfrac": K.VALUE_CLIPFRAC,
+    "kl_loss": K.KL_LOSS,
+}
+
+
+def learner_metrics(t: dict[str, float], world_size: int, kl_coef: float, returns: bool) -> dict:
+    """The update's metrics from ``t``, the statistics summed over every micro-batch of every
+    rank. ``returns``: the estimator's returns are defined (``Estimator.has_returns``). The
+    critic's metrics appear where the critic's statistics do (``ev_res_sq``), the decoupled
+    PPO ones where its weights do (``is_weight_sum``)."""
+    micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
+    adv_mean = t["adv_sum"] / tok
+    metrics = {key: t[name] / micro_n for name, key in MICRO_MEANS.items() if name in t}
+    metrics.update(
+        {
+            K.GRAD_NORM: t["grad_norm"] / opt_n,
+            K.KL: t["kl_sum"] / tok,
+            K.KL_PER_SEQUENCE: t["kl_sum"] / t["sequences"],
+            K.KL_COEF: kl_coef,
+            K.ADVANTAGES_MEAN: adv_mean,
+            K.ADVANTAGES_STD: math.sqrt(max(t["adv_sq_sum"] / tok - adv_mean**2, 0.0)),
+            K.OPTIMIZER_STEPS: t["optimizer_steps"] / world_size,
+            K.NONFINITE_LOSSES: t["nonfinite_losses"],
+            K.STALE_TOKEN_FRAC: t["stale_tokens"] / tok,
+        }
+    )
+    if returns:
+        metrics[K.RETURNS_MEAN] = t["returns_sum"] / tok
+    if "ev_res_sq" in t:
+        ret_mean = t["returns_sum"] / tok
+        ret_var = t["ret_sq"] / tok - ret_mean**2
+        metrics[K.CRITIC_GRAD_NORM] = t["critic_grad_norm"] / opt_n
+        metrics[K.EXPLAINED_VARIANCE] = (
+            1.0 - (t["ev_res_sq"] / tok) / ret_var if ret_var > 0 else 0.0
+        )
+    if "is_weight_sum" in t:
+        n_stale = max(t["stale_tokens"], 1.0)
+        stale = t["stale_tokens"]
+        metrics[K.IS_WEIGHT_MEAN] = t["is_weight_sum"] / n_stale if stale else 1.0
+        metrics[K.IS_TRUNCATED_FRAC] = t["is_truncated"] / n_stale
+    return metrics
