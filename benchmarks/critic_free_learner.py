@@ -76,7 +76,7 @@ def measure(estimator: str, assets: Path, updates: int, threads: int) -> dict:
     times = []
     for i in range(updates + 1):
         t0 = time.perf_counter()
-        metrics = learner.ppo_update(batch, kl_coef=cfg.ppo.kl_coef, seed=i)
+        metrics = learner.ppo_update(batch, kl_coef=cfg.ppo.kl_coef, seed=i).metrics
         if i:  # the first update is the warm-up
             times.append(time.perf_counter() - t0)
     peak = _status_kib("VmHWM")

@@ -313,6 +313,14 @@ def finite(metrics: dict) -> bool:
     return all(math.isfinite(float(v)) for v in metrics.values() if isinstance(v, int | float))
 
 
+def updated(result) -> dict:
+    """The metrics of a PPO update (``Learner.ppo_update``'s ``UpdateResult``), checked: the
+    update was not skipped and every metric is finite."""
+    check(not result.skipped, f"update skipped: {list(result.skipped)}")
+    check(finite(result.metrics), f"non-finite metrics: {result.metrics}")
+    return result.metrics
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
@@ -324,38 +332,46 @@ def _member(rank: int, spec: dict, inbox, outbox) -> None:
             os.environ["CUDA_VISIBLE_DEVICES"] = spec["gpus"][rank]
         else:
             torch.set_num_threads(1)
+        from rlhf_dist import weight_sync
         from rlhf_dist.config import load_config
         from rlhf_dist.roles import Generator, Learner
 
         cfg = load_config(str(ROOT / EXAMPLE_CONFIGS[2]), spec["overrides"])
         bucket_bytes = int(cfg.sync.bucket_mb * 2**20)
-        args = (HOST, spec["sync_port"], rank, 2, "two", spec["backend"], cfg.sync.timeout_s)
+        backend, timeout = spec["backend"], cfg.sync.timeout_s
+
+        def member(port: int):
+            return weight_sync.Membership(HOST, port, rank, 2, "two", timeout)
+
         times = []
         if rank == 0:
             learner = Learner(cfg, rank=0, world_size=1)
             learner.setup(spec["policy"], spec["policy"], HOST, spec["ds_port"])
-            inbox.put(learner.sync_manifest())  # the driver's job in a run: manifest to gens
-            learner.join_weight_sync(*args)
+            info = learner.open_weight_sync(backend, bucket_bytes)  # hosts the group's store
+            manifest = weight_sync.manifest_of(learner.policy.module)
+            # the driver's job in a run: the channel (manifest, store port) to the generators
+            inbox.put(weight_sync.Channel(backend, bucket_bytes, manifest, info))
+            learner.open_weight_sync(backend, bucket_bytes, member(info["port"]))
             for version in (1, 2):
                 t0 = time.perf_counter()
-                sent = learner.broadcast_weights(bucket_bytes, version, verify=version == 1)
+                sent, _ = learner.send_weights(bucket_bytes, version, verify=version == 1)
                 times.append(time.perf_counter() - t0)
                 if version == 1:
-                    digest = sent["checksum"]
+                    digest = sent.checksum
             outbox.put(("learner", digest, learner.policy_checksum(), times))
         else:
             gen = Generator(
                 spec["policy"], dtype=cfg.model.dtype, max_new_tokens=4, num_gpus=spec["gpu"]
             )
-            gen.join_weight_sync(*args)
-            manifest = inbox.get(timeout=cfg.sync.timeout_s)
-            nbytes = sum(s.nbytes for s in manifest)
+            channel = inbox.get(timeout=timeout)
+            gen.open_weight_sync(channel, member(channel.info["port"]))
+            nbytes = sum(s.nbytes for s in channel.manifest)
             for version in (1, 2):
                 t0 = time.perf_counter()
-                got = gen.receive_weights(manifest, bucket_bytes, version, verify=version == 1)
+                got = gen.receive_weights(version, verify=version == 1)
                 times.append(time.perf_counter() - t0)
                 if version == 1:
-                    digest = got["checksum"]
+                    digest = got.checksum
             gen.generate(["w1 w2 w3"], [0], seed=0)  # it still samples from the new buffers
             outbox.put(("generator", digest, gen.status()["checksum"], times, nbytes))
     except BaseException:
@@ -601,6 +617,33 @@ def main(argv: list[str] | None = None) -> int:
             **extra,
         )
 
+    def open_gloo(learner, gen, bucket_bytes: int, prefix: str, timeout: float) -> list:
+        """A gloo weight-sync group of ``learner`` (rank 0) and ``gen`` (rank 1) in this
+        process, formed as the driver forms one (the learner hosts the store, then both join);
+        returns the manifest."""
+        info = learner.open_weight_sync("gloo", bucket_bytes)
+        manifest = weight_sync.manifest_of(learner.policy.module)
+        channel = weight_sync.Channel("gloo", bucket_bytes, manifest, info)
+
+        def member(rank: int):
+            return weight_sync.Membership(HOST, info["port"], rank, 2, prefix, timeout)
+
+        in_threads(
+            lambda: learner.open_weight_sync("gloo", bucket_bytes, member(0)),
+            lambda: gen.open_weight_sync(channel, member(1)),
+            timeout=timeout,
+        )
+        return manifest
+
+    def push(learner, gen, bucket_bytes: int, version: int, verify: bool, timeout: float):
+        """One push over the group of ``open_gloo``: (the learner's receipt, the generator's)."""
+        (sent, _), got = in_threads(
+            lambda: learner.send_weights(bucket_bytes, version, verify),
+            lambda: gen.receive_weights(version, verify),
+            timeout=timeout,
+        )
+        return sent, got
+
     # --- generator
     def c_generate():
         with mem.phase("generator"):
@@ -618,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         valid = batch.behaviour_logprobs[batch.response_mask > 0]
         check(bool(torch.isfinite(valid).all()), "non-finite behaviour log-probs")
         check(bool((valid <= 0).all()), "positive behaviour log-probs")
-        tokens = batch.extra["num_tokens"]
+        tokens = batch.generated_tokens
         rate = tokens / dt
         measured["generate_tokens_per_s"] = rate
         rows.append(
@@ -742,13 +785,11 @@ def main(argv: list[str] | None = None) -> int:
                     check(p.dtype == dtype, f"engine weights are {p.dtype}")
                     check(engine.zero_optimization_stage() == stage, "wrong ZeRO stage")
                 before = learner.policy_checksum()
-                m1 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=0)  # also the warm-up
+                r1 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=0)  # also the warm-up
                 t0 = time.perf_counter()
-                m2 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=1)
+                r2 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=1)
                 dt = time.perf_counter() - t0
-            for m in (m1, m2):
-                check(not m.get("skipped"), f"update skipped: {m.get('reason')}")
-                check(finite(m), f"non-finite metrics: {m}")
+            m1, m2 = updated(r1), updated(r2)
             steps = len(batch) // learner.sizes.minibatch_per_rank * cfg.ppo.epochs
             check(m2["train/optimizer_steps"] == steps, f"{m2['train/optimizer_steps']} steps")
             check(learner.policy_checksum() != before, "the update did not change the policy")
@@ -769,13 +810,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def c_sync(stage=stage, L=L, role=role, bucket_bytes=bucket_bytes):
             learner, gen = L["learner"], S["gen"]
-            port, timeout = free_port(), cfgs[stage].sync.timeout_s
-            in_threads(
-                lambda: learner.join_weight_sync(HOST, port, 0, 2, f"z{stage}", "gloo", timeout),
-                lambda: gen.join_weight_sync(HOST, port, 1, 2, f"z{stage}", "gloo", timeout),
-                timeout=timeout,
-            )
-            manifest = learner.sync_manifest()
+            timeout = cfgs[stage].sync.timeout_s
+            manifest = open_gloo(learner, gen, bucket_bytes, f"z{stage}", timeout)
             nbytes = sum(s.nbytes for s in manifest)
             n_buckets = len(weight_sync.plan_buckets(manifest, bucket_bytes))
             times = []
@@ -783,18 +819,12 @@ def main(argv: list[str] | None = None) -> int:
                 for version in (1, 2):  # the first with checksums, the second timed without
                     verify = version == 1
                     t0 = time.perf_counter()
-                    sent, got = in_threads(
-                        lambda v=version, f=verify: learner.broadcast_weights(bucket_bytes, v, f),
-                        lambda v=version, f=verify: gen.receive_weights(
-                            manifest, bucket_bytes, v, f
-                        ),
-                        timeout=timeout,
-                    )
+                    sent, got = push(learner, gen, bucket_bytes, version, verify, timeout)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
                     if verify:
-                        check(sent["checksum"] == got["checksum"], "checksums differ")
+                        check(sent.checksum == got.checksum, "checksums differ")
             want = learner.policy_checksum()
             check(gen.status() == {"version": 2, "checksum": want}, "generator holds other weights")
             p = next(gen.model.parameters())
@@ -828,12 +858,15 @@ def main(argv: list[str] | None = None) -> int:
             if not cuda:
                 raise NotRun("NCCL needs CUDA")
             learner = L["learner"]
-            port, timeout = free_port(), cfgs[stage].sync.timeout_s
-            learner.join_weight_sync(HOST, port, 0, 1, f"nccl{stage}", "nccl", timeout)
-            check(learner.sync_group.device.type == "cuda", "NCCL group buffers not on CUDA")
-            out = learner.broadcast_weights(bucket_bytes, 3, verify=True)
-            check(out["checksum"] == learner.policy_checksum(), "checksum of the sent buckets")
-            bufs = [b for b in learner.sync_group._buffers if b is not None]
+            timeout = cfgs[stage].sync.timeout_s
+            port = learner.open_weight_sync("nccl", bucket_bytes)["port"]
+            member = weight_sync.Membership(HOST, port, 0, 1, f"nccl{stage}", timeout)
+            learner.open_weight_sync("nccl", bucket_bytes, member)
+            group = learner.sender.group
+            check(group.device.type == "cuda", "NCCL group buffers not on CUDA")
+            out, _ = learner.send_weights(bucket_bytes, 3, verify=True)
+            check(out.checksum == learner.policy_checksum(), "checksum of the sent buckets")
+            bufs = [b for b in group.buffers if b is not None]
             check(all(b.is_cuda for b in bufs), "send buffers not on CUDA")
             return f"{len(bufs)} CUDA send buffers"
 
@@ -856,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
                 check(learner.policy_checksum() == saved, "loaded weights differ from the saved")
                 check(learner.version == 5, "version not restored")
                 m = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=4)  # optimizer state is back
-                check(finite(m) and not m.get("skipped"), f"update after load: {m}")
+                check(finite(m.metrics) and not m.skipped, f"update after load: {m}")
             shutil.rmtree(d, ignore_errors=True)
             rows.append(
                 (
@@ -936,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         valid = out.behaviour_logprobs[out.response_mask > 0]
         check(bool(torch.isfinite(valid).all()), "non-finite behaviour log-probs")
         check(out.ref_logprobs is not None, "no reference.from_base log-probs")
-        tokens = out.extra["num_tokens"]
+        tokens = out.generated_tokens
         rows.append(
             (
                 "LoRA generator",
@@ -991,13 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
                     numel(p) * p.element_size() for _, p in params if p.requires_grad
                 )
                 before = learner.policy_checksum()
-                m1 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=0)  # also the warm-up
+                r1 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=0)  # also the warm-up
                 t0 = time.perf_counter()
-                m2 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=1)
+                r2 = learner.ppo_update(batch, cfg.ppo.kl_coef, seed=1)
                 dt = time.perf_counter() - t0
-            for m in (m1, m2):
-                check(not m.get("skipped"), f"update skipped: {m.get('reason')}")
-                check(finite(m), f"non-finite metrics: {m}")
+            updated(r1)
+            m2 = updated(r2)
             check(learner.policy_checksum() != before, "the update did not change the adapters")
             measured[f"lora_train_step_s_zero{stage}"] = dt
             rows.append(
@@ -1022,13 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def c_lora_sync(stage=stage, L=L, role=role, bucket_bytes=bucket_bytes):
             learner, gen = L["learner"], S["lora_gen"]
-            port, timeout = free_port(), lora_cfgs[stage].sync.timeout_s
-            in_threads(
-                lambda: learner.join_weight_sync(HOST, port, 0, 2, f"l{stage}", "gloo", timeout),
-                lambda: gen.join_weight_sync(HOST, port, 1, 2, f"l{stage}", "gloo", timeout),
-                timeout=timeout,
-            )
-            manifest = learner.sync_manifest()
+            timeout = lora_cfgs[stage].sync.timeout_s
+            manifest = open_gloo(learner, gen, bucket_bytes, f"l{stage}", timeout)
             check(all("lora_" in s.name for s in manifest), "the manifest holds more than adapters")
             check(
                 [s.name for s in manifest] == [s.name for s in weight_sync.manifest_of(gen.model)],
@@ -1041,16 +1068,12 @@ def main(argv: list[str] | None = None) -> int:
             for version in (1, 2):  # the first with checksums, the second timed without
                 verify = version == 1
                 t0 = time.perf_counter()
-                sent, got = in_threads(
-                    lambda v=version, f=verify: learner.broadcast_weights(bucket_bytes, v, f),
-                    lambda v=version, f=verify: gen.receive_weights(manifest, bucket_bytes, v, f),
-                    timeout=timeout,
-                )
+                sent, got = push(learner, gen, bucket_bytes, version, verify, timeout)
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
                 if verify:
-                    check(sent["checksum"] == got["checksum"], "checksums differ")
+                    check(sent.checksum == got.checksum, "checksums differ")
             want = learner.policy_checksum()
             check(gen.status() == {"version": 2, "checksum": want}, "generator holds other weights")
             ids = batch.sequences[:2].to(device)
@@ -1188,7 +1211,6 @@ def main(argv: list[str] | None = None) -> int:
             "backend": "nccl" if cuda else "gloo",
             "policy": S["policy"],
             "overrides": overrides(2),
-            "sync_port": free_port(),
             "ds_port": free_port(),
         }
         res = two_process_sync(spec, timeout=max(60.0, budget - (time.monotonic() - t_start)))

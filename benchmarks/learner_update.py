@@ -108,7 +108,7 @@ def updates(assets: Path, repeats: int) -> dict[str, list[float]]:
 
     fused, unfused = learner(cfg, policy, True), learner(cfg, policy, False)
     params = [p for _, p in weight_sync.sync_params(fused.policy.module)]
-    live = weight_sync.ShmLive(params, fused.sync_manifest(), 64 << 20)
+    live = weight_sync.ShmLive(params, weight_sync.manifest_of(fused.policy.module), 64 << 20)
 
     def private():
         with torch.no_grad():

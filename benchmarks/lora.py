@@ -9,7 +9,7 @@ builds the project's roles in-process (no Ray): a ``Learner`` (one rank, DeepSpe
 fp32, ``ppo.estimator=grpo`` so the policy alone is measured) wrapped with LoRA by the same
 code as a real run (``model.lora_rank=8``, every linear layer), runs ``--steps`` PPO updates on
 a fixed batch of 16 samples (16 prompt + 16 response tokens), then forms a gloo weight-sync
-group with one ``Generator`` and times ``--syncs`` syncs (``broadcast_weights`` /
+group with one ``Generator`` and times ``--syncs`` syncs (``send_weights`` /
 ``receive_weights``, verify on, as ``sync.verify`` does). Reported:
 
 - sync bytes: what one sync moves (``sync/bytes``: the synced parameters' bytes);
@@ -72,12 +72,12 @@ def _batch(vocab: int):
 
 def one(size: str, rank: int, steps: int, syncs: int) -> dict:
     """Measure one (size, LoRA rank) in this process."""
+    from rlhf_dist import weight_sync
     from rlhf_dist.config import load_config
     from rlhf_dist.lora import lora_settings
     from rlhf_dist.roles import Generator, Learner
     from rlhf_dist.roles.common import in_threads
     from rlhf_dist.tasks.tiny import build_policy, build_tokenizer
-    from rlhf_dist.weight_sync import manifest_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "policy")
@@ -111,26 +111,31 @@ def one(size: str, rank: int, steps: int, syncs: int) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         gen = Generator(path, max_new_tokens=RESPONSE, lora=lora_settings(cfg, "policy"))
-        port = learner.host_weight_sync()
+        manifest, bucket = weight_sync.manifest_of(learner.policy.module), 64 << 20
+        info = learner.open_weight_sync("gloo", bucket)  # hosts the group's store
+        channel = weight_sync.Channel("gloo", bucket, manifest, info)
+
+        def member(rank: int):
+            return weight_sync.Membership("127.0.0.1", info["port"], rank, 2, "bench", 600)
+
         in_threads(
-            lambda: learner.join_weight_sync("127.0.0.1", port, 0, 2, "bench", "gloo", 600),
-            lambda: gen.join_weight_sync("127.0.0.1", port, 1, 2, "bench", "gloo", 600),
+            lambda: learner.open_weight_sync("gloo", bucket, member(0)),
+            lambda: gen.open_weight_sync(channel, member(1)),
         )
-        manifest, bucket = learner.sync_manifest(), 64 << 20
         sync_s = []
         for v in range(1, syncs + 1):
             t0 = time.perf_counter()
-            sent, got = in_threads(
-                lambda v=v: learner.broadcast_weights(bucket, v, verify=True),
-                lambda v=v: gen.receive_weights(manifest, bucket, v, verify=True),
+            (sent, _), got = in_threads(
+                lambda v=v: learner.send_weights(bucket, v, verify=True),
+                lambda v=v: gen.receive_weights(v, verify=True),
             )
             sync_s.append(time.perf_counter() - t0)
-            assert sent["checksum"] == got["checksum"], "sync checksum mismatch"
+            assert sent.checksum == got.checksum, "sync checksum mismatch"
         return {
             "size": size,
             "params": params,
             "rank": rank,
-            "sync_bytes": manifest_bytes(manifest),
+            "sync_bytes": weight_sync.manifest_bytes(manifest),
             "sync_s": statistics.median(sync_s),
             "peak_mb": peak_mb,
             "step_s": statistics.median(step_s[1:]),

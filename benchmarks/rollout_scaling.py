@@ -96,7 +96,7 @@ def _plain_worker(conn, policy: str, tokenizer: str, max_new_tokens: int) -> Non
     while (chunks := conn.recv()) is not None:
         t0, tokens = time.perf_counter(), 0
         for texts, ids, seed in chunks:
-            tokens += gen.generate(texts, ids, 1, seed).extra["num_tokens"]
+            tokens += gen.generate(texts, ids, 1, seed).generated_tokens
         conn.send((tokens, time.perf_counter() - t0))
 
 
@@ -167,7 +167,7 @@ def generation(cfgs: dict, work: Path, prompts: int, repeats: int) -> dict:
                 if isinstance(out, tuple):  # plain processes: (tokens, seconds)
                     rows[g].append((out[0], wall, out[1]))
                 else:
-                    rows[g].append((out.extra["num_tokens"], wall, out.extra["compute_s"]))
+                    rows[g].append((out.generated_tokens, wall, out.compute_s))
     finally:
         if plain is not None:
             plain.close()

@@ -5,24 +5,28 @@
 Starts a local Ray cluster with one sender actor (standing in for learner rank 0, without ZeRO
 gathering) and G receiver actors (standing in for generators), each holding the same GPT-2
 (built with ``rlhf_dist.tasks.tiny.build_policy``, loaded fp32 with the roles' own
-``load_policy``). One sync group of G+1 members over gloo (``rlhf_dist.weight_sync.SyncGroup``)
-is formed per generator count. Transports, each timed end to end from the driver (every
-member's call submitted, then wait for all):
+``load_policy``). One sync group of G+1 members over gloo (``weight_sync.CollectiveSender`` /
+``CollectiveReceiver``, each joined with a ``weight_sync.Membership``) is formed per generator
+count. Transports, each timed end to end from the driver (every member's call submitted, then
+wait for all):
 
 - ``limit``: one broadcast of a single preallocated flat uint8 buffer of the model's byte size
   over the same group (no packing, no unpacking): what this backend can do at best.
-- ``buckets``: ``weight_sync.send`` / ``weight_sync.receive`` with ``--bucket-mb`` buckets,
-  verify off; ``+verify`` is the extra time when verify is on (the sender hashes what it sends,
-  each receiver hashes its model afterwards), as the roles do with ``sync.verify``.
+- ``buckets``: ``CollectiveSender.send`` / ``CollectiveReceiver.receive`` (into a
+  ``weight_sync.ModuleWeights``) with ``--bucket-mb`` buckets, verify off; ``+verify`` is the
+  extra time when verify is on (the sender hashes what it sends, each receiver hashes its model
+  afterwards), as the roles do with ``sync.verify``.
 - ``per-tensor``: one broadcast per parameter over the same group, the receiver allocating
   each tensor and copying it into its parameter (OpenRLHF's transport).
-- ``object store``: the sender packs the buckets and returns them (into Ray's object store);
-  each receiver gets that ObjectRef as an argument and ``weight_sync.load_buckets`` them.
+- ``object store``: the sender packs the buckets and returns them (into Ray's object store;
+  ``weight_sync.ObjectStoreSender``); each receiver gets that ObjectRef as an argument and
+  loads them (``weight_sync.ObjectStoreReceiver``).
 - ``shm``: shared memory (``sync.backend=shm``, what ``auto`` picks on a one-machine CPU
   cluster): the sender packs the model into the next of its two ``/dev/shm`` slots
-  (``weight_sync.ShmSlots``), then every receiver points its parameters at that slot
-  (``weight_sync.attach``); ``+verify`` as for buckets. Not a broadcast, so no ``limit``
-  applies: one copy of the model (``copy`` column, in the sender's memory) is its floor.
+  (``weight_sync.ShmSender``, its ``ShmSlots``), then every receiver points its parameters at
+  that slot (``weight_sync.ShmReceiver``); ``+verify`` as for buckets. Not a broadcast, so no
+  ``limit`` applies: one copy of the model (``copy`` column, in the sender's memory) is its
+  floor.
 
 Each transport is first run once with freshly perturbed sender weights and checked (every
 receiver's model checksum equals the sender's; for ``limit``, the received buffer's), then
@@ -96,8 +100,12 @@ class Member:
         self.ws = weight_sync
         self.model = load_policy(path, "float32").eval()
         self.manifest = weight_sync.manifest_of(self.model)
+        self.target = weight_sync.ModuleWeights(self.model)  # where the receivers write
+        self.sender = weight_sync.sender("gloo", TIMEOUT_S)  # used by rank 0 only
+        self.receiver = weight_sync.receiver("gloo")
         self.group = None
         self.limit_buf = None
+        self.version = 0  # of the pushes through the transports' send / receive
 
     def info(self) -> dict:
         return {
@@ -106,13 +114,18 @@ class Member:
             "bytes": sum(s.nbytes for s in self.manifest),
         }
 
-    def free_port(self) -> int:
-        from rlhf_dist.roles.common import free_port
+    def host(self, bucket_bytes: int) -> dict:
+        """The sender hosts the store every group meets through; returns ``Channel.info``."""
+        return self.sender.open(self._params(), self.manifest, bucket_bytes)
 
-        return free_port()
-
-    def join(self, port: int, rank: int, world_size: int, prefix: str) -> None:
-        self.group = self.ws.SyncGroup(HOST, port, rank, world_size, prefix, "gloo", TIMEOUT_S)
+    def join(self, info: dict, bucket_bytes: int, rank: int, world_size: int, prefix: str):
+        m = self.ws.Membership(HOST, info["port"], rank, world_size, prefix, TIMEOUT_S)
+        if rank == 0:
+            self.sender.open(self._params(), self.manifest, bucket_bytes, m)
+            self.group = self.sender.group
+        else:
+            self.receiver.open(self.ws.Channel("gloo", bucket_bytes, self.manifest, info), m)
+            self.group = self.receiver.group
 
     def leave(self) -> None:
         self.group = None
@@ -150,16 +163,22 @@ class Member:
         return self.ws.checksum([self.limit_buf])
 
     # ------------------------------------------------------------- buckets (the roles' path)
-    def send_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
+    def _buckets(self, bucket_bytes: int):
         params = self._params()
-        buckets = (
-            (b, params[b.start : b.stop]) for b in self.ws.plan_buckets(self.manifest, bucket_bytes)
-        )
-        return self.ws.send(self.group, buckets, verify)
+        plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
+        return ((b, params[b.start : b.stop]) for b in plan)
+
+    def _next_version(self) -> int:
+        self.version += 1
+        return self.version
+
+    def send_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
+        buckets = self._buckets(bucket_bytes)
+        receipt, _ = self.sender.send(buckets, self._next_version(), verify, full=False)
+        return receipt.checksum
 
     def receive_buckets(self, bucket_bytes: int, verify: bool) -> str | None:
-        self.ws.receive(self.group, self.model, self.manifest, bucket_bytes)
-        return self.ws.model_checksum(self.model) if verify else None
+        return self.receiver.receive(self.target, self._next_version(), verify).checksum
 
     # ------------------------------------------------------------- one broadcast per tensor
     def send_per_tensor(self) -> None:
@@ -177,31 +196,41 @@ class Member:
 
     # ------------------------------------------------------------- Ray's object store
     def object_store_buckets(self, bucket_bytes: int) -> dict:
-        params = self._params()
-        plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
-        return {"buckets": [self.ws.flat_bucket(b, params[b.start : b.stop]) for b in plan]}
+        if getattr(self, "os_sender", None) is None:
+            self.os_sender = self.ws.sender("object_store", TIMEOUT_S)
+            self.os_sender.open(self._params(), self.manifest, bucket_bytes)
+        buckets = self._buckets(bucket_bytes)
+        _, flats = self.os_sender.send(buckets, self._next_version(), False, full=False)
+        return {"buckets": flats}
 
     def load_object_store(self, bucket_bytes: int, sent: dict) -> None:
-        self.ws.load_buckets(self.model, self.manifest, bucket_bytes, sent["buckets"])
+        if getattr(self, "os_receiver", None) is None:
+            self.os_receiver = self.ws.receiver("object_store")
+            channel = self.ws.Channel("object_store", bucket_bytes, self.manifest)
+            self.os_receiver.open(channel)
+        self.os_receiver.receive(self.target, self._next_version(), False, sent["buckets"])
 
     # ------------------------------------------------------------- shared memory
-    def host_shm(self, bucket_bytes: int) -> list:
-        self.slots = self.ws.ShmSlots(self.manifest, bucket_bytes)
-        return self.slots.handles
+    def host_shm(self, bucket_bytes: int) -> dict:
+        self.shm_sender = self.ws.sender("shm", TIMEOUT_S)
+        return self.shm_sender.open(self._params(), self.manifest, bucket_bytes)
 
     def write_shm(self, bucket_bytes: int, verify: bool) -> tuple[int, str | None]:
-        params = self._params()
-        plan = self.ws.plan_buckets(self.manifest, bucket_bytes)
-        return self.slots.write(((b, params[b.start : b.stop]) for b in plan), verify)
+        buckets = self._buckets(bucket_bytes)
+        receipt, slot = self.shm_sender.send(buckets, self._next_version(), verify, full=False)
+        return slot, receipt.checksum
 
-    def attach_shm(self, bucket_bytes: int, handles: list, slot: int, verify: bool):
+    def attach_shm(self, bucket_bytes: int, info: dict, slot: int, verify: bool):
         # a model of its own: the other transports keep their buffers between rounds
         if getattr(self, "shm_model", None) is None:
             import copy
 
             self.shm_model = copy.deepcopy(self.model)
-        self.ws.attach(self.shm_model, self.manifest, bucket_bytes, handles, slot)
-        return self.ws.model_checksum(self.shm_model) if verify else None
+            self.shm_target = self.ws.ModuleWeights(self.shm_model)
+            self.shm_receiver = self.ws.receiver("shm")
+            self.shm_receiver.open(self.ws.Channel("shm", bucket_bytes, self.manifest, info))
+        got = self.shm_receiver.receive(self.shm_target, self._next_version(), verify, slot)
+        return got.checksum
 
     def shm_checksum(self) -> str:
         return self.ws.model_checksum(self.shm_model)
@@ -239,7 +268,7 @@ def submit(transport: str, sender, receivers: list, bucket_bytes: int) -> tuple[
     if transport in ("shm", "shm+verify"):
         verify = transport == "shm+verify"
         slot, digest = ray.get(sender.write_shm.remote(bucket_bytes, verify))
-        refs = [r.attach_shm.remote(bucket_bytes, HANDLES[0], slot, verify) for r in receivers]
+        refs = [r.attach_shm.remote(bucket_bytes, SHM_INFO[0], slot, verify) for r in receivers]
         return refs, [ray.put(digest), *refs]
     if transport == "copy":
         refs = [sender.copy.remote()]
@@ -247,7 +276,7 @@ def submit(transport: str, sender, receivers: list, bucket_bytes: int) -> tuple[
     raise ValueError(transport)
 
 
-HANDLES: list = [None]  # the sender's shared-memory slots, once per size
+SHM_INFO: list = [None]  # where the sender's shared-memory slots are (Channel.info), per size
 
 
 def run_once(transport: str, sender, receivers: list, bucket_bytes: int) -> float:
@@ -280,11 +309,10 @@ def run_generators(
     actors: list, g: int, repeats: int, bucket_bytes: int, delta: list[float]
 ) -> dict[str, list[float]]:
     sender, receivers = actors[0], actors[1 : g + 1]
-    port = ray.get(sender.free_port.remote())
+    info = ray.get(sender.host.remote(bucket_bytes))
     prefix = f"bench-wsync-{time.time_ns()}"
-    ray.get(
-        [m.join.remote(port, rank, g + 1, prefix) for rank, m in enumerate([sender, *receivers])]
-    )
+    members = enumerate([sender, *receivers])
+    ray.get([m.join.remote(info, bucket_bytes, rank, g + 1, prefix) for rank, m in members])
     try:
         for t in TRANSPORTS:
             # Fresh weights on the sender, so a transport that moves nothing cannot pass.
@@ -323,7 +351,7 @@ def run_size(
     try:
         info = ray.get(actors[0].info.remote())
         ray.get([a.info.remote() for a in actors])
-        HANDLES[0] = ray.get(actors[0].host_shm.remote(bucket_bytes))
+        SHM_INFO[0] = ray.get(actors[0].host_shm.remote(bucket_bytes))
         log(
             f"{name}: {info['params'] / 1e6:.1f}M params, {info['tensors']} tensors, "
             f"{info['bytes'] / 1e6:.1f} MB; actors ready"

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import ray
 
+from rlhf_dist.driver.errors import WorkerFailedToStart
+
 # A worker that is gone: its actor died (killed, crashed, node lost) or its result was on a
 # node that went away. An exception raised by the role's own code (RayTaskError) is not one.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
@@ -26,8 +28,15 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 def failed_to_start(e: BaseException) -> bool:
     """An actor whose constructor raised is broken, not lost: a replacement would fail the
-    same way, so the error is raised instead of healed."""
+    same way, so the error is raised (``WorkerFailedToStart``) instead of healed."""
     return bool(getattr(e, "actor_init_failed", False))
+
+
+def raise_if_broken(e: BaseException, pool: str) -> None:
+    """Raise ``WorkerFailedToStart`` for an actor whose constructor raised (``e`` a lost
+    worker's error); return for one that is merely lost."""
+    if failed_to_start(e):
+        raise WorkerFailedToStart(f"{pool}: {e}") from e
 
 
 def derive_seed(*parts) -> int:
@@ -76,7 +85,7 @@ class Job:
         """The busiest worker's compute: the sum of ``compute_s`` over the tasks it returned."""
         per_slot: dict[int, float] = {}
         for slot, r in zip(self.owner, self.results):
-            c = r["compute_s"] if isinstance(r, dict) else r.extra["compute_s"]
+            c = r["compute_s"] if isinstance(r, dict) else r.compute_s
             per_slot[slot] = per_slot.get(slot, 0.0) + c
         return max(per_slot.values(), default=0.0)
 
@@ -109,8 +118,7 @@ def deal(*jobs: Job, on_dispatch: Callable[[str, int, int], None] | None = None)
         try:
             job.results[t] = ray.get(ref)
         except LOST as e:
-            if failed_to_start(e):
-                raise
+            raise_if_broken(e, job.pool.name)
             queues[id(job)].appendleft(t)
             job.redone += 1
             job.lost.append(slot)

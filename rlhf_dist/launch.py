@@ -101,14 +101,18 @@ def train(cfg: Config, address: str = "", log=print) -> Path:
         tracker.close()
         if started:
             ray.shutdown()
-    for line in summarise(results):
+    for line in summarise(results, cfg):
         log(line)
     _write_report(run_dir, log)
     return run_dir
 
 
-def summarise(results: dict) -> list[str]:
-    """The few numbers that say whether the recipe worked."""
+def summarise(results: dict, cfg: Config) -> list[str]:
+    """The few numbers that say whether the recipe worked; the RL stage is named by the
+    algorithm ``ppo.estimator`` makes of it (GRPO, not "PPO", for ``grpo``)."""
+    from rlhf_dist.algo import estimator
+
+    algo = estimator(cfg.ppo.estimator).title
     lines = []
     if "sft" in results:
         loss = results["sft"].get(K.SFT_EVAL_LOSS, float("nan"))
@@ -121,13 +125,13 @@ def summarise(results: dict) -> list[str]:
         a, b = evals[0], evals[-1]
         lines.append(
             f"gold score on held-out prompts: {a[K.GOLD]:.3f} +- {a[K.GOLD_STDERR]:.3f} "
-            f"(before PPO) -> {b[K.GOLD]:.3f} +- {b[K.GOLD_STDERR]:.3f} (after {b['step']} steps)"
+            f"(before {algo}) -> {b[K.GOLD]:.3f} +- {b[K.GOLD_STDERR]:.3f} (after {b['step']} steps)"
         )
     steps = [r for r in results.get("ppo", []) if K.KL in r]
     if steps:
         last = steps[-1]
         lines.append(
-            f"PPO: proxy reward {steps[0][K.REWARD_MEAN]:.3f} -> "
+            f"{algo}: proxy reward {steps[0][K.REWARD_MEAN]:.3f} -> "
             f"{last[K.REWARD_MEAN]:.3f}, final KL {last[K.KL]:.4f} per token"
         )
     return lines

@@ -59,7 +59,7 @@ def chunk_origins(chunks: list, owners: list[int], results: list) -> list[tuple]
     for c, (chunk, slot, r) in enumerate(zip(chunks, owners, results)):
         if r is not None:
             per_prompt = len(r) // len(chunk.prompt_ids)  # samples of a prompt are consecutive
-            worker = r.extra["worker"]
+            worker = r.worker
             for j in range(len(r)):
                 out.append((c, chunk.seed, slot, worker, start + j // per_prompt, j % per_prompt))
         start += len(chunk.prompt_ids)
@@ -67,7 +67,7 @@ def chunk_origins(chunks: list, owners: list[int], results: list) -> list[tuple]
 
 
 def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int) -> list[dict]:
-    """One row per sample of ``batch``, whose ``extra["origins"]`` come from ``chunk_origins``;
+    """One row per sample of ``batch``, whose ``origins`` come from ``chunk_origins``;
     ``epochs`` is ``data_epochs`` of the step and ``learner`` the version the step trained."""
     mask = batch.response_mask
     scored = batch.scores is not None and batch.ref_logprobs is not None
@@ -77,9 +77,9 @@ def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int)
         else None
     )
     lengths = mask.sum(-1).long().tolist()
-    parts = batch.extra.get("reward_parts", {}) if scored else {}
+    parts = batch.reward_parts if scored else {}
     rows = []
-    for j, (chunk, seed, slot, worker, pos, sample) in enumerate(batch.extra["origins"]):
+    for j, (chunk, seed, slot, worker, pos, sample) in enumerate(batch.origins):
         version = int(batch.versions[j])
         rows.append(
             {

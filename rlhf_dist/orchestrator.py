@@ -17,39 +17,37 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 
 from rlhf_dist import metric_keys as K
 from rlhf_dist.config import Config, dump_config, validate
-from rlhf_dist.dispatch import LOST, failed_to_start
 from rlhf_dist.driver import checkpoints
 from rlhf_dist.driver.async_loop import AsyncLoop
 from rlhf_dist.driver.errors import (
     GroupError,
     LearnerLost,
-    NonFiniteSteps,
     RestartsExhausted,
     TrainingError,
     WeightSyncError,
+    WorkerFailedToStart,
 )
 from rlhf_dist.driver.evaluation import Evaluator
 from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.learner_group import LearnerGroup
 from rlhf_dist.driver.outcome import (
     StepOutcome,
-    skipped_row,
+    publish,
     step_line,
-    step_row,
     system_metrics,
 )
+from rlhf_dist.driver.recorder import Recorder
 from rlhf_dist.driver.run_state import RestartBudget, RunState
 from rlhf_dist.driver.scorer_group import ScorerGroup
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.driver.sync_loop import SyncLoop
+from rlhf_dist.inputs import Inputs
 from rlhf_dist.ledger import SampleLedger
 from rlhf_dist.pools import PoolError, check_cluster_resources
-from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Learner
 from rlhf_dist.tracking import Tracker
 
@@ -84,6 +82,16 @@ class Orchestrator:
             self.shutdown()
             raise
         self.evaluator = Evaluator(cfg, inputs.eval_prompts, self.generators, self.scorers)
+        self.recorder = Recorder(
+            cfg,
+            self.state,
+            self.tracker,
+            self.ledger,
+            self.elapsed,
+            evaluate=self._evaluate,
+            system=self._system,
+            generators=lambda: len(self.generators),
+        )
         self.loop = self._make_loop()
 
     def _start_groups(self) -> None:
@@ -132,9 +140,7 @@ class Orchestrator:
 
     def sync_weights(self, version: int) -> float:
         """Push the learner's policy to every generator as ``version``."""
-        compute = self.generators.push(version)
-        self.state.version = version
-        return compute
+        return publish(self.generators, self.state, version)
 
     def autoscale(self, row: dict) -> bool:
         """Add one generator when generation took more than ``rollout.autoscale.generate_frac``
@@ -152,44 +158,24 @@ class Orchestrator:
     # ----------------------------------------------------------------- recording
 
     def record(self, out: StepOutcome) -> dict:
-        """Book one step's outcome, from either loop: counters, the metrics row (with the
-        samples table and the evaluation when due), then autoscaling and the checkpoint when
+        """Book one step's outcome, from either loop (``Recorder.book``: the ledger, counters,
+        the metrics row with the evaluation when due), then autoscale and checkpoint when
         due. Returns the row."""
-        cfg, state, c = self.cfg, self.state, self.state.counters
-        self.ledger.write_step(out, self.state, self.cfg.rollout.prompts_per_step)
-        if out.skipped:  # no update, no sync: counted, and the run stops after too many
-            c.skipped_steps += 1
-            c.bad_streak += 1
-            row = skipped_row(out, state, self.elapsed())
-            self.tracker.log(row)
-            if c.bad_streak >= cfg.run.max_bad_steps:
-                raise NonFiniteSteps(
-                    f"stopping: {c.bad_streak} consecutive PPO steps had non-finite "
-                    f"{', '.join(out.train['reason'])} "
-                    f"(run.max_bad_steps={cfg.run.max_bad_steps})"
-                )
+        row = self.recorder.book(out)
+        if out.skipped:
             return row
-        c.bad_streak = 0
-        c.prompts_trained += len(out.batch) // cfg.rollout.samples_per_prompt
-        kl_coef = state.kl_ctl.value
-        state.kl_ctl.update(out.train[K.KL_PER_SEQUENCE], len(out.batch))
-        row = step_row(out, state, kl_coef, self.elapsed(), len(self.generators))
-        pools = [self.learners.pool, self.generators.pool, *self.scorers.pools]
-        row.update(system_metrics({p.name: p for p in pools}))
-        every, n = cfg.wandb.table_every, cfg.wandb.table_rows
-        if every and state.step % every == 0:
-            b = out.batch
-            self.tracker.samples(state.step, b.prompts[:n], b.responses[:n], b.scores[:n].tolist())
-        if self.evaluator.due(state.step):
-            t0 = time.perf_counter()
-            row.update(self.evaluator())
-            row[K.TIME_EVAL] = time.perf_counter() - t0
-        self.tracker.log(row)
         self.autoscale(row)
-        every = cfg.checkpoint.every
-        if every and (state.step % every == 0 or state.step == cfg.run.steps):
+        every, step = self.cfg.checkpoint.every, self.state.step
+        if every and (step % every == 0 or step == self.cfg.run.steps):
             self.save_checkpoint()
         return row
+
+    def _system(self) -> dict:
+        pools = [self.learners.pool, self.generators.pool, *self.scorers.pools]
+        return system_metrics({p.name: p for p in pools})
+
+    def _evaluate(self, step: int) -> dict | None:
+        return self.evaluator() if self.evaluator.due(step) else None
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -234,9 +220,9 @@ class Orchestrator:
         try:
             self.budget.spend("a learner rank")
         except RestartsExhausted as e:
-            raise TrainingError(f"{lost}; {e}; {self._checkpoint_hint()}") from lost
+            raise TrainingError(f"{self._describe(lost)}; {e}; {self._checkpoint_hint()}") from lost
         self.state.counters.learner_restarts += 1
-        log(f"{lost}: rebuilding the learner group")
+        log(f"{self._describe(lost)}: rebuilding the learner group")
         self.learners = self.groups[0] = self.learners.rebuilt(self.generators, self.inputs)
         self._continue_from_newest(self.state.rewind, "learner group rebuilt", log)
 
@@ -253,32 +239,28 @@ class Orchestrator:
             f"(continue with: launch.py --resume {self.run_dir})"
         )
 
+    def _describe(self, e: GroupError) -> str:
+        """A group's error, with the step it happened at."""
+        at = f"at step {self.state.step + 1}"
+        if isinstance(e, LearnerLost):
+            who = f"learner rank {e.rank}" if e.rank is not None else "a learner rank"
+            return f"{who} died {at} ({e.cause or e.during})"
+        if isinstance(e, WorkerFailedToStart):
+            return f"a worker failed to start {at}: {e}"
+        return str(e)
+
     @contextmanager
     def _failures(self, recover: bool = False):
         """A group's error ends the run naming the last checkpoint; so does a lost learner
-        rank, unless ``recover``: then it is raised as ``LearnerLost`` for ``run`` to heal."""
+        rank, unless ``recover``: then it is raised as ``LearnerLost`` for ``run`` to heal.
+        The groups raise typed errors only (``driver/errors.py``); anything else is a bug of
+        a role or of the driver, raised as it is."""
         try:
             yield
         except GroupError as e:
             if recover and isinstance(e, LearnerLost):
                 raise
-            raise TrainingError(f"{e}; {self._checkpoint_hint()}") from e
-        except (*LOST, ray.exceptions.RayTaskError) as e:
-            # Generators and scorers are replaced as they go; here a learner rank is gone, or
-            # a collective failed because one is (a RayTaskError on a surviving rank).
-            if isinstance(e, LOST) and failed_to_start(e):
-                raise TrainingError(
-                    f"a worker failed to start at step {self.state.step + 1}: {e}; "
-                    f"{self._checkpoint_hint()}"
-                ) from e
-            dead = self.learners.dead()
-            if not dead and isinstance(e, ray.exceptions.RayTaskError):
-                raise
-            who = f"learner rank {dead[0]}" if dead else "a worker that could not be replaced"
-            lost = LearnerLost(f"{who} died at step {self.state.step + 1} ({type(e).__name__})")
-            if recover and dead:
-                raise lost from e
-            raise TrainingError(f"{lost}; {self._checkpoint_hint()}") from e
+            raise TrainingError(f"{self._describe(e)}; {self._checkpoint_hint()}") from e
 
     def step(self) -> dict:
         """One synchronous step, recorded."""

@@ -14,10 +14,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_dist.config import POOL_SECTIONS, Config, PoolConfig
+from rlhf_dist.dispatch import LOST, failed_to_start
 
 
 class PoolError(RuntimeError):
     """A pool could not be placed; the message names the pool and what is missing."""
+
+
+def _noop(_self) -> None:
+    return None
 
 
 def _node_ip(_self) -> str:
@@ -121,6 +126,8 @@ class Pool:
         self.remote_cls = ray.remote(role_cls)
         self.actors: list = []
         self.pgs: list = []
+        self.worker_ids: list[int] = []  # each slot's worker, numbered as started
+        self.started = 0
         self.add(num_workers)
 
     def _place(self, n: int) -> list:
@@ -137,6 +144,7 @@ class Pool:
         return pgs
 
     def _start(self, i: int, pg):
+        self.started += 1
         args, kwargs = self.make_args(i)
         extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
         return self.remote_cls.options(
@@ -155,6 +163,7 @@ class Pool:
             actor = self._start(len(self.actors), pg)
             self.actors.append(actor)
             self.pgs.append(pg)
+            self.worker_ids.append(self.started)
             new.append(actor)
         return new
 
@@ -170,11 +179,13 @@ class Pool:
         remove_placement_group(self.pgs[i])
         (pg,) = self._place(1)
         self.actors[i], self.pgs[i] = self._start(i, pg), pg
+        self.worker_ids[i] = self.started
         return self.actors[i]
 
     def remove(self, i: int) -> None:
         """Stop actor ``i`` and free its resources."""
         actor, pg = self.actors.pop(i), self.pgs.pop(i)
+        self.worker_ids.pop(i)
         _kill(actor)
         remove_placement_group(pg)
 
@@ -184,6 +195,24 @@ class Pool:
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """The same call on every actor."""
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def probe(self, timeout_s: float) -> tuple[list[int], list[int]]:
+        """A no-op call on each actor: the slots whose actor is gone, and those that did not
+        answer within ``timeout_s`` (idle actors answer at once, busy ones when their call
+        ends). An actor whose constructor raised raises its error."""
+        refs = [a.__ray_call__.remote(_noop) for a in self.actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        lost, silent = [], []
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=0)
+            except LOST as e:
+                if failed_to_start(e):
+                    raise
+                lost.append(i)
+            except ray.exceptions.GetTimeoutError:
+                silent.append(i)
+        return lost, silent
 
     def node_ip(self, i: int) -> str:
         return ray.get(self.actors[i].__ray_call__.remote(_node_ip))

@@ -174,16 +174,24 @@ def build_summary(
 ) -> str:
     """The plain-text summary of a run (what ``summary.txt`` holds)."""
     steps = _ppo_steps(rows)
-    lines: list[str] = []
-    if source:
-        lines.append(f"run: {source}")
+    lines: list[str] = [f"run: {source}"] if source else []
     if steps:
         lines.append(
             f"steps: {len(steps)} (step {_fmt_step(steps[0][0])} -> {_fmt_step(steps[-1][0])})"
         )
     else:
         lines.append("steps: 0 (no PPO rows)")
+    lines += _learning_lines(steps)
+    lines += _time_lines(steps)
+    lines += _stage_lines(rows)
+    if ignored:
+        lines.append(f"ignored {ignored} truncated/malformed last line(s) in {METRICS_FILE}")
+    return "\n".join(lines) + "\n"
 
+
+def _learning_lines(steps: list) -> list[str]:
+    """Reward, gold score, the other evaluation keys and the final KL."""
+    lines = []
     xs, ys = _series(steps, K.REWARD_MEAN)
     if ys:
         best = max(range(len(ys)), key=ys.__getitem__)
@@ -192,7 +200,6 @@ def build_summary(
             f"last {_fmt(ys[-1])} (step {_fmt_step(xs[-1])}), "
             f"best {_fmt(ys[best])} (step {_fmt_step(xs[best])})"
         )
-
     gold = [
         (s, g, _num(r.get(K.GOLD_STDERR)))
         for s, r in steps
@@ -207,7 +214,6 @@ def build_summary(
         lines.append(
             f"gold score ({K.GOLD}, {len(gold)} evals): first {one(gold[0])} -> last {one(gold[-1])}"
         )
-
     other_eval = sorted(
         {
             k
@@ -216,14 +222,9 @@ def build_summary(
             if K.in_namespace(k, K.EVAL) and k not in (K.GOLD, K.GOLD_STDERR)
         }
     )
-    finals = []
-    for key in other_eval:
-        kx, ky = _series(steps, key)
-        if ky:
-            finals.append(f"{key}={_fmt(ky[-1])}")
+    finals = [f"{key}={_fmt(ky[-1])}" for key in other_eval if (ky := _series(steps, key)[1])]
     if finals:
         lines.append("last eval: " + ", ".join(finals))
-
     kx, ky = _series(steps, K.KL)
     if ky:
         text = f"final KL ({K.KL}): {_fmt(ky[-1])} (step {_fmt_step(kx[-1])})"
@@ -231,8 +232,15 @@ def build_summary(
         if cy:
             text += f", kl_coef {_fmt(cy[-1])}"
         lines.append(text)
+    return lines
 
-    components = _time_components(steps)
+
+def _time_lines(steps: list) -> list[str]:
+    """The step time and its breakdown by block, the evaluation's own time, throughput. The
+    evaluation runs on some steps only and outside time/step: its mean per evaluated step is
+    shown on its own, never as a share of the step."""
+    lines = []
+    components = [k for k in _time_components(steps) if k != K.TIME_EVAL]
     comp_means = {k: _mean(_series(steps, k)[1]) for k in components}
     _, step_times = _series(steps, K.STEP_TIME)
     if step_times or comp_means:
@@ -249,12 +257,21 @@ def build_summary(
                 parts.append(f"other {100 * other / total:.1f}%")
             text += "; breakdown: " + ", ".join(parts)
         lines.append(text)
-
+    _, eval_times = _series(steps, K.TIME_EVAL)
+    if eval_times:
+        lines.append(
+            f"evaluation ({K.TIME_EVAL}): mean {_fmt(_mean(eval_times))} s on the "
+            f"{len(eval_times)} evaluated steps, not counted in {K.STEP_TIME}"
+        )
     _, tps = _series(steps, K.TOKENS_PER_S)
     if tps:
         lines.append(f"throughput ({K.TOKENS_PER_S}): mean {_fmt(_mean(tps))} tokens/s")
+    return lines
 
-    # Other stages (sft, rm, ...): row count and the last value of each of their own keys.
+
+def _stage_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Other stages (sft, rm, ...): row count and the last value of each of their own keys."""
+    lines = []
     stages: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if _stage(row) != "ppo":
@@ -272,10 +289,7 @@ def build_summary(
             if len(last) > len(shown):
                 text += f", ... ({len(last) - len(shown)} more)"
         lines.append(text)
-
-    if ignored:
-        lines.append(f"ignored {ignored} truncated/malformed last line(s) in {METRICS_FILE}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -478,6 +478,14 @@ def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[st
     if status == "SUCCEEDED":
         print(f"[submit] job {job_id} succeeded", flush=True)
         return 0
+    _report_failure(client, url, job_id, status)
+    return 1
+
+
+def _report_failure(client, url: str, job_id: str, status: str) -> None:
+    """A job that ended otherwise than SUCCEEDED: its status, Ray's message and its last
+    logs, on stderr."""
+    err = sys.stderr
     message = ""
     try:
         # Ray appends the last logs to the message; they are printed below, in lines
@@ -492,4 +500,3 @@ def submit(args: argparse.Namespace, config_path: str | Path, overrides: list[st
     print(f"--- last {TAIL_LINES} lines of the logs of job {job_id} ---", file=err)
     print(logs, file=err)
     print(f"--- end of logs (all of them: ray job logs --address {url} {job_id}) ---", file=err)
-    return 1

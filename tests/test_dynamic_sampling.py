@@ -24,15 +24,13 @@ def _round(tag: int, scores: list[float], chunk_prompts: int = 2) -> RolloutBatc
     prompts, responses = _rows(tag, n, [1 + i % 3 for i in range(n)], [1 + i % 2 for i in range(n)])
     b = make_batch(prompts, responses, tag=tag)
     b.scores = torch.tensor(scores)
-    b.extra.update(
-        num_tokens=10 * tag,
-        chunks_per_worker=[1, tag],
-        origins=[
-            ((i // G) // chunk_prompts, 1000 + (i // G) // chunk_prompts, 0, "w", i // G, i % G)
-            for i in range(n)
-        ],
-        reward_parts={"acc": torch.tensor(scores) * 2},
-    )
+    b.generated_tokens = 10 * tag
+    b.chunks_per_worker = (1, tag)
+    b.origins = [
+        ((i // G) // chunk_prompts, 1000 + (i // G) // chunk_prompts, 0, "w", i // G, i % G)
+        for i in range(n)
+    ]
+    b.reward_parts = {"acc": torch.tensor(scores) * 2}
     return b
 
 
@@ -43,12 +41,12 @@ def test_split_uniform_keeps_groups_whole_with_their_origins_and_parts():
     assert good.prompt_ids == [b.prompt_ids[i] for i in (2, 3, 6, 7)]
     assert uniform.prompt_ids == [b.prompt_ids[i] for i in (0, 1, 4, 5)]
     assert good.scores.tolist() == [0.0, 1.0, 0.5, 0.0]
-    assert [o[4:] for o in good.extra["origins"]] == [(1, 0), (1, 1), (3, 0), (3, 1)]
-    assert [o[4:] for o in uniform.extra["origins"]] == [(0, 0), (0, 1), (2, 0), (2, 1)]
-    assert good.extra["reward_parts"]["acc"].tolist() == [0.0, 2.0, 1.0, 0.0]
+    assert [o[4:] for o in good.origins] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert [o[4:] for o in uniform.origins] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert good.reward_parts["acc"].tolist() == [0.0, 2.0, 1.0, 0.0]
     assert torch.equal(good.sequences, b.sequences[[2, 3, 6, 7]])
     # the original batch's extras are untouched
-    assert len(b.extra["origins"]) == 8 and len(b.extra["reward_parts"]["acc"]) == 8
+    assert len(b.origins) == 8 and len(b.reward_parts["acc"]) == 8
 
 
 def test_merge_rounds_numbers_later_rounds_after_earlier_ones():
@@ -61,12 +59,12 @@ def test_merge_rounds_numbers_later_rounds_after_earlier_ones():
         kept.append(good)
     out = merge_rounds(kept, [first, second], PAD)
     assert len(out) == 6 and out.prompt_ids == kept[0].prompt_ids + kept[1].prompt_ids
-    assert [o[0] for o in out.extra["origins"]] == [0, 0, 1, 1, 2, 2]  # chunk ids over rounds
-    assert [o[4] for o in out.extra["origins"]] == [1, 1, 3, 3, 5, 5]  # prompt positions
-    assert out.extra["reward_parts"]["acc"].tolist() == [0.0, 2.0, 1.0, 0.0, 2.0, 0.0]
+    assert [o[0] for o in out.origins] == [0, 0, 1, 1, 2, 2]  # chunk ids over rounds
+    assert [o[4] for o in out.origins] == [1, 1, 3, 3, 5, 5]  # prompt positions
+    assert out.reward_parts["acc"].tolist() == [0.0, 2.0, 1.0, 0.0, 2.0, 0.0]
     # what was generated counts, dropped samples included
-    assert out.extra["num_tokens"] == 30 and out.extra["compute_s"] == 2.0
-    assert out.extra["chunks_per_worker"] == [2, 3]
+    assert out.generated_tokens == 30 and out.compute_s == 2.0
+    assert out.chunks_per_worker == (2, 3)
     assert out.scores.tolist() == [0.0, 1.0, 0.5, 0.0, 1.0, 0.0]
 
 
@@ -87,4 +85,4 @@ def test_take_first_groups_keeps_sampling_order():
     b = _round(1, [0.0, 1.0, 1.0, 0.0, 0.5, 0.0])
     first, rest = take_first_groups(b, 2, G)
     assert first.prompt_ids == b.prompt_ids[:4] and rest.prompt_ids == b.prompt_ids[4:]
-    assert [o[4] for o in rest.extra["origins"]] == [2, 2]
+    assert [o[4] for o in rest.origins] == [2, 2]

@@ -46,7 +46,7 @@ def _chunk_result(ids, samples, worker):
         versions=torch.full((n,), 3, dtype=torch.long),
         truncated=torch.zeros(n, dtype=torch.bool),
     )
-    b.extra["worker"] = worker
+    b.worker = worker
     return b
 
 
@@ -56,7 +56,7 @@ def test_chunk_origins_and_rows_follow_the_chunk_plan():
     results = [_chunk_result(c.prompt_ids, 2, f"w{k}") for k, c in enumerate(chunks)]
     owners = [1, 0, 1]
     batch = RolloutBatch.concat(results, 0)
-    batch.extra["origins"] = ledger.chunk_origins(chunks, owners, results)
+    batch.origins = ledger.chunk_origins(chunks, owners, results)
     batch.scores = torch.arange(10, dtype=torch.float)
     batch.ref_logprobs = torch.full((10, 2), -1.5)
     rows = ledger.ledger_rows(6, batch, [0, 0, 0, 1, 1], learner=4)
@@ -68,7 +68,7 @@ def test_chunk_origins_and_rows_follow_the_chunk_plan():
     assert {r["staleness"] for r in rows} == {1} and rows[0]["kl"] == 1.0
     assert [r["reward"] for r in rows] == list(range(10)) and rows[9]["worker"] == "w2"
     assert "reward_parts" not in rows[0]  # one reward function: no parts
-    batch.extra["reward_parts"] = {"format": torch.ones(10), "answer": torch.arange(10.0) - 1}
+    batch.reward_parts = {"format": torch.ones(10), "answer": torch.arange(10.0) - 1}
     rows = ledger.ledger_rows(6, batch, [0, 0, 0, 1, 1], learner=4)
     assert rows[3]["reward_parts"] == {"format": 1.0, "answer": 2.0}
     # one chunk alone (a chunk dropped as too stale): positions still count from the step

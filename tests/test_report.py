@@ -1,4 +1,5 @@
-"""rlhf_dist.report: reading metrics.jsonl, figures, summary, CLI, and import isolation."""
+"""rlhf_dist.report: reading metrics.jsonl, figures, summary, CLI, and import isolation; and
+the end-of-run summary ``launch.train`` prints (``launch.summarise``)."""
 
 import json
 import os
@@ -285,3 +286,67 @@ def test_elapsed_clock_is_not_a_time_phase():
         (s, {"time/train": 1.0, "time/wait_batch": 0.2, "time/elapsed": 3.0 * s}) for s in (1, 2)
     ]
     assert _time_components(rows) == ["time/train", "time/wait_batch"]
+
+
+def test_evaluation_time_is_not_a_share_of_the_step(tmp_path):
+    """The evaluation runs on some steps only, after the step (outside ``time/step``): a share
+    of the step would read "eval 305.6%". It gets its own line, per evaluated step."""
+    rows = [dict(r) for r in ROWS]
+    evaluated = [r for r in rows if "eval/gold_score" in r]
+    for r, seconds in zip(evaluated, (0.7, 0.8, 0.9)):
+        r["time/eval"] = seconds
+    run = tmp_path / "run"
+    _write(run, rows)
+    text = write_report(run)["summary"]
+    (step_line,) = [line for line in text.splitlines() if line.startswith("step time")]
+    assert "eval" not in step_line
+    # the shares are those of the rows without time/eval (test_full_report_...)
+    assert "train 69.2%" in step_line and "other 3.8%" in step_line
+    assert (
+        f"evaluation (time/eval): mean 0.8 s on the {len(evaluated)} evaluated steps, "
+        "not counted in time/step" in text
+    )
+
+
+def test_no_evaluation_line_without_eval_times(run_dir):
+    assert "evaluation (" not in write_report(run_dir)["summary"]
+
+
+@pytest.mark.parametrize(
+    "estimator, name",
+    [
+        ("gae", "PPO"),
+        ("grpo", "GRPO"),
+        ("dr_grpo", "Dr. GRPO"),
+        ("rloo", "RLOO"),
+        ("reinforce_pp", "REINFORCE++"),
+        ("reinforce_pp_baseline", "REINFORCE++-baseline"),
+    ],
+)
+def test_run_summary_names_the_algorithm(estimator, name):
+    """The summary ``launch.train`` prints names the RL stage by ``ppo.estimator``: a GRPO run
+    is not called "PPO"."""
+    from rlhf_dist.config import Config
+    from rlhf_dist.launch import summarise
+
+    cfg = Config()
+    cfg.ppo.estimator = estimator
+    ppo = [
+        {"step": 0, "eval/gold_score": 0.25, "eval/gold_score_stderr": 0.01},
+        {"step": 1, "rollout/reward_mean": 0.1, "train/kl": 0.0},
+        {
+            "step": 2,
+            "rollout/reward_mean": 0.3,
+            "train/kl": 0.125,
+            "eval/gold_score": 0.35,
+            "eval/gold_score_stderr": 0.01,
+        },
+    ]
+    lines = summarise({"sft": {}, "rm": {}, "ppo": ppo}, cfg)
+    assert lines[2] == (
+        f"gold score on held-out prompts: 0.250 +- 0.010 (before {name}) -> "
+        "0.350 +- 0.010 (after 2 steps)"
+    )
+    assert lines[3] == f"{name}: proxy reward 0.100 -> 0.300, final KL 0.1250 per token"
+    if estimator != "gae":
+        assert not any("PPO" in line for line in lines)

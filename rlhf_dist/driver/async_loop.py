@@ -43,9 +43,17 @@ import ray
 
 from rlhf_dist import metric_keys as K
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.dispatch import LOST, Chunk, chunk_plan, derive_seed, failed_to_start
-from rlhf_dist.driver.outcome import StepLoop, StepOutcome
+from rlhf_dist.dispatch import LOST, Chunk, chunk_plan, derive_seed, raise_if_broken
+from rlhf_dist.driver.outcome import StepLoop, StepOutcome, publish
 from rlhf_dist.ledger import chunk_origins
+
+
+def fresh_enough(train_version: int, sampled_by: int, max_staleness: int) -> bool:
+    """The staleness rule: samples of policy version ``sampled_by`` may be trained by version
+    ``train_version`` when they lag it by at most ``max_staleness`` versions. A chunk goes to a
+    generator only when the version it will hold passes it, and a chunk that arrives too old
+    anyway is dropped and sampled again."""
+    return train_version - sampled_by <= max_staleness
 
 
 @dataclass
@@ -72,16 +80,18 @@ class AsyncLoop(StepLoop):
         self.max_staleness = self.cfg.async_.max_staleness
         self.steps_open: dict[int, _Step] = {}  # step index -> its chunks
         self.todo: deque[tuple[int, int]] = deque()  # (step, chunk) waiting for a generator
-        self.inflight: dict[ray.ObjectRef, tuple[int, object, int, int]] = {}
-        # generator slot -> its dead actor, replaced before the next sync (unless a replacement
-        # already took its place, e.g. during an evaluation)
-        self.lost: dict[int, object] = {}
+        # each chunk in flight: (generator slot, its worker id, step, chunk)
+        self.inflight: dict[ray.ObjectRef, tuple[int, int, int, int]] = {}
+        # generator slot -> the id of its lost worker, replaced before the next sync (unless a
+        # replacement already took its place, e.g. during an evaluation)
+        self.lost: dict[int, int] = {}
         self.redo: set[tuple[int, int]] = set()  # chunks to sample again (lost or too old)
         self.next_open = self.state.step  # next step whose prompts are taken
         self.next_prepare = self.state.step  # next step to assemble and score
         self.dropped_stale = 0
         self.dropped: list[tuple] = []  # (chunk, "stale"): dropped as too stale, for the ledger
         self.queue_max = 0
+        self.score_s: dict[int, float] = {}  # step -> seconds its batch took to score
         # the version each generator slot will sample with
         self.holds = [self.state.version] * len(self.generators)
 
@@ -120,14 +130,14 @@ class AsyncLoop(StepLoop):
         # generators added since the last sync were given the current weights
         self.holds += [self.state.version] * (len(gens) - len(self.holds))
         for slot in range(len(gens)):
-            if slot in busy or self.lost.get(slot) is gens.actors[slot]:
+            if slot in busy or (slot in self.lost and gens.holds(slot, self.lost[slot])):
                 continue
             if not self.todo and self.next_open < self.cfg.run.steps:
                 self._open_step()
             if not self.todo:
                 return
             b, c = self.todo[0]
-            if self._train_version(b) - self.holds[slot] > self.max_staleness:
+            if not fresh_enough(self._train_version(b), self.holds[slot], self.max_staleness):
                 continue  # this generator's weights would be too old for step b
             # A lost chunk is redone whatever the fill: the queue may hold later steps' samples
             # that cannot be trained before it (waiting would never end).
@@ -138,39 +148,37 @@ class AsyncLoop(StepLoop):
             self.todo.popleft()
             chunk = self.steps_open[b].chunks[c]
             ref = gens.submit(slot, chunk, self.inputs.prompts, self.samples)
-            self.inflight[ref] = (slot, gens.actors[slot], b, c)
+            self.inflight[ref] = (slot, gens.worker_id(slot), b, c)
             if gens.on_dispatch is not None:
                 gens.on_dispatch("rollout", slot, c)
         self.queue_max = max(self.queue_max, self._outstanding())
 
     def _collect(self, ref) -> None:
-        slot, actor, b, c = self.inflight.pop(ref)
+        slot, worker, b, c = self.inflight.pop(ref)
         gens = self.generators
         try:
             self.steps_open[b].results[c] = ray.get(ref)
             self.steps_open[b].owner[c] = slot
         except LOST as e:
-            if failed_to_start(e):
-                raise
+            raise_if_broken(e, "rollout")
             self.todo.appendleft((b, c))
             self.redo.add((b, c))
             gens.budget.redone(1)
-            if slot < len(gens) and gens.actors[slot] is actor:  # not replaced already
-                self.lost[slot] = actor
+            if gens.holds(slot, worker):  # not replaced already
+                self.lost[slot] = worker
 
     # ----------------------------------------------------------------- sync
 
     def _heal_and_sync(self, version: int) -> float:
         """Replace lost generators (now: the learner is idle), then broadcast ``version``."""
         gens = self.generators
-        lost = sorted(s for s, a in self.lost.items() if s < len(gens) and gens.actors[s] is a)
+        lost = sorted(s for s, w in self.lost.items() if gens.holds(s, w))
         self.lost.clear()
         if lost:
             gens.replace(lost)
             gens.regroup()
         t0 = time.perf_counter()
-        gens.push(version)
-        self.state.version = version
+        publish(gens, self.state, version)
         self.holds = [version] * len(gens)
         return time.perf_counter() - t0
 
@@ -204,7 +212,7 @@ class AsyncLoop(StepLoop):
         """Continue from ``pending_state``'s record (the run state was restored with it)."""
         for b, s in pending["steps"].items():
             st = _Step([Chunk(list(ids), seed) for ids, seed in s["chunks"]], s["data_position"])
-            st.results = [None if r is None else RolloutBatch(**r) for r in s["results"]]
+            st.results = [None if r is None else RolloutBatch.from_dict(r) for r in s["results"]]
             st.owner = list(s["owner"])
             self.steps_open[int(b)] = st
         self.todo = deque(tuple(t) for t in pending["todo"])
@@ -222,10 +230,10 @@ class AsyncLoop(StepLoop):
         if st is None or not st.complete():
             return None
         for c, r in enumerate(st.results):
-            if self._train_version(b) - int(r.versions.min()) > self.max_staleness:
+            if not fresh_enough(self._train_version(b), int(r.versions.min()), self.max_staleness):
                 self.dropped_stale += len(r)
                 alone = [r if i == c else None for i in range(len(st.results))]
-                r.extra["origins"] = chunk_origins(st.chunks, st.owner, alone)
+                r.origins = chunk_origins(st.chunks, st.owner, alone)
                 self.dropped.append((r, "stale"))
                 st.results[c] = None
                 self.todo.appendleft((b, c))
@@ -233,12 +241,11 @@ class AsyncLoop(StepLoop):
         if not st.complete():
             return None
         batch = RolloutBatch.concat(st.results, self.inputs.pad_token_id)
-        batch.extra["num_tokens"] = sum(r.extra["num_tokens"] for r in st.results)
-        batch.extra["chunks_per_worker"] = [st.owner.count(s) for s in range(len(self.generators))]
-        batch.extra["origins"] = chunk_origins(st.chunks, st.owner, st.results)
+        batch.chunks_per_worker = tuple(st.owner.count(s) for s in range(len(self.generators)))
+        batch.origins = chunk_origins(st.chunks, st.owner, st.results)
         t0 = time.perf_counter()
         self.scorers.score(batch)
-        batch.extra["score_s"] = time.perf_counter() - t0
+        self.score_s[b] = time.perf_counter() - t0
         self.next_prepare += 1
         return batch
 
@@ -281,13 +288,13 @@ class AsyncLoop(StepLoop):
             trained.add(ready[0])
             if len(trained) < len(refs):
                 continue  # another rank is still training
-            train = self.learners.update_result(ray.get(refs))
+            train = self.learners.finish_update(refs)
             training, trained = None, set()
-            times = {"score": batch.extra["score_s"], "train": time.perf_counter() - t_train}
+            times = {"score": self.score_s.pop(b), "train": time.perf_counter() - t_train}
             state.step = b + 1
             position = self.steps_open.pop(b).data_position
             extra = {}
-            if not train.get("skipped"):
+            if not train.skipped:
                 times["weight_sync"] = self._heal_and_sync(state.version + 1)
                 extra = {
                     K.DROPPED_STALE: self.dropped_stale,

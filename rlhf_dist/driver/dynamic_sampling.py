@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from itertools import zip_longest
 
-import torch
-
 from rlhf_dist.algo import uniform_groups
 from rlhf_dist.batch import RolloutBatch
 
@@ -51,22 +49,16 @@ def shift_origins(batch: RolloutBatch, prompts_before: int, chunks_before: int) 
     """Number a later round's ledger origins after the step's earlier rounds: chunk ids after
     the ``chunks_before`` earlier chunks, prompt positions after the ``prompts_before``
     earlier prompts."""
-    batch.extra["origins"] = [
+    batch.origins = [
         (c + chunks_before, seed, slot, worker, pos + prompts_before, sample)
-        for c, seed, slot, worker, pos, sample in batch.extra["origins"]
+        for c, seed, slot, worker, pos, sample in batch.origins
     ]
 
 
 def take_samples(batch: RolloutBatch, idx: list[int]) -> RolloutBatch:
-    """``batch.select(idx)`` with the per-sample extras (ledger origins, reward parts) taken
-    along; ``select`` alone shares the batch-level ``extra`` dict."""
-    out = batch.select(idx)
-    extra = dict(batch.extra)
-    extra["origins"] = [batch.extra["origins"][i] for i in idx]
-    if "reward_parts" in extra:
-        extra["reward_parts"] = {n: t[idx] for n, t in extra["reward_parts"].items()}
-    out.extra = extra
-    return out
+    """``batch.select(idx)``: the per-sample fields (ledger origins, reward parts) taken
+    along."""
+    return batch.select(idx)
 
 
 def split_uniform(batch: RolloutBatch, group: int) -> tuple[RolloutBatch, RolloutBatch, int]:
@@ -85,18 +77,9 @@ def merge_rounds(kept: list[RolloutBatch], rounds: list[RolloutBatch], pad: int)
         return rounds[0]  # nothing dropped: the round's batch as it is
     parts = [b for b in kept if len(b)]
     out = RolloutBatch.concat(parts, pad)
-    out.extra = {
-        "origins": [o for b in parts for o in b.extra["origins"]],
-        "compute_s": sum(b.extra["compute_s"] for b in rounds),
-        "num_tokens": sum(b.extra["num_tokens"] for b in rounds),
-        "chunks_per_worker": [
-            sum(x)
-            for x in zip_longest(*(b.extra["chunks_per_worker"] for b in rounds), fillvalue=0)
-        ],
-    }
-    if "reward_parts" in parts[0].extra:
-        names = parts[0].extra["reward_parts"]
-        out.extra["reward_parts"] = {
-            n: torch.cat([b.extra["reward_parts"][n] for b in parts]) for n in names
-        }
+    out.compute_s = sum(b.compute_s for b in rounds)
+    out.generated_tokens = sum(b.generated_tokens for b in rounds)
+    out.chunks_per_worker = tuple(
+        sum(x) for x in zip_longest(*(b.chunks_per_worker for b in rounds), fillvalue=0)
+    )
     return out

@@ -26,7 +26,19 @@ class SyncStalled(GroupError):
 
 class LearnerLost(GroupError):
     """A learner rank died (process killed, node lost): the top level rebuilds the learner
-    group from the newest checkpoint (docs/architecture.md, "Failures")."""
+    group from the newest checkpoint (docs/architecture.md, "Failures"). ``rank``: which one
+    (None when it could not be told), ``cause``: the Ray error that showed it, ``during``:
+    what the group was doing."""
+
+    def __init__(self, rank: int | None, cause: str = "", during: str = ""):
+        self.rank, self.cause, self.during = rank, cause, during
+        who = f"learner rank {rank}" if rank is not None else "a learner rank"
+        super().__init__(f"{who} died" + (f" during {during}" if during else ""))
+
+
+class WorkerFailedToStart(GroupError):
+    """An actor's constructor raised: a replacement would fail the same way, so the run stops
+    with the worker's own error (the message holds it)."""
 
 
 class NonFiniteSteps(GroupError):

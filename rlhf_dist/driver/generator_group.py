@@ -18,10 +18,10 @@ from rlhf_dist.dispatch import Chunk, Job, deal
 from rlhf_dist.driver.healing import PoolGroup, replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
+from rlhf_dist.inputs import Inputs
 from rlhf_dist.ledger import chunk_origins
 from rlhf_dist.lora import lora_settings
 from rlhf_dist.pools import Pool, bundle_of, worker_threads
-from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import Generator
 
 
@@ -31,10 +31,14 @@ def _sample(actor, chunk: Chunk, prompts: list[str], samples: int) -> ray.Object
 
 
 class GeneratorGroup(PoolGroup):
-    def __init__(self, cfg: Config, inputs: Inputs, budget: RestartBudget):
+    def __init__(
+        self, cfg: Config, inputs: Inputs, budget: RestartBudget, pool: Pool | None = None
+    ):
+        """``pool``: the generators' pool (tests hand in one without Ray); by default one of
+        ``rollout.num_workers`` generators is started."""
         r = cfg.rollout
         self.inputs, self.budget = inputs, budget
-        self.pool = Pool(
+        self.pool = pool or Pool(
             "rollout",
             Generator,
             r.num_workers,
@@ -84,10 +88,9 @@ class GeneratorGroup(PoolGroup):
         expected = sorted(i for c in chunks for i in c.prompt_ids for _ in range(samples))
         if sorted(batch.prompt_ids) != expected:  # the dealing must neither lose nor repeat
             raise RuntimeError("generate: the batch's prompts differ from the prompts dealt")
-        batch.extra["compute_s"] = job.critical_path()
-        batch.extra["num_tokens"] = sum(b.extra["num_tokens"] for b in job.results)
-        batch.extra["chunks_per_worker"] = [job.owner.count(s) for s in range(len(self))]
-        batch.extra["origins"] = chunk_origins(chunks, job.owner, job.results)
+        batch.compute_s = job.critical_path()
+        batch.chunks_per_worker = tuple(job.owner.count(s) for s in range(len(self)))
+        batch.origins = chunk_origins(chunks, job.owner, job.results)
         return batch
 
     def _heal(self, lost: list[int], busy: bool) -> list[int]:

@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import ray
 
-from rlhf_dist.dispatch import LOST, failed_to_start
+from rlhf_dist.dispatch import LOST, raise_if_broken
 from rlhf_dist.driver.errors import WorkerUnplaceable
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.pools import Pool, PoolError
 
 
-def _noop(_self) -> None:
-    return None
-
-
-def _probe(pool: Pool, timeout_s: float) -> tuple[list[int], list[int]]:
-    """A no-op call on each actor: the slots whose actor is gone, and those that did not
-    answer within ``timeout_s`` (idle actors answer at once, busy ones when their call ends)."""
-    refs = [a.__ray_call__.remote(_noop) for a in pool.actors]
-    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    lost, silent = [], []
-    for i, ref in enumerate(refs):
-        try:
-            ray.get(ref, timeout=0)
-        except LOST as e:
-            if failed_to_start(e):
-                raise
-            lost.append(i)
-        except ray.exceptions.GetTimeoutError:
-            silent.append(i)
-    return lost, silent
-
-
 def dead_slots(pool: Pool, timeout_s: float = 30.0) -> list[int]:
-    """Slots of ``pool`` whose actor is gone."""
-    return _probe(pool, timeout_s)[0]
+    """Slots of ``pool`` whose actor is gone (an actor whose constructor raised is raised as
+    ``WorkerFailedToStart``)."""
+    try:
+        return pool.probe(timeout_s)[0]
+    except LOST as e:
+        raise_if_broken(e, pool.name)
+        raise
 
 
 def unresponsive_slots(pool: Pool, timeout_s: float) -> list[int]:
     """Slots whose actor is gone or busy for more than ``timeout_s`` (e.g. a generator still
     waiting on a weight-sync group whose sender died)."""
-    lost, silent = _probe(pool, timeout_s)
+    try:
+        lost, silent = pool.probe(timeout_s)
+    except LOST as e:
+        raise_if_broken(e, pool.name)
+        raise
     return sorted(lost + silent)
 
 
@@ -68,6 +55,14 @@ class PoolGroup:
 
     def __len__(self) -> int:
         return len(self.pool)
+
+    def worker_id(self, slot: int) -> int:
+        """Which worker holds ``slot`` now: a replacement has another id."""
+        return self.pool.worker_ids[slot]
+
+    def holds(self, slot: int, worker_id: int) -> bool:
+        """Whether ``slot`` still holds worker ``worker_id`` (not replaced, not removed)."""
+        return slot < len(self.pool) and self.pool.worker_ids[slot] == worker_id
 
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """The same call on every worker (refs, in slot order)."""

@@ -2,17 +2,23 @@
 
 Every rank is a Ray actor of a role class from ``rlhf_dist.roles``; the group starts them,
 does the start-up handshake (rank 0's address and the port of the store it hosts, then
-``setup`` on every rank together), and fans each collective call out to all ranks. A learner
-rank cannot be replaced in-job: losing one ends the run (the top level names the last
-checkpoint).
+``setup`` on every rank together), and fans each collective call out to all ranks. A lost
+rank (its process or node gone, or a collective that failed on a surviving rank because a
+peer is gone) is raised as ``LearnerLost`` by the group itself, whatever call saw it; the top
+level rebuilds the group from the newest checkpoint (``rebuilt``; docs/architecture.md,
+"Failures").
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 
-from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.batch import RolloutBatch, UpdateResult
 from rlhf_dist.config import Config
+from rlhf_dist.dispatch import LOST, failed_to_start
+from rlhf_dist.driver.errors import LearnerLost, WorkerFailedToStart
 from rlhf_dist.driver.healing import PoolGroup, unresponsive_slots
 from rlhf_dist.driver.sync_group import WeightSyncGroup
 from rlhf_dist.pools import Pool, bundle_of, worker_threads
@@ -32,22 +38,46 @@ class LearnerGroup(PoolGroup):
             threads=worker_threads(cfg, "learner"),
         )
         self.on_dispatch = None  # (group name, rank, 0) once a collective call is started
+        self.manifest = None  # what a weight sync moves (rank 0's, from the handshake)
 
     def _started(self, what: str) -> None:
         if self.on_dispatch is not None:
             for rank in range(len(self)):
                 self.on_dispatch(what, rank, 0)
 
+    def get(self, refs, what: str = "a call"):
+        """``ray.get`` of calls on the ranks, with a lost rank raised as ``LearnerLost``: the
+        rank's own loss, or a collective failing on a surviving rank because a peer is gone (a
+        ``RayTaskError`` with every rank alive is the role's own error, raised as it is)."""
+        try:
+            return ray.get(refs)
+        except LOST as e:
+            if failed_to_start(e):
+                raise WorkerFailedToStart(f"{self.name}: {e}") from e
+            dead = self.dead()
+            raise LearnerLost(dead[0] if dead else None, type(e).__name__, what) from e
+        except ray.exceptions.RayTaskError as e:
+            dead = self.dead()
+            if not dead:
+                raise
+            raise LearnerLost(dead[0], type(e).__name__, what) from e
+
     def run(self, method: str, *args, **kwargs) -> list:
         """The same call on every rank, waited for (results in rank order)."""
-        return ray.get(self.call(method, *args, **kwargs))
+        return self.get(self.call(method, *args, **kwargs), method)
 
     def handshake(self, *setup_args) -> list:
         """Join the ranks into one DeepSpeed group: ``setup(*setup_args, addr, port)`` on
         every rank, rank 0 hosting the rendezvous."""
-        addr = self.pool.node_ip(0)
-        port = ray.get(self.actors[0].host_rendezvous.remote())  # bound already: no race
-        return self.run("setup", *setup_args, addr, port)
+        addr = self.host()
+        port = self.get(self.actors[0].host_rendezvous.remote())  # bound already: no race
+        infos = self.run("setup", *setup_args, addr, port)
+        self.manifest = infos[0].get("sync_manifest")
+        return infos
+
+    def host(self) -> str:
+        """Rank 0's node address (it hosts the stores the other processes meet through)."""
+        return self.pool.node_ip(0)
 
     def each(self, method: str, shards: list, *args) -> list[ray.ObjectRef]:
         """``method(shard, *args)`` on each rank with its own shard."""
@@ -66,6 +96,21 @@ class LearnerGroup(PoolGroup):
         generators.connect(WeightSyncGroup(self.cfg, new))
         return new
 
+    # ----------------------------------------------------------------- weight sync
+
+    def open_weight_sync(self, backend: str, bucket_bytes: int, zero_copy=False, membership=None):
+        """Rank 0 opens its side of the transport (``Learner.open_weight_sync``): a ref."""
+        return self.actors[0].open_weight_sync.remote(backend, bucket_bytes, membership, zero_copy)
+
+    def send_weights(self, bucket_bytes: int, version: int, verify: bool, full: bool = False):
+        """Every rank's send (``Learner.send_weights``): (the refs of their receipts, the ref
+        of rank 0's handoff for the receivers)."""
+        out = [
+            a.send_weights.options(num_returns=2).remote(bucket_bytes, version, verify, full)
+            for a in self.actors
+        ]
+        return [receipt for receipt, _ in out], out[0][1]
+
     # ----------------------------------------------------------------- PPO
 
     def start_update(
@@ -77,20 +122,19 @@ class LearnerGroup(PoolGroup):
         self._started("learner")
         return refs
 
-    @staticmethod
-    def update_result(results: list[dict]) -> dict:
-        """Rank 0's metrics (already averaged over ranks) and the slowest rank's compute."""
-        metrics = dict(results[0])
-        metrics["compute_s"] = max(r["compute_s"] for r in results)
-        return metrics
+    def finish_update(self, refs: list[ray.ObjectRef]) -> UpdateResult:
+        """Rank 0's result (its metrics already averaged over ranks) with the slowest rank's
+        compute."""
+        results = self.get(refs, "the PPO update")
+        return dataclasses.replace(results[0], compute_s=max(r.compute_s for r in results))
 
-    def update(self, batch: RolloutBatch, kl_coef: float, seed: int) -> dict:
-        return self.update_result(ray.get(self.start_update(batch, kl_coef, seed)))
+    def update(self, batch: RolloutBatch, kl_coef: float, seed: int) -> UpdateResult:
+        return self.finish_update(self.start_update(batch, kl_coef, seed))
 
     def save(self, ckpt_dir: str) -> None:
         refs = self.call("save_checkpoint", ckpt_dir)
         self._started("checkpoint")
-        ray.get(refs)
+        self.get(refs, "a checkpoint")
 
     def load(self, ckpt_dir: str, version: int) -> None:
         self.run("load_checkpoint", ckpt_dir, version)

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import ray
 
 from rlhf_dist import metric_keys as K
-from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.batch import RolloutBatch, UpdateResult
 from rlhf_dist.dispatch import LOST
+from rlhf_dist.driver.errors import LearnerLost
 from rlhf_dist.driver.run_state import RunState
 
 
@@ -19,7 +20,7 @@ class StepOutcome:
     """One PPO step, as the sync and async loops hand it to ``Orchestrator.record``."""
 
     batch: RolloutBatch  # the scored samples the learner trained on
-    train: dict  # the learner's metrics; ``skipped``/``reason`` when it refused the update
+    train: UpdateResult  # the learner's metrics, or why it refused the update (``skipped``)
     times: dict[str, float]  # seconds per block (generate, score, train, weight_sync)
     step_time: float
     data_position: dict  # cursor and prompts consumed once this step's prompts were taken
@@ -30,7 +31,7 @@ class StepOutcome:
 
     @property
     def skipped(self) -> bool:
-        return bool(self.train.get("skipped"))
+        return bool(self.train.skipped)
 
 
 class StepLoop:
@@ -49,6 +50,15 @@ class StepLoop:
         raise ValueError("this loop keeps no pending work; the checkpoint holds some")
 
 
+def publish(generators, state: RunState, version: int) -> float:
+    """Push the learner's policy to every generator as ``version``; from then on it is the
+    run's policy version. The one place the driver sets it (a checkpoint's is loaded with the
+    rest of the run state). Returns the push's compute."""
+    compute = generators.push(version)
+    state.version = version
+    return compute
+
+
 class BlockTimer:
     """Seconds per named block of a step (a block entered again adds up)."""
 
@@ -64,8 +74,7 @@ class BlockTimer:
 
 def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, gens: int) -> dict:
     """The metrics of a step that updated the policy."""
-    batch, train = out.batch, dict(out.train)
-    train.pop("compute_s", None)
+    batch = out.batch
     lengths = batch.response_mask.sum(-1)
     staleness = (state.version - 1 - batch.versions).float()  # versions behind the learner
     return {
@@ -74,17 +83,16 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
         K.REWARD_MEAN: batch.scores.mean().item(),
         K.SCORE_STD: batch.scores.std().item() if len(batch) > 1 else 0.0,
         **{
-            K.reward_part_key(name): part.mean().item()
-            for name, part in batch.extra.get("reward_parts", {}).items()
+            K.reward_part_key(name): part.mean().item() for name, part in batch.reward_parts.items()
         },
         K.RESPONSE_LENGTH_MEAN: lengths.float().mean().item(),
         K.TRUNCATED_FRAC: batch.truncated.float().mean().item(),
-        **train,
+        **out.train.metrics,
         K.KL_COEF: kl_coef,
         **{K.time_key(k): v for k, v in out.times.items()},
         K.STEP_TIME: out.step_time,
         K.ELAPSED: elapsed,
-        K.TOKENS_PER_S: batch.extra["num_tokens"] / out.step_time,
+        K.TOKENS_PER_S: batch.generated_tokens / out.step_time,
         K.SAMPLES_PER_S: len(batch) / out.step_time,
         **out.extra,
         K.VERSION: state.version,
@@ -92,8 +100,8 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
         K.STALENESS_MAX: staleness.max().item(),
         **counter_metrics(state),
         K.NUM_GENERATORS: gens,
-        K.CHUNKS_PER_GENERATOR_MIN: min(batch.extra["chunks_per_worker"]),
-        K.CHUNKS_PER_GENERATOR_MAX: max(batch.extra["chunks_per_worker"]),
+        K.CHUNKS_PER_GENERATOR_MIN: min(batch.chunks_per_worker),
+        K.CHUNKS_PER_GENERATOR_MAX: max(batch.chunks_per_worker),
         K.DATA_EPOCH: state.cursor.epoch,
     }
 
@@ -108,7 +116,7 @@ def skipped_row(out: StepOutcome, state: RunState, elapsed: float) -> dict:
         K.STEP_TIME: out.step_time,
         K.ELAPSED: elapsed,
         K.VERSION: state.version,
-        K.SKIP_REASON: ",".join(out.train["reason"]),
+        K.SKIP_REASON: ",".join(out.train.skipped),
         **counter_metrics(state),
     }
 
@@ -136,9 +144,9 @@ def system_metrics(pools: dict) -> dict:
         for ref in pending:
             try:
                 stats.append(ray.get(ref))
-            except LOST:
+            except LOST as e:
                 if name == "learner":
-                    raise
+                    raise LearnerLost(None, type(e).__name__, "a statistics call") from e
         if not stats:
             continue
         out[K.pool_key(name, "rss_mb")] = max(s["rss_mb"] for s in stats)
@@ -155,16 +163,16 @@ def step_line(row: dict, steps: int) -> str:
     """The one line a step prints."""
     if row["step"] == 0:
         return (
-            f"step 0  gold {row['eval/gold_score']:.3f} +- "
-            f"{row['eval/gold_score_stderr']:.3f}  proxy {row['eval/proxy_reward']:.3f}"
+            f"step 0  gold {row[K.GOLD]:.3f} +- {row[K.GOLD_STDERR]:.3f}  "
+            f"proxy {row[K.EVAL_PROXY_REWARD]:.3f}"
         )
     if K.SKIP_REASON in row:
-        return f"step {row['step']}/{steps}  skipped: non-finite {row['fault/skip_reason']}"
+        return f"step {row['step']}/{steps}  skipped: non-finite {row[K.SKIP_REASON]}"
     line = (
-        f"step {row['step']}/{steps}  reward {row['rollout/reward_mean']:.3f}  "
-        f"kl {row['train/kl']:.4f}  tok/s {row['perf/tokens_per_s']:.0f}  "
-        f"step {row['time/step']:.2f}s"
+        f"step {row['step']}/{steps}  reward {row[K.REWARD_MEAN]:.3f}  "
+        f"kl {row[K.KL]:.4f}  tok/s {row[K.TOKENS_PER_S]:.0f}  "
+        f"step {row[K.STEP_TIME]:.2f}s"
     )
     if K.GOLD in row:
-        line += f"  gold {row['eval/gold_score']:.3f} +- {row['eval/gold_score_stderr']:.3f}"
+        line += f"  gold {row[K.GOLD]:.3f} +- {row[K.GOLD_STDERR]:.3f}"
     return line

@@ -20,8 +20,8 @@ from rlhf_dist.config import Config
 from rlhf_dist.dispatch import Job, deal, split_ranges
 from rlhf_dist.driver.healing import replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
+from rlhf_dist.inputs import Inputs
 from rlhf_dist.pools import Pool, bundle_of, worker_threads
-from rlhf_dist.preflight import Inputs
 from rlhf_dist.roles import ReferenceScorer, RewardScorer
 from rlhf_dist.roles.scorers import load_reward_functions
 
@@ -122,7 +122,7 @@ class ScorerGroup:
     def score(self, batch: RolloutBatch) -> float:
         """Reward scores and reference log-probs of ``batch`` (PPO's samples of data.prompts),
         filled in; with several reward functions each one's scores go to
-        ``batch.extra["reward_parts"]``. Returns the slower pool's critical-path compute."""
+        ``batch.reward_parts``. Returns the slower pool's critical-path compute."""
         rewards = self._reward_job(batch, self.fields, self.messages)
         if self.references is None:  # the generators filled batch.ref_logprobs in
             self._deal(rewards)
@@ -135,7 +135,7 @@ class ScorerGroup:
         batch.scores = torch.cat([r["scores"] for r in rewards.results])
         if "parts" in rewards.results[0]:
             names = rewards.results[0]["parts"]
-            batch.extra["reward_parts"] = {
+            batch.reward_parts = {
                 n: torch.cat([r["parts"][n] for r in rewards.results]) for n in names
             }
         if refs is None:

@@ -1,16 +1,14 @@
 """The weight-sync group: learner rank 0 plus every generator, the transport between them, and
 the policy version the generators hold.
 
-A collective backend (gloo on CPUs, NCCL on GPUs) needs a group whose members are known: rank
-0 hosts a ``TCPStore`` and each membership forms a group under a fresh prefix. The object-store
-transport needs no group: each generator pulls rank 0's buckets by reference; neither does
-shared memory (one machine, CPUs): rank 0 writes the policy into the next of its two slots and
-each generator points its parameters at that slot (``weight_sync.ShmSlots``); in sync mode
-with one full-precision ZeRO-0 learner rank (``sync.zero_copy``), the learner's parameters
-live in one slot the generators read as it is, and a push only hands out the version
-(``weight_sync.ShmLive``). Either way a
-push returns what it cost, or the generator slots that were lost and must be replaced before
-it is tried again (the generator group does that, docs/architecture.md "Weight sync").
+The transports are ``rlhf_dist.weight_sync``'s (each a sender on learner rank 0 and a receiver
+on each generator); this group runs them through one sequence whatever the transport: the
+learner opens its sender (once, or per membership for a collective, whose group forms anew
+under a fresh prefix), every generator opens its receiver on the channel it handed out, and a
+push is the learner's send, then (after it, where the receivers need its handoff: a slot, the
+buckets) every receive, each ending in a ``Receipt`` the group verifies. A push returns what it
+cost, or the generator slots lost during it, which the generator group replaces before it is
+tried again (docs/architecture.md, "Weight sync").
 """
 
 from __future__ import annotations
@@ -59,140 +57,119 @@ class WeightSyncGroup:
         self.cfg, self.learners = cfg, learners  # a LearnerGroup
         self.bucket_bytes = int(cfg.sync.bucket_mb * (1 << 20))
         self.version: int | None = None  # what every generator was verified to hold last
-        rank0 = learners.actors[0]
-        manifest = ray.get(rank0.sync_manifest.remote())
-        self.nbytes = weight_sync.manifest_bytes(manifest)  # what one push moves
-        self.backend = sync_backend(cfg, self.nbytes)
-        self.manifest = ray.put(manifest)
+        self.manifest = learners.manifest
+        self.nbytes = weight_sync.manifest_bytes(self.manifest)  # the synced parameters' bytes
         self.on_dispatch = None  # (pool name, slot, task) after each receive is started
-        self.shm_handles = None
-        self.zero_copy = False  # the generators read the learner's own parameters
-        if self.backend == "shm":
-            share = cfg.sync.zero_copy and cfg.mode == "sync"
-            try:
-                held = ray.get(rank0.host_shm_sync.remote(self.bucket_bytes, share))
-                self.shm_handles, self.zero_copy = held["handles"], held["zero_copy"]
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, weight_sync.ShmError):
-                    raise WeightSyncError(str(e.cause)) from None
-                raise
+        self._open(sync_backend(cfg, self.nbytes))
 
-    @property
-    def bytes_per_push(self) -> int:
-        """What one push moves: nothing when the generators read the learner's parameters."""
-        return 0 if self.zero_copy else self.nbytes
+    def _open(self, backend: str) -> None:
+        """Set up learner rank 0's sender of ``backend``; what it hands out becomes the
+        channel every generator's receiver opens."""
+        self.backend, self.transport = backend, weight_sync.transport(backend)
+        share = self.cfg.sync.zero_copy and self.cfg.mode == "sync"
+        try:
+            info = self.learners.get(
+                self.learners.open_weight_sync(backend, self.bucket_bytes, share)
+            )
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, weight_sync.ShmError):
+                raise WeightSyncError(str(e.cause)) from None
+            raise
+        self.zero_copy = info["zero_copy"]  # the generators read the learner's own parameters
+        self.bytes_per_push = info["bytes_per_push"]  # what one push moves
+        self.port = info.get("port")  # a collective's store
+        channel = weight_sync.Channel(backend, self.bucket_bytes, self.manifest, info)
+        self.channel = ray.put(channel)
 
     @property
     def collective(self) -> bool:
         """Whether the transport is a collective group that each membership forms anew (gloo,
         NCCL); the object store and shared memory need none."""
-        return self.backend not in ("object_store", "shm")
+        return self.transport.collective
 
     def form(self, generators: list) -> bool:
-        """A new group of learner rank 0 and ``generators`` under a fresh prefix; False when a
-        generator was lost while joining (replace it and form again)."""
+        """Every generator opens its receiver; a collective forms a new group of learner rank
+        0 and ``generators`` under a fresh prefix. False when a generator was lost meanwhile
+        (replace it and form again)."""
         if not self.collective:
+            try:
+                ray.get([g.open_weight_sync.remote(self.channel) for g in generators])
+            except LOST:
+                return False
             return True
-        rank0 = self.learners.actors[0]
-        host = self.learners.pool.node_ip(0)
-        port = ray.get(rank0.host_weight_sync.remote())  # bound already: no race
-        members = [rank0, *generators]
-        prefix = f"wsync-{time.time_ns()}"
-        args = (len(members), prefix, self.backend, self.cfg.sync.timeout_s)
-        joins = [m.join_weight_sync.remote(host, port, r, *args) for r, m in enumerate(members)]
+        host = self.learners.host()
+        size, prefix = len(generators) + 1, f"wsync-{time.time_ns()}"
+        timeout = self.cfg.sync.timeout_s
+
+        def member(rank: int) -> weight_sync.Membership:
+            return weight_sync.Membership(host, self.port, rank, size, prefix, timeout)
+
+        bb = self.bucket_bytes
+        own = self.learners.open_weight_sync(self.backend, bb, membership=member(0))
+        joins = [
+            g.open_weight_sync.remote(self.channel, member(r + 1)) for r, g in enumerate(generators)
+        ]
         try:
-            ray.get(joins[1:])
+            ray.get(joins)
         except LOST:  # the learner's join fails at sync.timeout_s without it
             try:
-                ray.get(joins[0])
+                self.learners.get(own, "forming the weight-sync group")
             except ray.exceptions.RayTaskError:
                 pass
             return False
-        ray.get(joins[0])
+        self.learners.get(own, "forming the weight-sync group")
         return True
 
     def push(self, generators: list, version: int) -> PushOutcome:
         """Send the learner's policy to every generator as ``version`` and verify it."""
         verify = self.cfg.sync.verify
-        if self.collective:
-            send = self.learners.call("broadcast_weights", self.bucket_bytes, version, verify)
-            recv = [
-                g.receive_weights.remote(self.manifest, self.bucket_bytes, version, verify)
-                for g in generators
-            ]
-        elif self.zero_copy:
-            # nothing to write: the learner checks its parameters are in the shared slot
-            # while each generator takes the version (and, new to the slot, attaches)
-            send = [self.learners.actors[0].share_weights.remote(version)]
-            recv = [
-                g.attach_weights.remote(
-                    self.manifest, self.bucket_bytes, self.shm_handles, 0, version, verify, True
-                )
-                for g in generators
-            ]
-        elif self.backend == "shm":
-            # the learner writes its next slot first; then each generator attaches to it
-            send = self.learners.call("write_weights", self.bucket_bytes, version, verify)
-            try:
-                slot = ray.get(send)[0]["slot"]
-            except LOST:
-                raise LearnerLost("a learner rank died during the weight sync") from None
-            recv = [
-                g.attach_weights.remote(
-                    self.manifest, self.bucket_bytes, self.shm_handles, slot, version, verify
-                )
-                for g in generators
-            ]
+        sends, handoff = self.learners.send_weights(self.bucket_bytes, version, verify)
+        if self.transport.handoff:
+            # the receivers need what the send returned (a slot, the buckets)
+            self.learners.get(sends, "the weight sync")
         else:
-            out = [
-                a.weight_buckets.options(num_returns=2).remote(self.bucket_bytes, version, verify)
-                for a in self.learners.actors
-            ]
-            send = [meta for meta, _ in out]
-            # Rank 0's buckets go to the generators by reference: each pulls them from the
-            # object store; the driver only reads the metadata.
-            recv = [
-                g.load_weight_buckets.remote(
-                    self.manifest, self.bucket_bytes, out[0][1], version, verify
-                )
-                for g in generators
-            ]
+            handoff = None  # a collective's receivers take part in the send itself
+        recv = [g.receive_weights.remote(version, verify, handoff) for g in generators]
         if self.on_dispatch is not None:
             for slot in range(len(recv)):
                 self.on_dispatch("weight_sync", slot, 0)
         try:
-            got, lost, hung = self._wait_receivers(recv, send)
+            got, lost, hung = self._wait_receivers(recv, sends)
         except ray.exceptions.RayTaskError as e:
-            if self.backend == "shm" and isinstance(e.cause, weight_sync.ShmError):
+            if isinstance(e.cause, weight_sync.ShmError):
                 return self._leave_shared_memory(e.cause)
             raise
         if lost:
-            self._wait_send_after_loss(send)
+            self._wait_send_after_loss(sends)
             return PushOutcome(lost=sorted(lost | hung))
-        sent = ray.get(send)[0]
-        if sent.get("moved"):
+        sent = self.learners.get(sends, "the weight sync")[0]
+        if sent.moved:
             warnings.warn(
-                f"weight sync: {sent['moved']} of the learner's parameters had left the shared "
+                f"weight sync: {sent.moved} of the learner's parameters had left the shared "
                 f"memory the generators read (their .data was replaced); copied back",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if self.zero_copy and any(g["checksum"] is not None for g in got):
-            # a generator attached afresh: compare its bytes with the learner's once
-            sent = {**sent, "checksum": ray.get(self.learners.actors[0].shared_checksum.remote())}
+        if verify and sent.checksum is None and any(g.fresh for g in got):
+            # a receiver attached afresh to what the learner did not hash: hash it now
+            again = self.learners.send_weights(self.bucket_bytes, version, True, True)[0]
+            sent = self.learners.get(again, "the weight sync")[0]
         if verify:
-            for i, g in enumerate(got):
-                if self.zero_copy and g["checksum"] is None:
-                    bad = g["version"] != version  # reads the learner's own bytes
-                else:
-                    bad = g["checksum"] != sent["checksum"] or g["version"] != version
-                if bad:
-                    raise WeightSyncError(
-                        f"generator {i} holds version {g['version']} checksum {g['checksum']}, "
-                        f"learner sent version {version} checksum {sent['checksum']}"
-                    )
+            self._verify(got, sent, version)
         self.version = version
-        return PushOutcome(compute_s=max([sent["compute_s"]] + [g["compute_s"] for g in got]))
+        return PushOutcome(compute_s=max([sent.seconds] + [g.seconds for g in got]))
+
+    @staticmethod
+    def _verify(got: list, sent, version: int) -> None:
+        """Every receiver holds ``version`` and, where it hashed (where nothing moved it reads
+        the learner's own bytes), the learner's checksum."""
+        for i, g in enumerate(got):
+            bad = g.version != version or (g.checksum is not None and g.checksum != sent.checksum)
+            if bad:
+                raise WeightSyncError(
+                    f"generator {i} holds version {g.version} checksum {g.checksum}, "
+                    f"learner sent version {version} checksum {sent.checksum}"
+                )
 
     def _leave_shared_memory(self, cause: Exception) -> PushOutcome:
         """A generator cannot attach to the learner's slots (placed on another machine after
@@ -201,7 +178,7 @@ class WeightSyncGroup:
         if self.cfg.sync.backend != "auto":
             raise WeightSyncError(str(cause))
         warnings.warn(f"{cause}; sync.backend=auto goes on over gloo", RuntimeWarning, stacklevel=2)
-        self.backend, self.zero_copy = "gloo", False
+        self._open("gloo")
         return PushOutcome(regroup=True)
 
     def _wait_send_after_loss(self, send: list) -> None:
@@ -209,6 +186,8 @@ class WeightSyncGroup:
         (the top level ends the run)."""
         try:
             ray.get(send, timeout=self.cfg.sync.timeout_s + 60)
+        except LOST as e:
+            raise LearnerLost(None, type(e).__name__, "the weight sync") from None
         except ray.exceptions.RayTaskError:
             pass
         except ray.exceptions.GetTimeoutError:
@@ -234,8 +213,8 @@ class WeightSyncGroup:
                 sending.remove(ref)
                 try:
                     ray.get(ref)
-                except LOST:
-                    raise LearnerLost("a learner rank died during the weight sync") from None
+                except LOST as e:
+                    raise LearnerLost(None, type(e).__name__, "the weight sync") from None
                 except ray.exceptions.RayTaskError:
                     pass  # the group broke under it: a receiver's loss shows next
                 continue

@@ -23,7 +23,7 @@ from rlhf_dist.driver.dynamic_sampling import (
     take_first_groups,
 )
 from rlhf_dist.driver.errors import NoSignal
-from rlhf_dist.driver.outcome import BlockTimer, StepLoop, StepOutcome
+from rlhf_dist.driver.outcome import BlockTimer, StepLoop, StepOutcome, publish
 from rlhf_dist.ledger import SURPLUS, UNIFORM
 
 
@@ -37,17 +37,16 @@ class SyncLoop(StepLoop):
             seed = derive_seed(cfg.run.seed, state.step, "ppo")
             train = self.learners.update(batch, state.kl_ctl.value, seed)
         state.step += 1
-        if train.get("skipped"):  # no update: nothing to send
+        if train.skipped:  # no update: nothing to send
             return StepOutcome(
                 batch, train, timer.times, time.perf_counter() - t_step, position, **sampled
             )
         with timer.block("weight_sync"):
-            sync_compute = self.generators.push(state.version + 1)
-            state.version += 1
+            sync_compute = publish(self.generators, state, state.version + 1)
         step_time = time.perf_counter() - t_step
-        compute = batch.extra["compute_s"] + score_compute + train["compute_s"] + sync_compute
+        compute = batch.compute_s + score_compute + train.compute_s + sync_compute
         extra = {
-            K.GENERATE_TOKENS_PER_S: batch.extra["num_tokens"] / max(timer.times["generate"], 1e-9),
+            K.GENERATE_TOKENS_PER_S: batch.generated_tokens / max(timer.times["generate"], 1e-9),
             K.OVERHEAD_FRAC: max(step_time - compute, 0.0) / step_time,
             K.SYNC_BYTES: self.generators.pushed_bytes,
         }

@@ -11,8 +11,8 @@ A call is trapped in one of two ways:
 - ``KillPoint.arm(actors, "model.generate")`` first wraps an attribute of each live Ray
   actor's role object (through ``actor.__ray_call__``, queued behind the actor's current
   call), e.g. a generator's HF model's ``generate`` or a reward scorer's ``_score_fns``; a
-  ``module:function`` path (``"rlhf_dist.weight_sync:receive"``) wraps a module function in
-  the actors' processes. Actors started later (replacements) are not trapped.
+  ``module:function`` path (``"package.module:function"``) wraps a module function in the
+  actors' processes. Actors started later (replacements) are not trapped.
 - ``reward`` is a reward function (``reward.function=kill_points:reward``, with
   ``tests/helpers`` on ``PYTHONPATH``) that is trapped when the environment variable
   ``KILL_POINT_DIR`` names an armed kill point: for runs the test cannot reach into, such as

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from rlhf_dist.dispatch import Job, deal
+from rlhf_dist.driver.errors import WorkerFailedToStart
 
 
 def make_worker_class():
@@ -126,6 +127,7 @@ def test_worker_that_fails_to_start_is_raised_not_healed(ray_cluster):
     pool = SimpleNamespace(name="toy", actors=[Worker.remote(0.01, broken=True)])
     healed = []
     job = Job(pool, [1, 2], lambda a, x: a.work.remote(x), lambda lost, busy: healed.append(lost))
-    with pytest.raises(ray.exceptions.RayActorError, match="cannot load the model"):
+    with pytest.raises(WorkerFailedToStart, match="toy: .*cannot load the model") as e:
         deal(job)
+    assert isinstance(e.value.__cause__, ray.exceptions.RayActorError)  # the worker's own error
     assert healed == []

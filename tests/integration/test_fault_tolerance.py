@@ -8,8 +8,9 @@ fault counters aside.
 Every kill lands inside a named call, for certain: the call is trapped by a kill point
 (``tests/helpers/kill_points.py``). The test arms it at a quiet moment before the call (the
 trap is put into the live actors through ``actor.__ray_call__``: a reward scorer's
-``_score_fns``, a generator's HF ``model.generate``, or ``rlhf_dist.weight_sync.receive`` (or
-``attach``, over shared memory) in a generator's process); the first trapped call after that writes its PID to the kill point's directory and
+``_score_fns``, a generator's HF ``model.generate``, or its weight-sync ``receiver.receive``
+(a receive over gloo, an attach over shared memory); the first trapped call after that writes
+its PID to the kill point's directory and
 sleeps. The ``on_dispatch`` hook, at the first submission of that call's step, waits for the
 PID, then kills that worker (SIGKILL of the PID, ``ray.kill`` of its actor, or removal of its
 node), so the kill lands after the call started and before it could return. No production
@@ -174,7 +175,7 @@ def test_workers_killed_inside_their_calls_are_replaced_and_the_work_redone(
             ("reward", 1): kill(score, how),  # the reward scorer, inside step 1's first call
             ("weight_sync", 1): arm(sample, generators, "model.generate"),
             ("rollout", 2): kill(sample, how),  # a generator inside step 2's first chunk
-            ("reward", 2): arm(receive, generators, "rlhf_dist.weight_sync:receive"),
+            ("reward", 2): arm(receive, generators, "receiver.receive"),
             ("weight_sync", 2): kill(receive, how),  # a generator receiving step 2's weights
         }
     )
@@ -275,7 +276,7 @@ def test_a_generator_killed_while_attaching_over_shared_memory(
     attach = KillPoint(tmp_path / "attach")
     make, left = scripted(
         {
-            ("reward", 2): arm(attach, generators, "rlhf_dist.weight_sync:attach"),
+            ("reward", 2): arm(attach, generators, "receiver.receive"),
             ("weight_sync", 2): kill(attach, "SIGKILL"),  # inside step 2's attach
         }
     )

@@ -99,7 +99,7 @@ def test_sync_after_a_ppo_step(
         # sync mode, one full-precision ZeRO-0 rank: the generators read its own parameters
         shares = backend in ("auto", "shm") and zero_stage == 0 and dtype == "float32"
         assert orch.generators.sync.zero_copy == shares
-        manifest = ray.get(orch.generators.sync.manifest)
+        manifest = orch.generators.sync.manifest
         assert all(str(s.dtype) == f"torch.{dtype}" for s in manifest)
         names = [s.name for s in manifest]
         # tied weights travel once; untied ones both travel
@@ -126,17 +126,15 @@ def test_mismatch_stops_with_a_clear_error_and_added_generator_gets_current_weig
 
     # Defined here, not at module level, so Ray pickles it by value into the worker. It
     # corrupts what this one generator process loads (a stand-in for a transport fault).
-    def corrupt_what_this_worker_receives(_self):
-        from rlhf_dist import weight_sync
+    def corrupt_what_this_worker_receives(self):
+        original = self.weights.loaded
 
-        original = weight_sync.receive
-
-        def receive(group, model, manifest, bucket_bytes):
-            original(group, model, manifest, bucket_bytes)
+        def loaded(manifest, bucket_bytes):
+            original(manifest, bucket_bytes)
             with torch.no_grad():
-                next(model.parameters()).view(-1)[0] += 1.0
+                next(self.model.parameters()).view(-1)[0] += 1.0
 
-        weight_sync.receive = receive
+        self.weights.loaded = loaded
 
     try:
         orch.run(log=lambda _: None)
@@ -172,7 +170,7 @@ def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
     def where_weights_live(self):
         from rlhf_dist import weight_sync
 
-        handles, maps = self.model._weight_sync_shm
+        handles, maps = self.receiver.channel.info["handles"], self.receiver.maps
         ptr = next(p for _, p in weight_sync.sync_params(self.model)).data_ptr()
         # which mapped slot the first synced parameter lies in, and the file behind it
         slot = [m is not None and m.data_ptr() <= ptr < m.data_ptr() + m.numel() for m in maps]
@@ -180,15 +178,13 @@ def test_shm_generators_share_one_copy_and_a_stale_slot_is_caught(
 
     # Defined here so Ray pickles it by value: this one generator attaches to the slot the
     # learner did not write (a stand-in for a transport fault: stale weights).
-    def attach_to_the_other_slot(_self):
-        from rlhf_dist import weight_sync
+    def attach_to_the_other_slot(self):
+        original = self.receiver.receive
 
-        original = weight_sync.attach
+        def receive(target, version, verify, handoff=None):
+            return original(target, version, verify, 1 - handoff)
 
-        def attach(model, manifest, bucket_bytes, handles, slot):
-            original(model, manifest, bucket_bytes, handles, 1 - slot)
-
-        weight_sync.attach = attach
+        self.receiver.receive = receive
 
     try:
         # pushes so far: the initial one (slot 0)
@@ -226,12 +222,13 @@ def test_a_generator_that_cannot_attach_moves_auto_to_gloo(
 
     def cannot_open_slots(self):
         from rlhf_dist import weight_sync
+        from rlhf_dist.weight_sync import shm
 
         def refuse(handle):
             raise weight_sync.ShmError(f"weight sync: cannot open {handle.path} (simulated)")
 
-        weight_sync._map_slot = refuse
-        self.model._weight_sync_shm = None  # forget the mapped slot: the next push maps again
+        shm.map_slot = refuse
+        self.receiver.maps = [None] * len(self.receiver.maps)  # the next push maps again
 
     try:
         assert orch.generators.sync.backend == "shm"
@@ -293,7 +290,7 @@ def _zero_copy_faults(orch, cfg, tiny_assets):
     def learner_params_in_its_slot(self):
         from rlhf_dist import weight_sync
 
-        slot = self.shm_live.slots.slots[0]
+        slot = self.sender.live.slots.slots[0]
         start, end = slot.data_ptr(), slot.data_ptr() + slot.numel()
         return all(
             start <= p.data_ptr() < end for _, p in weight_sync.sync_params(self.policy.module)
@@ -304,7 +301,7 @@ def _zero_copy_faults(orch, cfg, tiny_assets):
     def generator_maps_learner_file(self):
         import os
 
-        handles, maps = self.model._weight_sync_shm
+        handles, maps = self.receiver.channel.info["handles"], self.receiver.maps
         fd = os.open(handles[0].path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
@@ -343,19 +340,17 @@ def _zero_copy_faults(orch, cfg, tiny_assets):
     _check_generators_hold_learner_weights(orch, cfg, str(tiny_assets / "policy"), 3)
 
     # a generator whose attach leaves it holding a private copy: caught at once
-    def attach_to_a_copy(_self):
-        from rlhf_dist import weight_sync
+    def attach_to_a_copy(self):
+        original = self.weights.adopt
 
-        original = weight_sync.attach
-
-        def attach(model, manifest, bucket_bytes, handles, slot):
-            original(model, manifest, bucket_bytes, handles, slot)
-            p = next(model.parameters())
+        def adopt(manifest, regions, bucket_bytes):
+            original(manifest, regions, bucket_bytes)
+            p = next(self.model.parameters())
             p.data = p.data.clone()
             p.data.view(-1)[0] += 1.0
             return True
 
-        weight_sync.attach = attach
+        self.weights.adopt = adopt
 
     ray.get(gens[0].__ray_call__.remote(attach_to_a_copy))
     with pytest.raises(WeightSyncError, match="generator 0 holds version 4 checksum"):

@@ -1,0 +1,76 @@
+"""The generator group's push when generators are lost during it, without Ray: the lost ones
+are replaced (each paid from the restart budget), a collective group forms again, the push
+is tried again until it goes through, and what it moved is counted once per try."""
+
+import pytest
+
+from rlhf_dist.config import load_config
+from rlhf_dist.driver.errors import RestartsExhausted
+from rlhf_dist.driver.generator_group import GeneratorGroup
+from rlhf_dist.driver.run_state import Counters, RestartBudget
+from rlhf_dist.driver.sync_group import PushOutcome
+from rlhf_dist.inputs import Inputs
+from tests.driver.fakes import FakePool
+
+
+class FakeSync:
+    """A weight-sync group whose pushes come out as scripted."""
+
+    def __init__(self, outcomes, collective=True, bytes_per_push=100):
+        self.outcomes = list(outcomes)
+        self.collective, self.bytes_per_push = collective, bytes_per_push
+        self.pushes, self.forms = [], 0
+        self.version = None
+        self.on_dispatch = None
+
+    def form(self, generators) -> bool:
+        self.forms += 1
+        return True
+
+    def push(self, generators, version) -> PushOutcome:
+        self.pushes.append((tuple(generators), version))
+        out = self.outcomes.pop(0)
+        if not out.lost and not out.regroup:
+            self.version = version
+        return out
+
+
+def _group(n=3, max_restarts=5):
+    cfg = load_config(None, [f"rollout.num_workers={n}", f"run.max_restarts={max_restarts}"])
+    counters = Counters()
+    budget = RestartBudget(counters, cfg.run.max_restarts)
+    inputs = Inputs("p", "t", "c", ["x"], 0)
+    return GeneratorGroup(cfg, inputs, budget, pool=FakePool(n)), counters
+
+
+def test_generators_lost_during_a_push_are_replaced_and_the_push_redone():
+    gens, counters = _group()
+    sync = FakeSync([PushOutcome(lost=[1]), PushOutcome(lost=[0, 2]), PushOutcome(compute_s=0.5)])
+    gens.connect(sync)
+    forms = sync.forms
+    assert gens.push(7) == 0.5
+    assert gens.pool.replaced == [1, 0, 2] and counters.restarts == 3
+    assert sync.forms == forms + 2  # a collective group formed again after each loss
+    # every try went to the generators of that moment, the replacements included
+    assert [v for _, v in sync.pushes] == [7, 7, 7]
+    assert sync.pushes[0][0] == ("worker-0", "worker-1", "worker-2")
+    assert sync.pushes[-1][0] == ("worker-5", "worker-4", "worker-6")
+    assert gens.pushed_bytes == 300 and sync.version == 7
+
+
+def test_over_shared_memory_a_loss_forms_no_group_and_a_regroup_changes_transport():
+    gens, counters = _group()
+    sync = FakeSync([PushOutcome(lost=[2]), PushOutcome(regroup=True), PushOutcome()], False, 0)
+    gens.connect(sync)
+    forms = sync.forms
+    gens.push(1)
+    assert gens.pool.replaced == [2] and counters.restarts == 1
+    assert sync.forms == forms + 1  # only the transport change formed a group
+
+
+def test_a_push_that_keeps_losing_generators_ends_at_the_restart_budget():
+    gens, counters = _group(max_restarts=2)
+    gens.connect(FakeSync([PushOutcome(lost=[0])] * 5))
+    with pytest.raises(RestartsExhausted, match="run.max_restarts=2"):
+        gens.push(1)
+    assert counters.restarts == 3
