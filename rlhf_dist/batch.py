@@ -134,6 +134,10 @@ class UpdateResult:
     skipped: tuple[str, ...] = ()
     """Not empty: the update was refused (every rank skipped it) because these quantities
     were not finite (``scores``, ``logprobs``, ...); nothing was trained."""
+    trained: list[int] = field(default_factory=list)
+    """Per sample of the batch (in its order): how many passes of the minibatch loop trained
+    it, counted by the loop itself (``ppo.epochs`` each when all went well; 0 when skipped).
+    The ledger books it."""
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -464,19 +464,24 @@ class PPOConfig:
     """Samples per forward/backward on one rank (gradient accumulation makes up the rest)."""
     clip_eps: float = 0.2
     """PPO ratio clip range (GSPO, ``ratio_level=sequence``, is published with 3e-4)."""
+    clip_eps_high: float | None = None
+    """Upper clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]; a larger
+    value than ``clip_eps`` is DAPO's "clip-higher" (Yu et al. 2025 use 0.28 with 0.2), which
+    keeps low-probability tokens able to grow. Empty (null) = ``clip_eps``."""
     ratio_level: Literal["token", "sequence"] = "token"
     """Importance ratio the clip acts on. ``token``: per token (PPO). ``sequence``: GSPO (Zheng
     et al. 2025): every token of a response uses exp(mean over its tokens of logp - old_logp),
     so a response is clipped as a whole."""
     loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
-    """How a micro-batch's per-token policy loss (and KL loss and entropy bonus) becomes one
-    number. ``token_mean``: mean over its valid tokens. ``seq_mean_token_mean``: mean over its
-    sequences of each one's token mean (GRPO's paper form). ``seq_mean_token_sum``: mean over its
-    sequences of each one's token sum, divided by ``rollout.max_new_tokens``, a constant: Dr.
-    GRPO's fix of the length bias (Liu et al. 2025). DeepSpeed averages micro-batches (and
-    ranks), so the ``seq_mean_*`` modes are exact means over the minibatch's sequences and
-    ``token_mean`` is the mean of the micro-batches' token means (veRL: ``token-mean``,
-    ``seq-mean-token-mean``, ``seq-mean-token-sum``)."""
+    """How a minibatch's per-token policy loss (and KL loss and entropy bonus) becomes one
+    number, over the whole minibatch whatever its micro-batching and the number of learner
+    ranks (the counts are summed over micro-batches and ranks; ``algo.aggregate_loss``).
+    ``token_mean``: mean over its valid tokens (DAPO's token-level loss). ``seq_mean_token_mean``:
+    mean over its sequences of each one's token mean (GRPO's paper form). ``seq_mean_token_sum``:
+    mean over its sequences of each one's token sum, divided by ``rollout.max_new_tokens``, a
+    constant: Dr. GRPO's fix of the length bias (Liu et al. 2025). veRL: ``token-mean``,
+    ``seq-mean-token-mean``, ``seq-mean-token-sum``. The critic's value loss is a token mean
+    over the minibatch too."""
     value_clip_eps: float = 0.2
     """Value clip range around the old values; 0 = off (``estimator=gae`` only)."""
     vf_coef: float = 1.0
@@ -489,9 +494,13 @@ class PPOConfig:
     the sequence's)."""
     lam: float = 0.95
     """GAE lambda (``estimator=gae`` only)."""
+    grpo_std_eps: float = 1e-6
+    """GRPO's epsilon in (score - group mean) / (group std + eps): veRL's value; TRL uses
+    1e-4, OpenRLHF 1e-9. It matters for groups whose scores barely differ."""
     whiten_advantages: bool = True
-    """Whiten advantages over the step's valid tokens (statistics across learner ranks); for
-    ``gae``, ``reinforce_pp`` and ``reinforce_pp_baseline``. grpo, dr_grpo and rloo never
+    """Whiten advantages over the step's valid tokens (statistics across learner ranks) for the
+    estimators whose table entry says so (``whitened``: gae, reinforce_pp, reinforce_pp_baseline;
+    the variance's divisor is their source's, ``whiten_ddof``). grpo, dr_grpo and rloo never
     whiten over the batch: their advantages are normalised within each prompt's group, and a
     batch-wide shift would push the samples of a group that all scored the same (as in veRL
     and OpenRLHF)."""
@@ -514,7 +523,9 @@ class PPOConfig:
     def check(self, cfg: Config) -> None:
         _need("ppo", self, "epochs", "minibatch_size", "micro_batch_size")
         names = ("clip_eps", "value_clip_eps", "vf_coef", "entropy_coef", "kl_coef")
-        _need("ppo", self, *names, "kl_loss_coef", allow_zero=True)
+        _need("ppo", self, *names, "kl_loss_coef", "grpo_std_eps", allow_zero=True)
+        if self.clip_eps_high is not None:
+            _need("ppo", self, "clip_eps_high", allow_zero=True)
         for key in ("gamma", "lam"):
             v = getattr(self, key)
             if not 0 <= v <= 1:

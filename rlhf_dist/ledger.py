@@ -14,6 +14,8 @@ Each line says where the sample came from and what became of it:
 score, when ``reward.function`` combines several) |
 | ``kl`` | k1 KL of the sampling policy to the reference, summed over its response tokens |
 | ``length``, ``truncated`` | response tokens (EOS included); cut at ``rollout.max_new_tokens`` |
+| ``updates`` | the passes of the learner's minibatch loop that trained it, as the learner
+counted them (``ppo.epochs`` when trained; 0 when dropped or its step was skipped) |
 | ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped;
 ``stale``: async, too old to train; with ``rollout.drop_uniform_groups``, ``uniform_group``:
 its prompt's samples all got the same reward, ``surplus``: its round found more than needed) |
@@ -40,7 +42,7 @@ ROLLED_BACK_FILE = "samples.rolled_back.jsonl"
 UNIFORM = "uniform_group"  # ``dropped``: its prompt's samples all got the same reward
 SURPLUS = "surplus"  # ``dropped``: dynamic sampling found more groups than the step lacked
 SET_ASIDE = (UNIFORM, SURPLUS)  # dropped whole by design: its prompt is accounted for
-META_FILE = "samples.meta.json"  # {"num_prompts": ..., "samples_per_prompt": ...}
+META_FILE = "samples.meta.json"  # {"num_prompts", "samples_per_prompt", "updates_per_sample"}
 
 
 def data_epochs(position: dict, num_prompts: int, taken: int) -> list[int]:
@@ -66,9 +68,16 @@ def chunk_origins(chunks: list, owners: list[int], results: list) -> list[tuple]
     return out
 
 
-def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int) -> list[dict]:
+def ledger_rows(
+    step: int,
+    batch: RolloutBatch,
+    epochs: list[int],
+    learner: int,
+    updates: list[int] | None = None,
+) -> list[dict]:
     """One row per sample of ``batch``, whose ``origins`` come from ``chunk_origins``;
-    ``epochs`` is ``data_epochs`` of the step and ``learner`` the version the step trained."""
+    ``epochs`` is ``data_epochs`` of the step and ``learner`` the version the step trained;
+    ``updates``: how many times the learner says it trained each sample (None: none)."""
     mask = batch.response_mask
     scored = batch.scores is not None and batch.ref_logprobs is not None
     kl = (
@@ -97,6 +106,7 @@ def ledger_rows(step: int, batch: RolloutBatch, epochs: list[int], learner: int)
                 "kl": kl[j] if scored else None,
                 "length": lengths[j],
                 "truncated": bool(batch.truncated[j]),
+                "updates": updates[j] if updates is not None else 0,
             }
         )
         if parts:
@@ -112,12 +122,18 @@ class SampleLedger:
         samples: int,
         enabled: bool = True,
         fields: dict | None = None,
+        updates: int = 1,
     ):
+        """``updates``: the passes a trained sample gets (``ppo.epochs``)."""
         self.path = Path(run_dir) / LEDGER_FILE
         self.enabled = enabled
         self.fields = fields or {}  # field -> one value per prompt row (lists or columns)
         if enabled:
-            meta = {"num_prompts": num_prompts, "samples_per_prompt": samples}
+            meta = {
+                "num_prompts": num_prompts,
+                "samples_per_prompt": samples,
+                "updates_per_sample": updates,
+            }
             self.path.with_name(META_FILE).write_text(json.dumps(meta) + "\n")
 
     def write(self, rows: list[dict], dropped: str = "") -> None:
@@ -141,7 +157,8 @@ class SampleLedger:
         epochs = data_epochs(out.data_position["cursor"], state.cursor.size, taken)
         trained_by = state.version - (0 if out.skipped else 1)  # the update's own version
         why = "nonfinite_step" if out.skipped else ""
-        self.write(ledger_rows(state.step, out.batch, epochs, trained_by), why)
+        updates = out.train.trained or None
+        self.write(ledger_rows(state.step, out.batch, epochs, trained_by, updates), why)
         for samples, reason in out.dropped:
             self.write(ledger_rows(state.step, samples, epochs, trained_by), reason)
 
@@ -165,14 +182,23 @@ def read_meta(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / META_FILE).read_text())
 
 
-def epoch_coverage(rows: list[dict], epoch: int, num_prompts: int, samples: int) -> dict:
+def epoch_coverage(
+    rows: list[dict], epoch: int, num_prompts: int, samples: int, updates: int | None = None
+) -> dict:
     """Was every prompt of ``epoch`` trained exactly ``samples`` times, each sample index once?
-    A prompt whose whole group dynamic sampling set aside (``rollout.drop_uniform_groups``: a
-    uniform group, or a surplus one) counts as accounted for, once, instead of trained.
-    Returns the rows missing (fewer), repeated (more), the number of prompts set aside, and
-    whether it holds."""
+    A sample counts as trained when it was not dropped and, given ``updates`` (the passes a
+    trained sample gets, ``ppo.epochs``), when the learner reported training it exactly that
+    many times (its ``updates``; a line from before that field counts). A prompt whose whole
+    group dynamic sampling set aside (``rollout.drop_uniform_groups``: a uniform group, or a
+    surplus one) counts as accounted for, once, instead of trained. Returns the rows missing
+    (fewer), repeated (more), the rows whose samples the learner trained another number of
+    times (``miscounted``), the number of prompts set aside, and whether it holds."""
     mine = [r for r in rows if r["epoch"] == epoch]
-    trained = Counter((r["row"], r["sample"]) for r in mine if not r.get("dropped"))
+    kept = [r for r in mine if not r.get("dropped")]
+    miscounted = sorted(
+        {r["row"] for r in kept if updates is not None and r.get("updates", updates) != updates}
+    )
+    trained = Counter((r["row"], r["sample"]) for r in kept if r["row"] not in miscounted)
     uniform = Counter((r["row"], r["sample"]) for r in mine if r.get("dropped") in SET_ASIDE)
     done = trained + uniform
     missing = sorted(
@@ -183,8 +209,9 @@ def epoch_coverage(rows: list[dict], epoch: int, num_prompts: int, samples: int)
     return {
         "missing": missing,
         "repeated": sorted(set(repeated) | set(split)),  # a group half trained, half dropped
+        "miscounted": miscounted,
         "uniform": len({i for (i, _) in uniform}),
-        "exact": not missing and not repeated and not split,
+        "exact": not missing and not repeated and not split and not miscounted,
     }
 
 

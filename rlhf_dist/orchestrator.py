@@ -67,7 +67,12 @@ class Orchestrator:
         self.tracker = tracker or Tracker(cfg, self.run_dir)
         samples = cfg.rollout.samples_per_prompt
         self.ledger = SampleLedger(
-            self.run_dir, len(inputs.prompts), samples, cfg.run.ledger, inputs.prompt_fields
+            self.run_dir,
+            len(inputs.prompts),
+            samples,
+            cfg.run.ledger,
+            inputs.prompt_fields,
+            updates=cfg.ppo.epochs,
         )
         self.state = RunState.initial(cfg, len(inputs.prompts))
         self.initial_state = self.state.state_dict()

@@ -518,16 +518,18 @@ def samples_report(run_dir: str, epoch: int | None) -> int:
         return 2
     print("\n".join(ledger.summary_lines(rows)))
     n, g = meta["num_prompts"], meta["samples_per_prompt"]
+    updates = meta.get("updates_per_sample")
     epochs = sorted({r["epoch"] for r in rows}) if epoch is None else [epoch]
     bad = False
     for e in epochs:
-        cov = ledger.epoch_coverage(rows, e, n, g)
+        cov = ledger.epoch_coverage(rows, e, n, g, updates)
         last_open = epoch is None and e == epochs[-1] and cov["missing"] and not cov["repeated"]
         state = "exact" if cov["exact"] else ("in progress" if last_open else "NOT exact")
         uniform = f", {cov['uniform']} set aside by dynamic sampling" if cov["uniform"] else ""
         print(
             f"epoch {e}: every one of {n} prompts trained exactly {g} times: {state} "
-            f"(missing {len(cov['missing'])} prompts, repeated {len(cov['repeated'])}{uniform})"
+            f"(missing {len(cov['missing'])} prompts, repeated {len(cov['repeated'])}, "
+            f"trained another number of times than ppo.epochs {len(cov['miscounted'])}{uniform})"
         )
         bad |= state == "NOT exact"
     return 1 if bad else 0

@@ -99,6 +99,7 @@ def test_epoch_coverage_finds_missing_and_repeated_prompts():
     assert ledger.epoch_coverage(missing, 0, 3, 2) == {
         "missing": [2],
         "repeated": [],
+        "miscounted": [],
         "uniform": 0,
         "exact": False,
     }
@@ -108,11 +109,24 @@ def test_epoch_coverage_finds_missing_and_repeated_prompts():
     assert ledger.epoch_coverage(dropped, 0, 3, 2)["missing"] == [2]
 
 
+def test_epoch_coverage_counts_only_what_the_learner_says_it_trained():
+    """A sample the driver sent but the learner trained another number of times than
+    ppo.epochs (a learner that skipped it, or took it twice) is not trained exactly once."""
+    exact = [{**r, "updates": 2} for r in _rows([(r, s) for r in range(3) for s in range(2)])]
+    assert ledger.epoch_coverage(exact, 0, 3, 2, updates=2)["exact"]
+    skipped = [{**r, "updates": 1} if r["row"] == 1 and r["sample"] == 0 else r for r in exact]
+    cov = ledger.epoch_coverage(skipped, 0, 3, 2, updates=2)
+    assert cov["miscounted"] == [1] and cov["missing"] == [1] and not cov["exact"]
+    # lines written before the learner counted read as trained
+    old = [{k: v for k, v in r.items() if k != "updates"} for r in exact]
+    assert ledger.epoch_coverage(old, 0, 3, 2, updates=2)["exact"]
+
+
 def test_epoch_coverage_counts_a_whole_uniform_group_once_instead_of_trained():
     exact = _rows([(r, s) for r in range(3) for s in range(2)])
     uniform = [{**r, "dropped": ledger.UNIFORM} for r in exact[4:]]  # prompt 2's group
     cov = ledger.epoch_coverage(exact[:4] + uniform, 0, 3, 2)
-    assert cov == {"missing": [], "repeated": [], "uniform": 1, "exact": True}
+    assert cov == {"missing": [], "repeated": [], "miscounted": [], "uniform": 1, "exact": True}
     # half of a group dropped, the other half trained: the group was split
     half = exact[:5] + [{**exact[5], "dropped": ledger.UNIFORM}]
     assert ledger.epoch_coverage(half, 0, 3, 2)["repeated"] == [2]
@@ -137,4 +151,4 @@ def test_rollback_sets_later_steps_aside_and_report_checks_epochs(tmp_path, caps
     # the finished epoch 0 trained prompt 1 twice: the report says so and exits 1
     book.write(_rows([(1, 0)], epoch=0, step=3))
     assert report.samples_report(str(tmp_path), 0) == 1
-    assert "NOT exact (missing 0 prompts, repeated 1)" in capsys.readouterr().out
+    assert "NOT exact (missing 0 prompts, repeated 1, " in capsys.readouterr().out

@@ -46,6 +46,11 @@ class Estimator:
     """``ppo.whiten_advantages`` whitens its advantages over the step's batch (across learner
     ranks); a group estimator is normalised within each group instead (a batch-wide shift
     would push the samples of a group that all scored the same)."""
+    whiten_ddof: int
+    """The divisor of the whitening variance is N - ``whiten_ddof`` (N: the batch's valid
+    tokens): what the estimator's source does. GAE: 1, TRL's ``masked_whiten`` (unbiased);
+    REINFORCE++ and its baseline variant: 0, OpenRLHF's advantage normalisation (``/ N``);
+    unused where ``whitened`` is false."""
     has_returns: bool
     """Its returns are defined (the critic's targets, or the return-to-go that is whitened into
     the advantage): the learner reports ``train/returns_mean``."""
@@ -82,6 +87,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=True,
             uses_groups=False,
             whitened=True,
+            whiten_ddof=1,
             has_returns=True,
             shape=None,
             source='Schulman et al. 2016, "High-Dimensional Continuous Control Using '
@@ -93,6 +99,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=False,
             uses_groups=True,
             whitened=False,
+            whiten_ddof=0,
             has_returns=False,
             shape=_grpo,
             source='Shao et al. 2024, "DeepSeekMath", section 4.1.2: (score - group mean) / '
@@ -104,6 +111,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=False,
             uses_groups=True,
             whitened=False,
+            whiten_ddof=0,
             has_returns=False,
             shape=_centred,
             source='Liu et al. 2025, "Understanding R1-Zero-Like Training", section 3.2: '
@@ -115,6 +123,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=False,
             uses_groups=True,
             whitened=False,
+            whiten_ddof=0,
             has_returns=False,
             shape=_rloo,
             source='Ahmadian et al. 2024, "Back to Basics", eq. 7: score - mean of the '
@@ -126,6 +135,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=False,
             uses_groups=False,
             whitened=True,
+            whiten_ddof=0,
             has_returns=True,
             shape=_identity,
             source='Hu 2025, "REINFORCE++", section 3: the score, advantages whitened over '
@@ -137,6 +147,7 @@ ESTIMATORS: dict[str, Estimator] = {
             needs_critic=False,
             uses_groups=True,
             whitened=True,
+            whiten_ddof=0,
             has_returns=True,
             shape=_centred,
             source="OpenRLHF reinforce_baseline: score - group mean, then as reinforce_pp",

@@ -10,15 +10,31 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 RATIO_LEVELS = ("token", "sequence")
 
 
+def loss_denominator(mask: torch.Tensor, mode: str = "token_mean") -> torch.Tensor:
+    """What a minibatch's loss is divided by under ``mode``: its valid tokens (``token_mean``)
+    or its sequences (the ``seq_mean_*`` modes). Take it over the whole minibatch, summed over
+    its micro-batches and learner ranks, and pass it to ``aggregate_loss`` as
+    ``denominator``. Shapes: mask (B, T) -> () float."""
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+    if mode == "token_mean":
+        return _as_bool(mask).sum().to(torch.float64)
+    return torch.tensor(float(mask.shape[0]), dtype=torch.float64)
+
+
 def aggregate_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", norm: float = 1.0
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_mean",
+    norm: float = 1.0,
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar over the valid tokens.
 
-    Formula, with n_b = sum_t mask_bt and B the number of rows:
-        token_mean          = sum_bt mask_bt * l_bt / sum_bt mask_bt     (every token weighs alike)
-        seq_mean_token_mean = (1/B) sum_b (sum_t mask_bt * l_bt / n_b)   (every sequence alike)
-        seq_mean_token_sum  = (1/B) sum_b (sum_t mask_bt * l_bt) / norm  (no length division)
+    Formula, with n_b = sum_t mask_bt, B the number of rows and D the ``denominator``:
+        token_mean          = sum_bt mask_bt * l_bt / D              D: the valid tokens
+        seq_mean_token_mean = sum_b (sum_t mask_bt * l_bt / n_b) / D  D: the sequences
+        seq_mean_token_sum  = sum_b (sum_t mask_bt * l_bt) / (D * norm)
     ``seq_mean_token_sum`` with a constant ``norm`` (the generation budget, max_new_tokens) is
     Dr. GRPO's fix of GRPO's length bias: dividing each sequence's loss by its own length n_b
     weighs the tokens of short responses more, so a wrong answer's tokens are penalised less
@@ -26,25 +42,30 @@ def aggregate_loss(
     eq. 3: the 1/|o_i| term removed; their code divides the token sum by a constant). A row
     without valid tokens counts as a sequence with loss 0 (never NaN); ``token_mean`` of no
     valid token is 0.
+    ``denominator`` defines the loss over a whole minibatch rather than this micro-batch: the
+    minibatch's token (or sequence) count summed over its micro-batches and the learner ranks
+    (``loss_denominator``, all-reduced). The micro-batches' losses then add up (over
+    accumulation steps and ranks) to exactly the minibatch's loss, so the gradient does not
+    depend on ``ppo.micro_batch_size`` or on the number of ranks: one token mean over the
+    minibatch, as DAPO's token-level loss (Yu et al. 2025, section 3.3), veRL's global token
+    count (``agg_loss`` with the data-parallel batch's ``global_batch_size``/token count) and
+    OpenRLHF's ``utils/loss_utils.py`` take it. Without it (None) the micro-batch's own count:
+    the loss of this batch alone.
     veRL calls these ``token-mean``, ``seq-mean-token-mean`` and ``seq-mean-token-sum``
     (its ``seq-mean-token-sum-norm`` is sum_b sum_t / T, without the 1/B).
-    Across micro-batches: this is one micro-batch's loss; the learner's DeepSpeed engine
-    averages it over the micro-batches of a minibatch (and over ranks). Every micro-batch
-    holds the same number of sequences, so both ``seq_mean_*`` modes give exactly the mean
-    over the minibatch's sequences; ``token_mean`` gives the mean over micro-batches of each
-    micro-batch's token mean, which equals the minibatch token mean only when the micro-batches
-    hold equally many tokens (as OpenRLHF's per-micro-batch ``masked_mean`` under DeepSpeed
-    accumulation, and veRL's ``agg_loss`` divided by the accumulation steps).
     Shapes: per_token, mask (B, T) -> ().
     """
     valid = _as_bool(mask)
+    if denominator is None:
+        denominator = loss_denominator(valid, mode)
+    denominator = torch.as_tensor(denominator, dtype=per_token.dtype, device=per_token.device)
+    denominator = denominator.clamp(min=1)
     if mode == "token_mean":
-        return masked_mean(per_token, valid)
-    rows = max(per_token.shape[0], 1)
+        return masked_sum(per_token, valid) / denominator
     if mode == "seq_mean_token_sum":
-        return masked_sum(per_token, valid) / (rows * norm)
+        return masked_sum(per_token, valid) / (denominator * norm)
     if mode == "seq_mean_token_mean":
-        return masked_mean(per_token, valid, dim=-1).sum() / rows
+        return masked_mean(per_token, valid, dim=-1).sum() / denominator
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
 
 
@@ -54,12 +75,13 @@ def reference_kl_loss(
     mask: torch.Tensor,
     mode: str = "token_mean",
     norm: float = 1.0,
+    denominator: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(pi_theta || pi_ref) as a loss term (GRPO's), k3 per token, aggregated like the loss.
 
     Formula, per valid token with d_t = ref_logp_t - logp_t:
         kl_t = exp(d_t) - d_t - 1          (k3: unbiased, non-negative; expm1 for small d)
-        loss = aggregate_loss(kl, mask, mode, norm)
+        loss = aggregate_loss(kl, mask, mode, norm, denominator)
     The gradient flows through ``logp`` (the policy being trained); ``ref_logp`` is a constant.
     Unlike the KL penalty in the reward (``kl_penalized_rewards``), which the advantage carries
     and the ratio clip bounds, this term pulls every token straight towards the reference.
@@ -72,7 +94,7 @@ def reference_kl_loss(
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # Zero padding first: garbage log-probs there must not reach the gradient (0 * inf = NaN).
     d = torch.where(valid, ref_logp.detach() - logp, zero)
-    return aggregate_loss(torch.expm1(d) - d, valid, mode, norm)
+    return aggregate_loss(torch.expm1(d) - d, valid, mode, norm, denominator)
 
 
 def ppo_policy_loss(
@@ -86,6 +108,7 @@ def ppo_policy_loss(
     ratio_level: str = "token",
     loss_agg: str = "token_mean",
     loss_norm: float = 1.0,
+    loss_denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss over the valid tokens, aggregated by ``aggregate_loss``.
 
@@ -93,8 +116,9 @@ def ppo_policy_loss(
         ratio_t = exp(logp_t - old_logp_t)
         l_t     = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
         l_t    *= w_t                       (optional ``importance_weights``, detached)
-        loss    = aggregate_loss(l, mask, loss_agg, loss_norm)
-                  (default token_mean: sum_t mask_t * l_t / sum_t mask_t)
+        loss    = aggregate_loss(l, mask, loss_agg, loss_norm, loss_denominator)
+                  (default token_mean: sum_t mask_t * l_t / sum_t mask_t, or over the
+                  minibatch's tokens with ``loss_denominator``)
     ``clip_eps_high`` defaults to ``clip_eps`` (a larger value is the asymmetric "clip-higher" of
     DAPO, Yu et al. 2025). ``importance_weights`` are the behaviour -> proximal policy weights of
     decoupled PPO (AReaL, Fu et al. 2025, arXiv 2505.24298): they scale the loss, get no gradient.
@@ -140,7 +164,7 @@ def ppo_policy_loss(
     per_token = torch.maximum(unclipped, clipped)
     if importance_weights is not None:
         per_token = per_token * torch.where(valid, importance_weights.detach(), 0.0)
-    loss = aggregate_loss(per_token, valid, loss_agg, loss_norm)
+    loss = aggregate_loss(per_token, valid, loss_agg, loss_norm, loss_denominator)
 
     with torch.no_grad():
         has_token = valid.any()
@@ -183,12 +207,16 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float | None,
+    denominator: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value-function loss, token-level mean over valid tokens.
 
     Formula (OpenAI baselines PPO2 ``ppo2/model.py``):
         v_clipped = old_values + clamp(values - old_values, -clip_eps, clip_eps)
-        loss      = 0.5 * masked_mean(max((values - R)^2, (v_clipped - R)^2))
+        loss      = 0.5 * sum_t mask_t * max((values - R)^2, (v_clipped - R)^2) / D
+    with D the valid tokens here, or, given as ``denominator``, the whole minibatch's
+    (``aggregate_loss``'s ``token_mean``: the gradient then does not depend on the
+    micro-batching).
     The max makes the clip pessimistic: a value update that moves far from ``old_values`` cannot
     reduce the loss beyond what the clipped prediction allows. ``clip_eps=None`` disables
     clipping (loss = 0.5 * masked_mean((values - R)^2)).
@@ -208,7 +236,7 @@ def value_loss(
         clipped = (v_clipped - returns).square()
         per_token = torch.maximum(unclipped, clipped)
         clipfrac = masked_mean((clipped > unclipped).to(values.dtype), valid)
-    loss = 0.5 * masked_mean(per_token, valid)
+    loss = 0.5 * aggregate_loss(per_token, valid, "token_mean", 1.0, denominator)
     return loss, {"value_clipfrac": clipfrac.detach()}
 
 

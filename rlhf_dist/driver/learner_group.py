@@ -124,9 +124,13 @@ class LearnerGroup(PoolGroup):
 
     def finish_update(self, refs: list[ray.ObjectRef]) -> UpdateResult:
         """Rank 0's result (its metrics already averaged over ranks) with the slowest rank's
-        compute."""
+        compute and every rank's count of what it trained, in batch order."""
         results = self.get(refs, "the PPO update")
-        return dataclasses.replace(results[0], compute_s=max(r.compute_s for r in results))
+        return dataclasses.replace(
+            results[0],
+            compute_s=max(r.compute_s for r in results),
+            trained=[n for r in results for n in r.trained],  # the shards are contiguous
+        )
 
     def update(self, batch: RolloutBatch, kl_coef: float, seed: int) -> UpdateResult:
         return self.finish_update(self.start_update(batch, kl_coef, seed))

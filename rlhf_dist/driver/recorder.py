@@ -43,12 +43,29 @@ class Recorder:
             generators,
         )
 
+    def _check_trained(self, out: StepOutcome) -> None:
+        """The learner's own count of what it trained (``UpdateResult.trained``) against the
+        batch it was sent: every sample ``ppo.epochs`` times (none for a skipped step). A
+        learner that silently skipped or repeated a sample stops the run, after the ledger
+        booked what it did."""
+        trained, want = out.train.trained, 0 if out.skipped else self.cfg.ppo.epochs
+        if not trained and out.skipped:
+            return
+        wrong = [i for i, n in enumerate(trained) if n != want]
+        if len(trained) != len(out.batch) or wrong:
+            raise RuntimeError(
+                f"step {self.state.step}: the learner trained {len(trained)} samples of the "
+                f"{len(out.batch)} it was sent, samples {wrong[:8]} not {want} times "
+                f"(ppo.epochs={self.cfg.ppo.epochs}; samples.jsonl has its counts)"
+            )
+
     def book(self, out: StepOutcome) -> dict:
         """Book one step: the ledger, the counters, the metric row. A skipped step (non-finite
         numbers: no update, no sync) is counted and logged, and ``run.max_bad_steps`` of them
         in a row stop the run (``NonFiniteSteps``). Returns the row."""
         cfg, state, c = self.cfg, self.state, self.state.counters
         self.ledger.write_step(out, state, cfg.rollout.prompts_per_step)
+        self._check_trained(out)
         if out.skipped:
             c.skipped_steps += 1
             c.bad_streak += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from rlhf_dist import metric_keys as K
@@ -34,6 +35,11 @@ class Experience:
     stale: Tensor  # (B, R) bool: a token sampled by an older policy than the learner's
     is_weights: Tensor | None  # (B, R) decoupled-PPO weights (async mode only)
     is_truncated: Tensor | None  # (B, R) bool: a stale token whose weight hit the cap
+    trained: Tensor | None = None  # (B,) long: the passes of the minibatch loop that trained it
+
+    def __post_init__(self):
+        if self.trained is None:
+            self.trained = torch.zeros(self.sequences.shape[0], dtype=torch.long)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -41,13 +47,17 @@ class Experience:
 
 # statistics the minibatch loop sums per micro-batch, reported as means over micro-batches
 MICRO_MEANS = {
-    "policy_loss": K.POLICY_LOSS,
-    "value_loss": K.VALUE_LOSS,
     "entropy": K.ENTROPY,
     "clipfrac": K.CLIPFRAC,
     "approx_kl": K.APPROX_KL,
     "ratio_mean": K.RATIO_MEAN,
     "value_clipfrac": K.VALUE_CLIPFRAC,
+}
+# the losses: each micro-batch's share of its minibatch's loss, summed over micro-batches and
+# ranks (each minibatch's loss), reported as the mean over the minibatches (optimizer steps)
+MINIBATCH_LOSSES = {
+    "policy_loss": K.POLICY_LOSS,
+    "value_loss": K.VALUE_LOSS,
     "kl_loss": K.KL_LOSS,
 }
 
@@ -60,6 +70,8 @@ def learner_metrics(t: dict[str, float], world_size: int, kl_coef: float, return
     micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
     adv_mean = t["adv_sum"] / tok
     metrics = {key: t[name] / micro_n for name, key in MICRO_MEANS.items() if name in t}
+    steps = opt_n / world_size  # minibatches trained (every rank steps each one)
+    metrics.update({key: t[n] / steps for n, key in MINIBATCH_LOSSES.items() if n in t})
     metrics.update(
         {
             K.GRAD_NORM: t["grad_norm"] / opt_n,

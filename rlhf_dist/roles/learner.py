@@ -56,6 +56,7 @@ class Learner(DeepSpeedRank):
         # seq_mean_token_sum's constant normaliser: the generation budget (Dr. GRPO)
         self.loss_norm = float(cfg.rollout.max_new_tokens)
         self.policy_grad_norm = self.critic_grad_norm = 0.0  # of the last optimizer step
+        self.denominators = (1.0, 1.0)  # the minibatch's loss_agg count and tokens, all ranks
         self.version = 0
         self.sender: weight_sync.Sender | None = None  # rank 0's side of the weight sync
 
@@ -125,10 +126,11 @@ class Learner(DeepSpeedRank):
         t0 = time.perf_counter()
         exp, bad = self.prepare(batch, kl_coef, is_cap)
         if bad:
-            return UpdateResult(compute_s=time.perf_counter() - t0, skipped=bad)
+            none = [0] * len(batch)
+            return UpdateResult(compute_s=time.perf_counter() - t0, skipped=bad, trained=none)
         totals, ratio_max = self.minibatch_loop(exp, seed)
         metrics = self.update_metrics(exp, totals, ratio_max, kl_coef, is_cap is not None)
-        return UpdateResult(metrics, time.perf_counter() - t0)
+        return UpdateResult(metrics, time.perf_counter() - t0, trained=exp.trained.tolist())
 
     @torch.no_grad()
     def prepare(
@@ -162,6 +164,7 @@ class Learner(DeepSpeedRank):
             cfg.lam,
             values=old_values,
             group_size=self.cfg.rollout.samples_per_prompt,
+            std_eps=cfg.grpo_std_eps,
         )
         bad = self._nonfinite(scores, ref_logp, old_logp, old_values, adv, mask)
         if bad:
@@ -209,8 +212,11 @@ class Learner(DeepSpeedRank):
     def minibatch_loop(self, exp: Experience, seed: int) -> tuple[dict[str, float], float]:
         """``ppo.epochs`` passes over the shard in minibatches (a fresh order each epoch,
         seeded by ``seed``), each of micro-batches whose gradients DeepSpeed accumulates (and
-        averages across ranks) before one optimizer step. Returns this rank's sums of the
-        statistics and the largest ratio seen."""
+        averages across ranks) before one optimizer step. Each loss is defined over the whole
+        minibatch (``algo.aggregate_loss``): its token or sequence count, summed over the
+        micro-batches and all-reduced over the ranks once per minibatch, divides every
+        micro-batch's sum. Returns this rank's sums of the statistics and the largest ratio;
+        ``trained`` counts, per sample, the passes that trained it."""
         sums: dict[str, float] = {}
         ratio_max = 0.0
         gen = torch.Generator().manual_seed(seed)
@@ -218,18 +224,30 @@ class Learner(DeepSpeedRank):
         for _ in range(self.cfg.ppo.epochs):
             perm = torch.randperm(n, generator=gen).to(self.device)
             for start in range(0, n, mb):
+                self.denominators = self._minibatch_counts(exp.mask[perm[start : start + mb]])
                 for m0 in range(start, start + mb, micro):
-                    stats = self._micro_step(exp, perm[m0 : m0 + micro])
+                    idx = perm[m0 : m0 + micro]
+                    stats = self._micro_step(exp, idx)
                     ratio_max = max(ratio_max, stats.pop("ratio_max"))
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
         return sums, ratio_max
+
+    def _minibatch_counts(self, mask: torch.Tensor) -> tuple[float, float]:
+        """(the minibatch's count for ``ppo.loss_agg``, its valid tokens), summed over every
+        rank's part of it: what its losses are divided by (the policy's, the critic's)."""
+        local = torch.stack(
+            [algo.loss_denominator(mask, self.cfg.ppo.loss_agg), algo.loss_denominator(mask)]
+        )
+        agg, tokens = self.all_reduce_sum(local.cpu()).tolist()
+        return agg, tokens
 
     def _micro_step(self, exp: Experience, i: torch.Tensor) -> dict[str, float]:
         """Forward, backward and (at an accumulation boundary) the optimizer step of one
         micro-batch, for the policy and the critic; its statistics."""
         cfg, P = self.cfg.ppo, exp.prompt_len
         s, a, m = exp.sequences[i], exp.attention_mask[i], exp.mask[i]
+        exp.trained[i.cpu()] += 1  # counted where the rows are taken: what trains is counted
         logp, ent = response_logprobs(
             self.policy, s, a, P, self.cfg.rollout.temperature, with_entropy=True
         )
@@ -240,21 +258,22 @@ class Learner(DeepSpeedRank):
             exp.advantages[i],
             m,
             cfg.clip_eps,
+            clip_eps_high=cfg.clip_eps_high,
             importance_weights=None if exp.is_weights is None else exp.is_weights[i],
             ratio_level=cfg.ratio_level,
             loss_agg=cfg.loss_agg,
             loss_norm=self.loss_norm,
+            loss_denominator=self.denominators[0],
         )
-        entropy = algo.masked_mean(ent, m)
-        # the bonus is aggregated like the loss
-        bonus = entropy
-        if cfg.loss_agg != "token_mean":
-            bonus = algo.aggregate_loss(ent, m, cfg.loss_agg, self.loss_norm)
+        entropy = algo.masked_mean(ent, m)  # reported: this micro-batch's token mean
+        # the bonus is aggregated like the loss, over the minibatch
+        agg = (cfg.loss_agg, self.loss_norm, self.denominators[0])
+        bonus = algo.aggregate_loss(ent, m, *agg)
         boundary = self.policy.is_gradient_accumulation_boundary()
         loss = pg_loss - cfg.entropy_coef * bonus
         out = {"micro_steps": 1.0}
         if cfg.kl_loss_coef > 0:
-            kl_loss = algo.reference_kl_loss(logp, exp.ref_logp[i], m, cfg.loss_agg, self.loss_norm)
+            kl_loss = algo.reference_kl_loss(logp, exp.ref_logp[i], m, *agg)
             loss = loss + cfg.kl_loss_coef * kl_loss
             out["kl_loss"] = kl_loss.item()
         out["nonfinite_losses"] = self._backward_and_step(self.policy, loss, logp)
@@ -279,7 +298,9 @@ class Learner(DeepSpeedRank):
         if not torch.isfinite(loss):
             bad, loss = 1.0, graph.sum() * 0.0
         boundary = engine.is_gradient_accumulation_boundary()
-        engine.backward(loss)
+        # The loss is the micro-batch's share of the minibatch's: no division by the
+        # accumulation steps, and DeepSpeed's mean over the ranks undone (their shares add up).
+        engine.backward(loss * self.world_size, scale_wrt_gas=False)
         norm = self._step(engine, boundary)
         if engine is self.policy:
             self.policy_grad_norm = norm
@@ -292,7 +313,9 @@ class Learner(DeepSpeedRank):
         s, a, m = exp.sequences[i], exp.attention_mask[i], exp.mask[i]
         values = response_values(self.critic, s, a, exp.prompt_len)
         value_clip = cfg.value_clip_eps if cfg.value_clip_eps > 0 else None
-        v_loss, vst = algo.value_loss(values, exp.old_values[i], exp.returns[i], m, value_clip)
+        v_loss, vst = algo.value_loss(
+            values, exp.old_values[i], exp.returns[i], m, value_clip, self.denominators[1]
+        )
         v_loss = v_loss * cfg.vf_coef
         out = {"nonfinite_losses": self._backward_and_step(self.critic, v_loss, values)}
         out.update(value_loss=v_loss.item(), value_clipfrac=float(vst["value_clipfrac"]))
@@ -314,12 +337,15 @@ class Learner(DeepSpeedRank):
         return torch.cat(logps), torch.cat(values) if values else None
 
     def _whiten(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``algo.masked_whiten`` with the statistics of every rank's valid tokens; the
+        variance divided by N - ``whiten_ddof``, as the estimator's source does."""
         stats = torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double()
         s, s2, n = self.all_reduce_sum(stats.cpu()).tolist()
-        if n < 2:
+        ddof = self.estimator.whiten_ddof
+        if n <= ddof or n < 2:
             return adv * mask
         mean = s / n
-        var = (s2 - n * mean * mean) / (n - 1)
+        var = (s2 - n * mean * mean) / (n - ddof)
         return algo.masked_whiten(
             adv, mask, mean=torch.tensor(mean), var=torch.tensor(max(var, 0.0))
         )

@@ -468,3 +468,74 @@ def test_reference_kl_loss_is_zero_at_the_reference_and_grows_away():
     # d = ln 2 on both tokens: e^d - d - 1 = 1 - ln 2
     ref = logp + math.log(2)
     assert reference_kl_loss(logp, ref, mask).item() == pytest.approx(1 - math.log(2))
+
+
+# ----------------------------------------------------------------------------- minibatch-level
+
+
+def _loop_minibatch_loss(per_token, mask, mode, norm):
+    """The minibatch's loss by hand: one mean over the whole minibatch."""
+    rows = []
+    for l_row, m_row in zip(per_token.tolist(), mask.tolist()):
+        toks = [x for x, m in zip(l_row, m_row) if m]
+        rows.append(toks)
+    if mode == "token_mean":
+        toks = [x for r in rows for x in r]
+        return sum(toks) / max(len(toks), 1)
+    if mode == "seq_mean_token_mean":
+        return sum(sum(r) / len(r) if r else 0.0 for r in rows) / len(rows)
+    return sum(sum(r) for r in rows) / (len(rows) * norm)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+@pytest.mark.parametrize("micro", [1, 2, 3, 6])
+def test_micro_batch_losses_with_the_minibatch_denominator_add_up_to_its_loss(mode, micro):
+    """``aggregate_loss`` with ``denominator=loss_denominator(minibatch)``: the micro-batches'
+    losses add up to the minibatch's loss (a plain loop), whatever the micro-batching; without
+    it, the mean of micro-batch means differs when micro-batches hold different token counts."""
+    from rlhf_dist.algo import aggregate_loss, loss_denominator
+
+    g = torch.Generator().manual_seed(3)
+    per_token = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    lengths = [5, 1, 3, 0, 4, 2]
+    mask = torch.tensor([[t < n for t in range(5)] for n in lengths], dtype=torch.float64)
+    per_token = torch.where(mask.bool(), per_token, torch.tensor(float("nan")))  # padding junk
+    want = _loop_minibatch_loss(per_token, mask, mode, norm=5.0)
+    denominator = loss_denominator(mask, mode)
+    got = sum(
+        aggregate_loss(per_token[i : i + micro], mask[i : i + micro], mode, 5.0, denominator)
+        for i in range(0, 6, micro)
+    )
+    assert float(got) == pytest.approx(want, abs=1e-12)
+    if mode == "token_mean" and micro in (2, 3):  # the old mean of micro-batch means
+        old = sum(
+            aggregate_loss(per_token[i : i + micro], mask[i : i + micro], mode, 5.0)
+            for i in range(0, 6, micro)
+        ) / (6 // micro)
+        assert abs(float(old) - want) > 1e-3
+
+
+def test_loss_denominator_counts_tokens_or_sequences():
+    from rlhf_dist.algo import loss_denominator
+
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    assert float(loss_denominator(mask)) == 3.0
+    assert float(loss_denominator(mask, "seq_mean_token_mean")) == 3.0
+    assert float(loss_denominator(mask, "seq_mean_token_sum")) == 3.0
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        loss_denominator(mask, "sum")
+
+
+def test_value_loss_over_the_minibatch_adds_up_across_micro_batches():
+    values = torch.tensor([[0.5, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    whole, _ = value_loss(values, values, returns, mask, None)
+    halves = [
+        value_loss(
+            values[i : i + 1], values[i : i + 1], returns[i : i + 1], mask[i : i + 1], None, 3.0
+        )[0]
+        for i in (0, 1)
+    ]
+    # 0.5 * (0.25 + 0 + 4) / 3 tokens
+    assert float(whole) == pytest.approx(0.5 * 4.25 / 3) == float(sum(halves))

@@ -67,8 +67,13 @@ def scored_batch(prompt_ids: list[int], samples: int, version: int = 0, score=1.
     return b
 
 
-def outcome(batch: RolloutBatch, position: dict, kl_per_sequence=0.5, skipped=()) -> StepOutcome:
-    """A step's outcome as a loop yields it."""
+def outcome(
+    batch: RolloutBatch, position: dict, kl_per_sequence=0.5, skipped=(), epochs=1, trained=None
+) -> StepOutcome:
+    """A step's outcome as a loop yields it; ``trained``: the learner's count per sample
+    (default: ``epochs`` each, none when skipped)."""
     metrics = {} if skipped else {K.KL_PER_SEQUENCE: kl_per_sequence, K.KL: 0.1}
-    train = UpdateResult(metrics, 0.01, tuple(skipped))
+    if trained is None:
+        trained = [0 if skipped else epochs] * len(batch)
+    train = UpdateResult(metrics, 0.01, tuple(skipped), trained)
     return StepOutcome(batch, train, {"generate": 0.1, "train": 0.2}, 0.5, position)

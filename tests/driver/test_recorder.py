@@ -109,3 +109,18 @@ def test_the_evaluation_lands_in_the_row_of_the_steps_it_is_due(tmp_path):
     rec.tracker.close()
     assert [K.GOLD in r for r in rows] == [False, True, False]
     assert rows[1][K.GOLD] == 0.5 and K.TIME_EVAL in rows[1] and K.TIME_EVAL not in rows[0]
+
+
+def test_a_step_the_learner_did_not_train_whole_is_booked_then_refused(tmp_path):
+    """The learner's count of what it trained is checked against the batch: a sample it
+    skipped (0 passes) is booked in the ledger as such, then the run stops, naming it."""
+    cfg, state, rec = _recorder(tmp_path)
+    out = _step(state)
+    out.train.trained = [1, 0, 1, 1]
+    with pytest.raises(RuntimeError, match=r"samples \[1\] not 1 times"):
+        rec.book(out)
+    assert [r["updates"] for r in read_ledger(tmp_path)] == [1, 0, 1, 1]
+    # a skipped step trained nothing, as the learner says: booked as not trained
+    cfg, state, rec = _recorder(tmp_path / "skip")
+    rec.book(_step(state, skipped=("scores",)))
+    assert {r["updates"] for r in read_ledger(tmp_path / "skip")} == {0}

@@ -9,6 +9,7 @@ yet trained at the checkpoint live only in the checkpoint's pending samples. (A 
 with SIGKILL leaves exactly this on disk; tests/integration/test_resume.py kills one.)"""
 
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from rlhf_dist.preflight import resolve_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from pinned_runs import pinned  # noqa: E402
+from ppo_runs import assert_taken_equals_trained  # noqa: E402
 
 STEPS, PROMPTS, NUM_PROMPTS, SAMPLES = 6, 4, 6, 2  # 24 prompts: four epochs of six
 
@@ -53,7 +55,12 @@ def make_cfg(tiny_assets, prompts_file, run_dir, staleness):
             "learner.lr=1e-3",
             "ppo.minibatch_size=8",
             "ppo.micro_batch_size=4",
-            "checkpoint.every=2",
+            "checkpoint.every=1",
+            "checkpoint.keep=3",  # several on disk: an older one's engines would show
+            # every piece of run state that can change moves: the KL coefficient adapts
+            "ppo.adaptive_kl=true",
+            "ppo.kl_target=0.001",
+            "ppo.kl_horizon=100",
             "wandb.enabled=false",
         ],
     )
@@ -77,7 +84,10 @@ def run_stopped_and_resumed(cfg) -> list[dict]:
                 break  # abandoned with the next steps' chunks sampled or in flight
     finally:
         orch.shutdown()
+    # killed before step 3's checkpoint committed: steps 1 and 2's are on disk
+    shutil.rmtree(Path(cfg.run.dir) / "checkpoints" / "step-00000003")
     ckpt = Path(cfg.run.dir) / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000001", ckpt.name]
     assert (ckpt / PENDING_FILE).exists()
     orch = Orchestrator(cfg, resolve_inputs(cfg), cfg.run.dir)
     try:
@@ -94,7 +104,7 @@ def rows(run_dir) -> list[dict]:
     return [json.loads(x) for x in lines]
 
 
-def assert_each_sample_slot_trained_once(run_dir):
+def assert_each_sample_slot_trained_once(run_dir, cfg):
     ledger = read_ledger(run_dir)
     assert sorted(Counter(r["step"] for r in ledger).items()) == [
         (s, PROMPTS * SAMPLES) for s in range(1, STEPS + 1)
@@ -102,6 +112,7 @@ def assert_each_sample_slot_trained_once(run_dir):
     for epoch in range(STEPS * PROMPTS // NUM_PROMPTS):
         cov = epoch_coverage(ledger, epoch, NUM_PROMPTS, SAMPLES)
         assert cov["exact"], (epoch, cov)
+    assert_taken_equals_trained(run_dir, cfg, NUM_PROMPTS)
     # step 3's first training (before the stop) was set aside, not counted twice
     aside = (Path(run_dir) / "samples.rolled_back.jsonl").read_text().splitlines()
     assert {json.loads(x)["step"] for x in aside} == {3}
@@ -111,7 +122,8 @@ def test_resumed_async_run_at_staleness_0_matches_the_straight_run(
     ray_cluster, tiny_assets, prompts_file, tmp_path
 ):
     straight = run_straight(make_cfg(tiny_assets, prompts_file, tmp_path / "a", 0))
-    resumed = run_stopped_and_resumed(make_cfg(tiny_assets, prompts_file, tmp_path / "b", 0))
+    cfg = make_cfg(tiny_assets, prompts_file, tmp_path / "b", 0)
+    resumed = run_stopped_and_resumed(cfg)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for want, got in zip(straight, resumed, strict=True):
         w, g = pinned(want), pinned(got)
@@ -120,14 +132,15 @@ def test_resumed_async_run_at_staleness_0_matches_the_straight_run(
             assert g[key] == (
                 pytest.approx(value, rel=1e-6, abs=1e-9) if isinstance(value, float) else value
             ), (w["step"], key)
-    assert_each_sample_slot_trained_once(tmp_path / "b")
+    assert_each_sample_slot_trained_once(tmp_path / "b", cfg)
 
 
 def test_resumed_async_run_at_staleness_1_trains_each_sample_slot_once(
     ray_cluster, tiny_assets, prompts_file, tmp_path
 ):
-    run_stopped_and_resumed(make_cfg(tiny_assets, prompts_file, tmp_path / "run", 1))
-    assert_each_sample_slot_trained_once(tmp_path / "run")
+    cfg = make_cfg(tiny_assets, prompts_file, tmp_path / "run", 1)
+    run_stopped_and_resumed(cfg)
+    assert_each_sample_slot_trained_once(tmp_path / "run", cfg)
     # samples generated before the stop were trained after the resume, with the versions
     # that generated them: some trained sample is a version behind its learner
     assert max(r["staleness"] for r in read_ledger(tmp_path / "run")) == 1

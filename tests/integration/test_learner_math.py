@@ -8,12 +8,11 @@ metrics summed over ranks. Then, at world size 2: a group resumed from a checkpo
 next update exactly as the group that saved it, and NaN log-probs or values on one rank make
 every rank skip the update together, naming the cause, without touching any weight.
 
-Which configurations must agree: each rank shuffles its own shard and each micro-batch loss is
-a token mean over that micro-batch (``rlhf_dist/roles/learner.py``), so samples are grouped
-differently at different world sizes. The groupings cannot change the result when the
-optimizer step covers the whole batch (``ppo.minibatch_size`` = the batch) and every
-micro-batch is one sequence (``ppo.micro_batch_size=1``): then each step's loss is the mean of
-per-sequence token means at every world size, and only float summation order differs.
+Which configurations must agree: each rank shuffles its own shard, so samples are grouped
+into minibatches differently at different world sizes. The groupings cannot change the result
+when the optimizer step covers the whole batch (``ppo.minibatch_size`` = the batch): each
+loss is then one mean over the whole batch at every world size (and every micro-batching:
+``tests/integration/test_loss_aggregation.py``), and only float summation order differs.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ def _cfg(tiny_policy, world_size, zero_stage):
             "rollout.max_new_tokens=12",
             "ppo.epochs=2",
             "ppo.minibatch_size=8",  # one optimizer step per epoch, over the whole batch
-            "ppo.micro_batch_size=1",  # every micro-batch weighs the same at every world size
+            "ppo.micro_batch_size=2",  # micro-batches of different token counts: one mean still
             "sync.timeout_s=120",  # a rank left waiting in a collective fails, never hangs
         ],
     )
@@ -105,9 +104,10 @@ def _rank_checksums(group) -> list[str]:
 
 def _train(group, batch, update):
     seed, kl_coef = update
-    metrics = group.update(batch, kl_coef, seed)
-    assert not metrics.get("skipped"), metrics
-    return metrics, group.run("policy_state")[0]
+    result = group.update(batch, kl_coef, seed)
+    assert not result.skipped, result
+    assert result.trained == [2] * len(batch)  # ppo.epochs passes of every sample
+    return result.metrics, group.run("policy_state")[0]
 
 
 def _compared(metrics: dict) -> dict:
@@ -225,8 +225,10 @@ def test_nan_logprobs_or_values_on_one_rank_skip_the_update_on_every_rank(resume
     ]:
         saved = ray.get(group.actors[1].__ray_call__.remote(poison, which))
         results = ray.get(group.start_update(batch, kl_coef, seed))
-        assert [(r["skipped"], r["reason"]) for r in results] == [(True, reason)] * 2, which
-        assert group.update_result(results)["reason"] == reason  # what the driver records
+        assert [r.skipped for r in results] == [tuple(reason)] * 2, which
+        recorded = group.finish_update(group.start_update(batch, kl_coef, seed))
+        assert recorded.skipped == tuple(reason)  # what the driver records
+        assert recorded.trained == [0] * len(batch)  # nothing trained, as the learner says
         ray.get(group.actors[1].__ray_call__.remote(heal, which, saved))
         assert group.run("policy_checksum")[0] == before
     assert len(set(_rank_checksums(group))) == 1

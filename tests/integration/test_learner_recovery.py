@@ -26,6 +26,7 @@ from rlhf_dist.preflight import resolve_inputs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from clusters import local_cluster  # noqa: E402
 from pinned_runs import pinned  # noqa: E402
+from ppo_runs import assert_taken_equals_trained  # noqa: E402
 
 STEPS, PROMPTS = 4, 8
 
@@ -58,6 +59,10 @@ def make_cfg(tiny_assets, run_dir, *extra):
             "ppo.minibatch_size=8",
             "ppo.micro_batch_size=2",
             "checkpoint.every=2",
+            # every piece of run state that can change moves: the KL coefficient adapts
+            "ppo.adaptive_kl=true",
+            "ppo.kl_target=0.001",
+            "ppo.kl_horizon=100",
             "ray.placement_timeout_s=60",
             "wandb.enabled=false",
             *extra,
@@ -172,6 +177,9 @@ def test_rank_killed_during_the_first_checkpoint_save_restarts_from_the_initial_
     ledger = read_ledger(tmp_path / "run")
     assert len(ledger) == STEPS * PROMPTS
     assert len({(r["epoch"], r["row"], r["sample"]) for r in ledger}) == len(ledger)
+    cfg = make_cfg(tiny_assets, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "samples.meta.json").read_text())
+    assert_taken_equals_trained(tmp_path / "run", cfg, meta["num_prompts"])
 
 
 def test_async_run_survives_the_node_of_a_rank_lost_mid_update(cluster, tiny_assets, tmp_path):
@@ -204,3 +212,6 @@ def test_async_run_survives_the_node_of_a_rank_lost_mid_update(cluster, tiny_ass
     ledger = read_ledger(tmp_path / "run")
     assert len(ledger) == STEPS * PROMPTS  # each prompt trained once despite the rebuild
     assert len({(r["epoch"], r["row"], r["sample"]) for r in ledger}) == len(ledger)
+    # and they are the prompts the steps took, by id, each trained by the learner's count
+    meta = json.loads((tmp_path / "run" / "samples.meta.json").read_text())
+    assert_taken_equals_trained(tmp_path / "run", cfg, meta["num_prompts"])

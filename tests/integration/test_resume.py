@@ -41,9 +41,14 @@ def _args(tiny_assets, run_dir, *extra):
         "configs/smoke.yaml",
         f"model.assets_dir={tiny_assets.parent}",
         f"run.dir={run_dir}",
-        "run.steps=5",
+        "run.steps=7",
         "checkpoint.every=2",
-        "checkpoint.keep=2",
+        # several checkpoints on disk: a resume that took an older one's engines shows
+        "checkpoint.keep=3",
+        # every piece of run state that can change moves: the KL coefficient adapts
+        "ppo.adaptive_kl=true",
+        "ppo.kl_target=0.001",
+        "ppo.kl_horizon=100",
         "learner.num_workers=1",
         "wandb.enabled=false",
         *extra,
@@ -73,15 +78,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    # the last step is checkpointed too, and only the last two are kept
+    # the last step is checkpointed too, and only the last three are kept
     assert [c.name for c in sorted((straight / "checkpoints").iterdir())] == [
         "step-00000004",
-        "step-00000005",
+        "step-00000006",
+        "step-00000007",
     ]
+    coefs = [r["train/kl_coef"] for r in _rows(straight)]
+    assert len(set(coefs)) == len(coefs)  # the adaptive coefficient moved every step
 
     killed = tmp_path / "killed"
     point = KillPoint(tmp_path / "kill-point")
-    point.arm(skip=3 * REWARD_CALLS_PER_STEP)  # steps 1-3 pass; step 4's first call is held
+    point.arm(skip=5 * REWARD_CALLS_PER_STEP)  # steps 1-5 pass; step 6's first call is held
     proc = subprocess.Popen(
         _args(tiny_assets, killed, TRAPPED),
         cwd=ROOT,
@@ -95,12 +103,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait(timeout=60)
+    assert [c.name for c in checkpoint_dirs(killed)] == ["step-00000002", "step-00000004"]
     newest = checkpoint_dirs(killed)[-1]
-    assert newest.name == "step-00000002" and read_state(newest)["step"] == 2
+    assert read_state(newest)["step"] == 4
     # the layout the engine states were written with, recorded and as DeepSpeed's files show it
     layout = {"num_workers": 1, "zero_stage": 2}  # configs/smoke.yaml sets ZeRO-2
     assert read_state(newest)["learner"] == layout == layout_from_files(newest)
-    assert [r["step"] for r in _rows(killed)] == [1, 2, 3]  # step 3's row came after it
+    assert [r["step"] for r in _rows(killed)] == [1, 2, 3, 4, 5]  # step 5's came after it
 
     p = subprocess.run(
         # auto resumes at the stage of the checkpoint (2), not at auto's own choice for one
@@ -122,12 +131,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_assets, tmp_path)
     assert "resumed from" in p.stdout and newest.name in p.stdout
     assert "zero_stage: 2" in (killed / "config.yaml").read_text()
 
-    assert [r["step"] for r in _rows(killed)] == [1, 2, 3, 4, 5]  # steps after k redone once
+    assert [r["step"] for r in _rows(killed)] == list(range(1, 8))  # steps after it redone
     # every metric of every step, the exported final policies and the samples trained equal
     # the run never killed
     assert_same_runs(killed, straight, policy="ppo/policy", abs=1e-6, weights_atol=1e-5)
     # the row written after the checkpoint is kept aside, not lost
-    assert [r["step"] for r in _rows(killed, "metrics.rolled_back.jsonl")] == [3]
+    assert [r["step"] for r in _rows(killed, "metrics.rolled_back.jsonl")] == [5]
 
 
 @pytest.mark.parametrize("damage", ["truncate_engine", "corrupt_state"])

@@ -608,3 +608,67 @@ def test_the_learner_steps_with_torch_fused_adamw(learner):
         assert engine.optimizer.defaults["fused"] is True
     cfg = learner.cfg
     assert "fused" not in deepspeed_config(cfg, 1e-3, 2, 1, 1)["optimizer"]["params"]
+
+
+SKEWED = [1.0, 0.0, 0.2, 0.3, 5.0, -1.0, 0.0, 0.4]
+
+
+@pytest.mark.parametrize(
+    "estimator, ddof", [("gae", 1), ("reinforce_pp", 0), ("reinforce_pp_baseline", 0)]
+)
+def test_whitening_divides_the_variance_as_the_estimators_source(
+    learner, grpo_learner, batch, tiny_policy, estimator, ddof
+):
+    """GAE's advantages are whitened with the unbiased variance (TRL's ``masked_whiten``),
+    REINFORCE++'s with the population one (OpenRLHF divides by N): the estimator table's
+    ``whiten_ddof``."""
+    from rlhf_dist.algo import estimator as entry
+
+    assert entry(estimator).whiten_ddof == ddof
+    owner = learner if estimator == "gae" else grpo_learner
+    saved = owner.cfg.ppo.estimator
+    owner.cfg.ppo.estimator = estimator
+    try:
+        exp, bad = owner.prepare(_scored(batch, tiny_policy, SKEWED), kl_coef=0.0, is_cap=None)
+    finally:
+        owner.cfg.ppo.estimator = saved
+    assert not bad
+    adv = exp.advantages[exp.mask > 0].double()
+    n = adv.numel()
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(((adv - adv.mean()) ** 2).sum() / (n - ddof)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_grpo_std_eps_is_the_configured_one(grpo_learner, batch, tiny_policy):
+    from rlhf_dist.algo import group_relative_scores
+
+    scored = _scored(batch, tiny_policy, SKEWED)
+    ppo = grpo_learner.cfg.ppo
+    assert ppo.grpo_std_eps == 1e-6  # veRL's, the default
+    ppo.grpo_std_eps = 10.0
+    try:
+        exp, _ = grpo_learner.prepare(scored, kl_coef=0.0, is_cap=None)
+    finally:
+        ppo.grpo_std_eps = 1e-6
+    want = group_relative_scores(torch.tensor(SKEWED), 2, eps=10.0)
+    got = exp.raw_advantages[:, 0]  # every token carries the sequence's advantage
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_learner_reports_what_it_trained_and_a_skipped_sample_shows(
+    grpo_learner, batch, tiny_policy
+):
+    """``UpdateResult.trained`` is counted where the minibatch loop takes its rows. Planted:
+    a loop that drops the first sample of every micro-batch (what the mutation check of #27
+    planted, which no ledger test caught): the count shows it, and the driver's recorder
+    refuses the step (``tests/driver/test_recorder.py``)."""
+    scored = _scored(batch, tiny_policy, SKEWED)
+    epochs = grpo_learner.cfg.ppo.epochs
+    assert grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0).trained == [epochs] * len(scored)
+    original = grpo_learner._micro_step
+    grpo_learner._micro_step = lambda exp, i: original(exp, i[1:])
+    try:
+        trained = grpo_learner.ppo_update(scored, kl_coef=0.0, seed=0).trained
+    finally:
+        del grpo_learner._micro_step
+    assert sorted(trained) == [0] * 4 + [epochs] * 4  # micro-batches of 2: one of each skipped
