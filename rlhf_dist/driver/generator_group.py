@@ -131,8 +131,7 @@ class GeneratorGroup(PoolGroup):
             if not out.lost:
                 return out.compute_s
             self.replace(out.lost)
-            if self.sync.collective:
-                self.regroup()
+            self.regroup()  # the replacements open their receivers (a collective: a new group)
 
     def add(self, n: int = 1) -> None:
         """Grow the group: the new membership forms a new sync group and every generator,

@@ -58,14 +58,17 @@ def test_generators_lost_during_a_push_are_replaced_and_the_push_redone():
     assert gens.pushed_bytes == 300 and sync.version == 7
 
 
-def test_over_shared_memory_a_loss_forms_no_group_and_a_regroup_changes_transport():
+def test_over_shared_memory_a_replacement_opens_its_receiver_before_the_push_again():
+    """No group breaks over shared memory, but the replacement must open its receiver (the
+    channel) before the next push reaches it: the group is formed again (opened) after every
+    replacement and after a change of transport."""
     gens, counters = _group()
     sync = FakeSync([PushOutcome(lost=[2]), PushOutcome(regroup=True), PushOutcome()], False, 0)
     gens.connect(sync)
     forms = sync.forms
     gens.push(1)
     assert gens.pool.replaced == [2] and counters.restarts == 1
-    assert sync.forms == forms + 1  # only the transport change formed a group
+    assert sync.forms == forms + 2
 
 
 def test_a_push_that_keeps_losing_generators_ends_at_the_restart_budget():
