@@ -382,6 +382,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     ray.init(
+        address="local",
         num_cpus=2 + max(gens),
         object_store_memory=3 << 30,
         include_dashboard=False,

@@ -27,7 +27,8 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 def init_ray(cfg: Config, address: str) -> bool:
-    """Join ``address`` or start a local cluster; returns whether we started it."""
+    """Join ``address`` (``auto``: the cluster of this machine, or of the Ray job) or start a
+    local cluster of our own; returns whether we started it."""
     import ray
 
     from rlhf_dist.pools import total_cpus
@@ -41,7 +42,11 @@ def init_ray(cfg: Config, address: str) -> bool:
     # A laptop cluster gets at least the CPUs the pools ask for: Ray's CPU count is a
     # scheduling budget, and the roles of a small job happily share cores.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(total_cpus(cfg)))
+    # "local": a new instance of our own, whatever else runs here. Without it ray.init joins
+    # the cluster Ray's "current cluster" file names (one started with `ray start` on this
+    # machine, or a stale file a killed one left) and refuses num_cpus. Joining is --address.
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=cfg.ray.object_store_mb << 20,
         include_dashboard=False,

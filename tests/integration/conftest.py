@@ -9,6 +9,7 @@ def ray_cluster():
     from rlhf_dist.ray_env import worker_runtime_env
 
     ray.init(
+        address="local",
         num_cpus=8,
         object_store_memory=512 << 20,
         include_dashboard=False,

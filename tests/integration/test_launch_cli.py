@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,3 +73,117 @@ def test_bad_input_fails_before_any_actor_with_the_key_named(tiny_assets, tmp_pa
         assert message in p.stderr, (override, p.stderr[-2000:])
         assert "Traceback" not in p.stderr
         assert "Started a local Ray instance" not in p.stderr + p.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def current_cluster_file():
+    """Ray's "current cluster" file (``/tmp/ray/ray_current_cluster``): a plain ``ray.init()``
+    joins the cluster it names. Whatever the test leaves there is put back as it was."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    yield path
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(before)
+
+
+def test_the_default_launch_starts_its_own_cluster_beside_another(
+    tiny_assets, tmp_path, current_cluster_file
+):
+    """A cluster started with ``ray start`` on this machine names itself in Ray's current-cluster
+    file; a default launch (no ``--address``) must start a Ray of its own anyway, not join it
+    and fail on ``num_cpus`` (Ray's ValueError "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided"), and must leave that cluster alone. Then the
+    cluster is killed, leaving a stale file behind: a default start still works. Run against
+    the code before the fix (``ray.init`` without ``address="local"``), the launch exits 1 with
+    that ValueError."""
+    import os
+    import signal
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(HOME=str(home), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=1"]
+        + ["--include-dashboard=false", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not current_cluster_file.exists():
+            assert head.poll() is None and time.monotonic() < deadline, "ray start failed"
+            time.sleep(0.5)
+        beside = current_cluster_file.read_text()
+        run_dir = tmp_path / "run"
+        p = _launch(
+            "--config",
+            "configs/smoke.yaml",
+            f"model.assets_dir={tiny_assets.parent}",
+            f"run.dir={run_dir}",
+            "run.steps=1",
+            "learner.num_workers=1",
+            "wandb.enabled=false",
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "step 1/1" in p.stdout
+        assert "Connecting to existing Ray cluster" not in p.stdout + p.stderr
+        assert head.poll() is None and current_cluster_file.read_text() == beside  # untouched
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # killed, not stopped: its processes go, the file stays
+        head.wait(timeout=30)
+        _kill_session(head.pid)
+    assert current_cluster_file.exists()  # stale now
+    start_and_stop = (
+        "from rlhf_dist.config import load_config\n"
+        "from rlhf_dist.launch import init_ray\n"
+        "import ray\n"
+        "assert init_ray(load_config(None, ['ray.num_cpus=2']), '')\n"
+        "assert ray.cluster_resources()['CPU'] == 2\n"
+        "ray.shutdown()\n"
+        "print('own cluster')\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", start_and_stop],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and "own cluster" in p.stdout, p.stderr[-3000:]
+
+
+def _kill_session(sid: int) -> None:
+    """Whatever is left of a killed ``ray start`` session (its raylet, GCS, workers)."""
+    import os
+
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                left.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
