@@ -179,6 +179,8 @@ class AsyncLoop(StepLoop):
             gens.regroup()
         t0 = time.perf_counter()
         publish(gens, self.state, version)
+        if lost:  # the replacements hold the learner's weights before they sample
+            gens.verify_held(version)
         self.holds = [version] * len(gens)
         return time.perf_counter() - t0
 

@@ -97,9 +97,11 @@ class GeneratorGroup(PoolGroup):
         """Lost generators are replaced once no call of the job is in flight."""
         if busy:
             return []
+        version = self.sync.version
         self.replace(lost)
         self.regroup()
-        self.push(self.sync.version)
+        self.push(version)
+        self.verify_held(version)  # before the replacements sample
         return list(lost)
 
     # ----------------------------------------------------------------- membership
@@ -133,6 +135,11 @@ class GeneratorGroup(PoolGroup):
             self.replace(out.lost)
             self.regroup()  # the replacements open their receivers (a collective: a new group)
 
+    def verify_held(self, version: int) -> None:
+        """Every generator holds ``version`` and the learner's weights (read from both sides'
+        parameters): asserted after a replacement or a new member, before they sample."""
+        self.sync.verify_held(self.actors, version)
+
     def add(self, n: int = 1) -> None:
         """Grow the group: the new membership forms a new sync group and every generator,
         new ones included, receives the current weights."""
@@ -140,6 +147,7 @@ class GeneratorGroup(PoolGroup):
         self.pool.add(n)
         self.regroup()
         self.push(version)
+        self.verify_held(version)  # before the new ones sample
 
     def remove(self, n: int = 1) -> None:
         """Shrink the group (at least one generator stays)."""

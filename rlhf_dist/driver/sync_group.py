@@ -159,6 +159,23 @@ class WeightSyncGroup:
         self.version = version
         return PushOutcome(compute_s=max([sent.seconds] + [g.seconds for g in got]))
 
+    def verify_held(self, generators: list, version: int) -> None:
+        """After a replacement, before anyone samples: every generator holds ``version`` and
+        the learner's weights, read from its own parameters and the learner's (not from the
+        push's receipts: a replacement that no push reached is caught here too)."""
+        refs = [g.status.remote() for g in generators]
+        want = self.learners.get(self.learners.call("policy_checksum"), "a checksum")[0]
+        for i, ref in enumerate(refs):
+            try:
+                h = ray.get(ref)
+            except LOST:
+                continue  # lost since: it is replaced (and checked) before it is used again
+            if h["version"] != version or h["checksum"] != want:
+                raise WeightSyncError(
+                    f"generator {i} holds version {h['version']} checksum {h['checksum']} "
+                    f"before it samples; the learner holds version {version} checksum {want}"
+                )
+
     @staticmethod
     def _verify(got: list, sent, version: int) -> None:
         """Every receiver holds ``version`` and, where it hashed (where nothing moved it reads

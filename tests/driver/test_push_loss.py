@@ -5,7 +5,7 @@ is tried again until it goes through, and what it moved is counted once per try.
 import pytest
 
 from rlhf_dist.config import load_config
-from rlhf_dist.driver.errors import RestartsExhausted
+from rlhf_dist.driver.errors import RestartsExhausted, WeightSyncError
 from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.run_state import Counters, RestartBudget
 from rlhf_dist.driver.sync_group import PushOutcome
@@ -77,3 +77,38 @@ def test_a_push_that_keeps_losing_generators_ends_at_the_restart_budget():
     with pytest.raises(RestartsExhausted, match="run.max_restarts=2"):
         gens.push(1)
     assert counters.restarts == 3
+
+
+class TrackingSync(FakeSync):
+    """A weight-sync group that knows which version each worker received: a worker started
+    since the last push holds version 0."""
+
+    def __init__(self, pool):
+        super().__init__([], collective=True)
+        self.pool, self.held = pool, {}
+
+    def push(self, generators, version) -> PushOutcome:
+        self.pushes.append((tuple(generators), version))
+        self.held.update({w: version for w in self.pool.worker_ids})
+        self.version = version
+        return PushOutcome()
+
+    def verify_held(self, generators, version) -> None:
+        for slot, worker in enumerate(self.pool.worker_ids):
+            if self.held.get(worker, 0) != version:
+                raise WeightSyncError(f"generator {slot} holds version {self.held.get(worker, 0)}")
+
+
+def test_a_healed_generator_is_checked_to_hold_the_learners_weights_before_it_samples():
+    """``_heal`` (a generator lost while sampling): replaced, joined, pushed, and then every
+    generator is checked to hold the current version. Planted: a heal that forgets the push
+    (the mutation check's "replacement samples with stale weights", which a kill test misses
+    when a surviving generator drains the queue) is caught at once."""
+    gens, _ = _group()
+    sync = TrackingSync(gens.pool)
+    gens.connect(sync)
+    gens.push(4)
+    assert gens._heal([1], busy=False) == [1] and sync.held[gens.pool.worker_ids[1]] == 4
+    gens.push = lambda version: 0.0  # planted: the heal's push does nothing
+    with pytest.raises(WeightSyncError, match="generator 2 holds version 0"):
+        gens._heal([2], busy=False)

@@ -45,6 +45,16 @@ def test_nan_rewards_skip_steps_then_stop_cleanly(tiny_assets, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["fault/skipped_steps"] for r in rows] == [0, 0, 1, 2, 3]
     assert [r["sync/version"] for r in rows] == [1, 2, 2, 2, 2]  # no update, no sync
+    # the ledger of the skipped steps: every sample booked as not trained, 0 passes by the
+    # learner's own count; those of the good steps trained once each
+    from rlhf_dist.ledger import read_ledger
+
+    ledger = read_ledger(run)
+    skipped = [r for r in ledger if r["step"] >= 3]
+    assert skipped and {(r.get("dropped"), r["updates"]) for r in skipped} == {
+        ("nonfinite_step", 0)
+    }
+    assert {(r.get("dropped"), r["updates"]) for r in ledger if r["step"] < 3} == {(None, 2)}
     assert [c.name for c in checkpoint_dirs(run)] == ["step-00000002"]
     assert read_state(checkpoint_dirs(run)[0])["step"] == 2
     # checkpoint.save_hf: the checkpoint's policy as a plain Hugging Face directory

@@ -127,7 +127,7 @@ def test_worker_that_fails_to_start_is_raised_not_healed(ray_cluster):
     pool = SimpleNamespace(name="toy", actors=[Worker.remote(0.01, broken=True)])
     healed = []
     job = Job(pool, [1, 2], lambda a, x: a.work.remote(x), lambda lost, busy: healed.append(lost))
-    with pytest.raises(WorkerFailedToStart, match="toy: .*cannot load the model") as e:
+    with pytest.raises(WorkerFailedToStart, match=r"toy: (?s:.*)cannot load the model") as e:
         deal(job)
     assert isinstance(e.value.__cause__, ray.exceptions.RayActorError)  # the worker's own error
     assert healed == []

@@ -112,6 +112,9 @@ def test_the_sync_sends_the_adapters_only_and_generators_sample_as_the_merged_mo
     other.open_weight_sync(weight_sync.Channel("object_store", 4096, manifest))
     loaded = other.receive_weights(1, True, buckets)
     assert loaded.checksum == meta.checksum == sent.checksum
+    # hashed here from each generator's own adapters, not taken from their reports
+    assert weight_sync.model_checksum(other.model) == weight_sync.model_checksum(gen.model)
+    assert weight_sync.model_checksum(gen.model) == sent.checksum
 
     # The export, merged, is a plain transformers model; a plain generator on it samples
     # what the LoRA generator samples.

@@ -235,6 +235,8 @@ def test_learner_update_and_weight_sync(learner, generator, batch, tiny_policy):
     open_gloo(learner, generator)
     sent, got = push(learner, generator, version=1)
     assert sent.checksum == got.checksum == after and sent.version == got.version == 1
+    # the generator's own parameters, hashed here: its report is not what is trusted
+    assert weight_sync.model_checksum(generator.model) == after
     assert generator.status() == {"version": 1, "checksum": after}
 
     # The generator now samples exactly what a plain model holding the learner's weights does.
@@ -359,6 +361,8 @@ def test_object_store_sync_checksums_agree(learner, tiny_policy):
     _perturb(gen.model, 1.0)
     sent, got = push_object_store(learner, gen, version=3)
     assert sent.checksum == got.checksum == learner.policy_checksum() and got.version == 3
+    # what the generator reports is what its own parameters hold, hashed here, not trusted
+    assert weight_sync.model_checksum(gen.model) == got.checksum
     assert gen.model.lm_head.weight is gen.model.transformer.wte.weight
 
 
@@ -672,3 +676,47 @@ def test_the_learner_reports_what_it_trained_and_a_skipped_sample_shows(
     finally:
         del grpo_learner._micro_step
     assert sorted(trained) == [0] * 4 + [epochs] * 4  # micro-batches of 2: one of each skipped
+
+
+def test_the_hf_engine_matches_the_trainer_and_rollout_correction_weighs_a_mismatch(
+    grpo_learner, tiny_policy, tmp_path
+):
+    """The HF generator's behaviour log-probs are the trainer's own forward at the same
+    weights: the mismatch metrics read ~0 and no correction clips or masks anything. A planted
+    mismatch (the behaviour log-probs of half the samples lowered by 2 nats: rho = e^2 = 7.4)
+    is clipped by TIS (cap 2) and masked by IcePop ([0.5, 5]), and changes the update."""
+    from rlhf_dist import metric_keys as K
+
+    gen = Generator(tiny_policy, max_new_tokens=8)  # holding the learner's weights now
+    gen.model.load_state_dict(grpo_learner.policy_state(), strict=False)
+    gen.model.tie_weights()
+    fresh = gen.generate(PROMPTS, [0, 1, 2, 3], samples_per_prompt=2, seed=5)
+    scored = _scored(fresh, tiny_policy, SKEWED)
+    grpo_learner.save_checkpoint(str(tmp_path / "start"))
+    ppo = grpo_learner.cfg.ppo
+    got = {}
+    for mode, planted in (("tis", False), ("none", True), ("tis", True), ("icepop", True)):
+        batch = scored.select(list(range(len(scored))))
+        if planted:
+            half = torch.arange(len(batch)) % 2 == 0
+            lowered = 2.0 * half[:, None] * batch.response_mask
+            batch.behaviour_logprobs = batch.behaviour_logprobs - lowered
+        grpo_learner.load_checkpoint(str(tmp_path / "start"), version=0)  # the same weights
+        ppo.rollout_correction = mode
+        try:
+            got[mode, planted] = grpo_learner.ppo_update(batch, kl_coef=0.0, seed=0).metrics
+        finally:
+            ppo.rollout_correction = "none"
+    same = got["tis", False]
+    assert same[K.LOGPROB_DIFF_MEAN] < 1e-4 and same[K.LOGPROB_DIFF_MAX] < 1e-3
+    assert same[K.CORRECTED_FRAC] == 0.0
+    assert abs(same[K.ENGINE_RATIO_MIN] - 1) < 1e-3 and abs(same[K.ENGINE_RATIO_MAX] - 1) < 1e-3
+    share = float(
+        (scored.response_mask * (torch.arange(len(scored)) % 2 == 0)[:, None]).sum()
+        / scored.response_mask.sum()
+    )
+    assert got["none", True][K.LOGPROB_DIFF_MAX] == pytest.approx(2.0, abs=1e-3)
+    assert got["none", True][K.CORRECTED_FRAC] == 0.0
+    assert got["tis", True][K.CORRECTED_FRAC] == pytest.approx(share)  # e^2 > cap 2
+    assert got["icepop", True][K.CORRECTED_FRAC] == pytest.approx(share)  # e^2 > 5
+    assert got["tis", True][K.POLICY_LOSS] != got["none", True][K.POLICY_LOSS]
