@@ -494,6 +494,28 @@ class PPOConfig:
     the sequence's)."""
     lam: float = 0.95
     """GAE lambda (``estimator=gae`` only)."""
+    rollout_correction: Literal["none", "tis", "mis", "icepop"] = "none"
+    """Correct the policy loss for the mismatch between the sampling engine's log-probs and
+    the trainer's at equal weights (``algo.rollout_correction``: rho = trainer / engine per
+    token). ``tis``: weight each token by min(rho, ``tis_cap``) (Yao et al. 2025); ``mis``: mask
+    a sequence whose ratio (``mis_level``: geometric mean or product) leaves [``mis_low``,
+    ``mis_high``]; ``icepop``: weight by rho inside [``icepop_low``, ``icepop_high``], mask
+    outside (Ling Team 2025). The learner recomputes the old log-probs either way (the ratio's
+    denominator); stale async tokens keep decoupled PPO's weights instead. The mismatch is
+    reported whatever the mode (``rollout/logprob_diff_mean``...)."""
+    tis_cap: float = 2.0
+    """``rollout_correction=tis``: the truncation C of min(rho, C)."""
+    mis_level: Literal["geometric", "product"] = "geometric"
+    """``rollout_correction=mis``: a sequence's ratio is its tokens' geometric mean (does not
+    grow with length) or their product."""
+    mis_low: float = 0.5
+    """``rollout_correction=mis``: sequences whose ratio is below this are masked."""
+    mis_high: float = 2.0
+    """``rollout_correction=mis``: sequences whose ratio is above this are masked."""
+    icepop_low: float = 0.5
+    """``rollout_correction=icepop``: tokens whose rho is below this are masked."""
+    icepop_high: float = 5.0
+    """``rollout_correction=icepop``: tokens whose rho is above this are masked."""
     grpo_std_eps: float = 1e-6
     """GRPO's epsilon in (score - group mean) / (group std + eps): veRL's value; TRL uses
     1e-4, OpenRLHF 1e-9. It matters for groups whose scores barely differ."""
@@ -526,6 +548,13 @@ class PPOConfig:
         _need("ppo", self, *names, "kl_loss_coef", "grpo_std_eps", allow_zero=True)
         if self.clip_eps_high is not None:
             _need("ppo", self, "clip_eps_high", allow_zero=True)
+        _need("ppo", self, "tis_cap", "mis_high", "icepop_high")
+        _need("ppo", self, "mis_low", "icepop_low", allow_zero=True)
+        for low, high in (("mis_low", "mis_high"), ("icepop_low", "icepop_high")):
+            if getattr(self, low) >= getattr(self, high):
+                raise ConfigError(
+                    f"ppo.{low}={getattr(self, low)} must be below ppo.{high}={getattr(self, high)}"
+                )
         for key in ("gamma", "lam"):
             v = getattr(self, key)
             if not 0 <= v <= 1:

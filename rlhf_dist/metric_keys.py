@@ -64,6 +64,16 @@ TRUNCATED_FRAC = "rollout/truncated_frac"
 DROPPED_GROUPS = "rollout/dropped_groups"  # rollout.drop_uniform_groups: groups set aside
 FILL_ROUNDS = "rollout/fill_rounds"  # rounds of extra sampling it took to fill the step
 SAMPLES_TABLE = "rollout/samples"  # wandb only: a table of prompts, responses, rewards
+# the sampling engine against the trainer at equal weights (the tokens of the learner's own
+# version): |logp_trainer - logp_engine| per token, mean and max; rho = exp(trainer - engine),
+# its mean and extremes; the share of tokens ppo.rollout_correction clipped or masked. An HF
+# generator reads ~0 (the same forward); vLLM's kernels differ
+LOGPROB_DIFF_MEAN = "rollout/logprob_diff_mean"
+LOGPROB_DIFF_MAX = "rollout/logprob_diff_max"
+ENGINE_RATIO_MEAN = "rollout/engine_ratio_mean"
+ENGINE_RATIO_MIN = "rollout/engine_ratio_min"
+ENGINE_RATIO_MAX = "rollout/engine_ratio_max"
+CORRECTED_FRAC = "rollout/corrected_frac"
 
 # ----------------------------------------------------------------------------- train/
 # the PPO losses and statistics, means over the step's micro-batches; the value loss, value

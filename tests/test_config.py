@@ -784,6 +784,8 @@ def test_estimators_come_from_the_algo_table():
     hints = typing.get_type_hints(config_module.PPOConfig)
     assert typing.get_args(hints["loss_agg"]) == algo.LOSS_AGG_MODES
     assert typing.get_args(hints["ratio_level"]) == algo.RATIO_LEVELS
+    assert typing.get_args(hints["rollout_correction"]) == algo.ROLLOUT_CORRECTIONS
+    assert typing.get_args(hints["mis_level"]) == algo.MIS_LEVELS
 
 
 def test_estimator_defaults_are_todays_ppo():

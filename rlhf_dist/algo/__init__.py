@@ -35,6 +35,7 @@ from .losses import (
     reference_kl_loss,
     value_loss,
 )
+from .rollout_correction import MIS_LEVELS, ROLLOUT_CORRECTIONS, rollout_correction
 from .stats import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "Estimator",
     "GROUP_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "MIS_LEVELS",
     "RATIO_LEVELS",
+    "ROLLOUT_CORRECTIONS",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate_loss",
@@ -67,6 +70,7 @@ __all__ = [
     "masked_whiten",
     "ppo_policy_loss",
     "reference_kl_loss",
+    "rollout_correction",
     "shaped_scores",
     "value_loss",
 ]

@@ -33,8 +33,11 @@ class Experience:
     scores: Tensor  # (B,)
     old_values: Tensor | None  # (B, R) the critic's values before the update (gae only)
     stale: Tensor  # (B, R) bool: a token sampled by an older policy than the learner's
-    is_weights: Tensor | None  # (B, R) decoupled-PPO weights (async mode only)
-    is_truncated: Tensor | None  # (B, R) bool: a stale token whose weight hit the cap
+    is_weights: Tensor | None = None  # (B, R) decoupled-PPO weights (async mode only)
+    is_truncated: Tensor | None = None  # (B, R) bool: a stale token whose weight hit the cap
+    loss_weights: Tensor | None = None  # (B, R) what the policy loss is weighted by, if any
+    correction: dict | None = None  # engine/trainer mismatch stats (algo.rollout_correction)
+    fresh_tokens: float = 0.0  # the valid tokens of the learner's own version (its stats')
     trained: Tensor | None = None  # (B,) long: the passes of the minibatch loop that trained it
 
     def __post_init__(self):
@@ -85,6 +88,10 @@ def learner_metrics(t: dict[str, float], world_size: int, kl_coef: float, return
             K.STALE_TOKEN_FRAC: t["stale_tokens"] / tok,
         }
     )
+    fresh = max(t["fresh_tokens"], 1.0)
+    metrics[K.LOGPROB_DIFF_MEAN] = t["diff_sum"] / fresh
+    metrics[K.ENGINE_RATIO_MEAN] = t["rho_sum"] / fresh if t["fresh_tokens"] else 1.0
+    metrics[K.CORRECTED_FRAC] = t["corrected"] / fresh
     if returns:
         metrics[K.RETURNS_MEAN] = t["returns_sum"] / tok
     if "ev_res_sq" in t:

@@ -172,14 +172,7 @@ class Learner(DeepSpeedRank):
         whitened = adv
         if cfg.whiten_advantages and self.estimator.whitened:
             whitened = self._whiten(adv, mask)
-        stale = (batch.versions.to(dev) < self.version)[:, None] & (mask > 0)
-        is_weights = truncated = None
-        if is_cap is not None:
-            behaviour = batch.behaviour_logprobs.to(dev).float()
-            is_weights, truncated = algo.decoupled_importance_weights(
-                old_logp, behaviour, stale, is_cap
-            )
-        return Experience(
+        exp = Experience(
             seq,
             am,
             mask,
@@ -192,10 +185,39 @@ class Learner(DeepSpeedRank):
             kl,
             scores,
             old_values,
-            stale,
-            is_weights,
-            truncated,
-        ), ()
+            stale=(batch.versions.to(dev) < self.version)[:, None] & (mask > 0),
+        )
+        self._weigh(exp, batch.behaviour_logprobs.to(dev).float(), is_cap)
+        return exp, ()
+
+    def _weigh(self, exp: Experience, behaviour: torch.Tensor, is_cap: float | None) -> None:
+        """The per-token weights of the policy loss: decoupled PPO's for the stale tokens
+        (async mode, ``is_cap``), and ``ppo.rollout_correction``'s for the others, whose
+        behaviour log-probs came from the sampling engine at the learner's own weights (the
+        mismatch statistics are taken over them, whatever the mode)."""
+        cfg = self.cfg.ppo
+        if is_cap is not None:
+            exp.is_weights, exp.is_truncated = algo.decoupled_importance_weights(
+                exp.old_logp, behaviour, exp.stale, is_cap
+            )
+        fresh = (exp.mask > 0) & ~exp.stale
+        corrected, exp.correction = algo.rollout_correction(
+            cfg.rollout_correction,
+            exp.old_logp,
+            behaviour,
+            fresh,
+            tis_cap=cfg.tis_cap,
+            mis_low=cfg.mis_low,
+            mis_high=cfg.mis_high,
+            mis_level=cfg.mis_level,
+            icepop_low=cfg.icepop_low,
+            icepop_high=cfg.icepop_high,
+        )
+        exp.fresh_tokens = float(fresh.sum())
+        weights = exp.is_weights
+        if cfg.rollout_correction != "none":
+            weights = corrected if weights is None else weights * corrected
+        exp.loss_weights = weights
 
     def _nonfinite(self, scores, ref_logp, old_logp, old_values, adv, mask) -> tuple[str, ...]:
         """The quantities not finite on any rank (gathered, so every rank decides alike and
@@ -259,7 +281,7 @@ class Learner(DeepSpeedRank):
             m,
             cfg.clip_eps,
             clip_eps_high=cfg.clip_eps_high,
-            importance_weights=None if exp.is_weights is None else exp.is_weights[i],
+            importance_weights=None if exp.loss_weights is None else exp.loss_weights[i],
             ratio_level=cfg.ratio_level,
             loss_agg=cfg.loss_agg,
             loss_norm=self.loss_norm,
@@ -389,6 +411,13 @@ class Learner(DeepSpeedRank):
         if async_is:
             sums["is_weight_sum"] = float((exp.is_weights * exp.stale).sum())
             sums["is_truncated"] = float(exp.is_truncated.sum())
+        c, n = exp.correction, exp.fresh_tokens
+        sums.update(
+            fresh_tokens=n,
+            diff_sum=float(c["logprob_diff_mean"]) * n,
+            rho_sum=float(c["ratio_mean"]) * n,
+            corrected=float(c["corrected_frac"]) * n,
+        )
         if exp.old_values is not None:
             sums["ev_res_sq"] = float((((exp.returns - exp.old_values) * mask) ** 2).sum())
             sums["ret_sq"] = float(((exp.returns * mask) ** 2).sum())
@@ -397,6 +426,10 @@ class Learner(DeepSpeedRank):
         t = dict(zip(keys, total.tolist()))
         metrics = learner_metrics(t, self.world_size, kl_coef, self.estimator.has_returns)
         metrics[K.RATIO_MAX] = self.all_reduce_max(ratio_max)
+        c = exp.correction
+        metrics[K.LOGPROB_DIFF_MAX] = self.all_reduce_max(float(c["logprob_diff_max"]))
+        metrics[K.ENGINE_RATIO_MAX] = self.all_reduce_max(float(c["ratio_max"]))
+        metrics[K.ENGINE_RATIO_MIN] = -self.all_reduce_max(-float(c["ratio_min"]))
         metrics[K.LR] = self.policy.get_lr()[0]
         if self.critic is not None:
             metrics[K.CRITIC_LR] = self.critic.get_lr()[0]
