@@ -36,6 +36,11 @@ class RolloutBatch:
     # per sample, filled in by the driver
     origins: list[tuple] | None = None  # ledger origin of each sample (``ledger.chunk_origins``)
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,) each function's
+    # multi-turn rollouts (``rollout.env``): per sample, its turns, tool calls, how it ended
+    # (``envs.episodes``); (B, R) turn rewards on each turn's last sampled token, if asked for
+    episodes: list[dict] | None = None
+    token_rewards: Tensor | None = None
+    reward_timeouts: int = 0  # chunks whose reward function ran out of reward.timeout_s
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -83,8 +88,9 @@ class RolloutBatch:
                 "response_mask": torch.nn.functional.pad(b.response_mask, (0, rp)),
                 "behaviour_logprobs": torch.nn.functional.pad(b.behaviour_logprobs, (0, rp)),
             }
-            if b.ref_logprobs is not None:
-                d["ref_logprobs"] = torch.nn.functional.pad(b.ref_logprobs, (0, rp))
+            for name in ("ref_logprobs", "token_rewards"):
+                if getattr(b, name) is not None:
+                    d[name] = torch.nn.functional.pad(getattr(b, name), (0, rp))
             return d
 
         widened = [widen(b) for b in batches]
@@ -120,7 +126,14 @@ class RolloutBatch:
         return cls(**d)
 
 
-CHUNK_FIELDS = ("worker", "chunks_per_worker", "reward_parts", "compute_s", "generated_tokens")
+CHUNK_FIELDS = (
+    "worker",
+    "chunks_per_worker",
+    "reward_parts",
+    "compute_s",
+    "generated_tokens",
+    "reward_timeouts",
+)
 """The fields of ``RolloutBatch`` that describe a chunk or a step rather than each sample:
 ``concat`` adds up the figures and leaves the rest to the caller."""
 

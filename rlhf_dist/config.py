@@ -335,6 +335,33 @@ class RolloutConfig(PoolConfig):
     batch; past them the run stops, saying the rewards give no signal on this data."""
     autoscale: AutoscaleConfig = field(default_factory=lambda: AutoscaleConfig())
     """Grow the pool while generation dominates the step."""
+    env: str = ""
+    """Multi-turn, tool-using rollouts: the environment class ``module:Class`` (subclass of
+    ``rlhf_dist.envs.base.Env``: ``reset(row)`` gives the starting conversation, ``step(text)``
+    answers each turn with (observation, reward, done, info); one instance per trajectory), or
+    ``builtin:calc``. Empty = single-turn: one response per sample. With an environment,
+    ``max_new_tokens`` caps one turn, and the trajectory's tokens are kept as sampled (token in,
+    token out; observations appended as their template's tokens, never re-rendered)."""
+    max_turns: int = 4
+    """With ``env``: the turns a trajectory may take; one still going after them is ended as
+    an overrun (``on_env_failure``)."""
+    max_total_tokens: int = 256
+    """With ``env``: tokens after the prompt (sampled and observation) a trajectory may hold."""
+    max_observation_tokens: int = 128
+    """With ``env``: an observation's content is cut to this many tokens (counted)."""
+    env_timeout_s: float = 30.0
+    """With ``env``: seconds a ``reset`` or ``step`` may take; past it the trajectory ends as
+    failed (a tool that hangs costs its trajectory, never the run)."""
+    max_invalid_tool_calls: int = 2
+    """With ``env``: invalid tool calls in a row (the environment's ``info["invalid"]``) a
+    trajectory may make; one more ends it as failed."""
+    on_env_failure: Literal["zero", "mask"] = "zero"
+    """With ``env``: a trajectory that failed (time-out, error, invalid calls) or overran (turns
+    or tokens) is rewarded 0 (``zero``), or also left out of the loss (``mask``); counted."""
+    turn_rewards: bool = False
+    """With ``env``: each turn's reward goes on that turn's last sampled token (token-level
+    credit, for an estimator with token-level returns: gae, reinforce_pp) instead of into the
+    trajectory's reward."""
 
     def check(self, cfg: Config) -> None:
         names = ("prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_new_tokens")
@@ -343,6 +370,7 @@ class RolloutConfig(PoolConfig):
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
         self.autoscale.check(cfg)
+        _check_env_section(self, cfg)
         if not self.drop_uniform_groups:
             return
         if self.samples_per_prompt < 2:
@@ -359,6 +387,37 @@ class RolloutConfig(PoolConfig):
             raise ConfigError(f"rollout.max_fill_rounds: must be >= 1, got {self.max_fill_rounds}")
 
 
+def _check_env_section(r: RolloutConfig, cfg: Config) -> None:
+    if not r.env:
+        if cfg.reward.function == ENV_REWARD:
+            raise ConfigError(
+                "reward.function=env: the reward comes from the environment, but rollout.env "
+                "is empty (name one, e.g. builtin:calc)"
+            )
+        return
+    _need("rollout", r, "max_turns", "max_total_tokens", "max_observation_tokens")
+    _need("rollout", r, "env_timeout_s", "max_invalid_tool_calls", allow_zero=True)
+    if r.max_total_tokens < r.max_new_tokens:
+        raise ConfigError(
+            f"rollout.max_total_tokens={r.max_total_tokens} is below rollout.max_new_tokens="
+            f"{r.max_new_tokens} (one turn's cap): a trajectory could not take one whole turn"
+        )
+    if (
+        r.turn_rewards
+        and ESTIMATORS.get(cfg.ppo.estimator)
+        and ESTIMATORS[cfg.ppo.estimator].uses_groups
+    ):
+        raise ConfigError(
+            f"rollout.turn_rewards: per-turn rewards need token-level returns; "
+            f"ppo.estimator={cfg.ppo.estimator} gives each response one advantage (use gae or "
+            f"reinforce_pp, or leave turn_rewards off: the turns' rewards are then summed)"
+        )
+
+
+ENV_REWARD = "env"
+"""``reward.function=env``: the reward is what the environment's steps returned."""
+
+
 @pool_section(num_workers=1, num_cpus=0.25)
 class RewardConfig(PoolConfig):
     """The reward scorers."""
@@ -367,7 +426,7 @@ class RewardConfig(PoolConfig):
     """Reward model: ``AutoModelForSequenceClassification`` with one label (path or hub id)."""
     function: str = "rlhf_dist.tasks.tiny:reward"
     """Reward function ``module:function(prompts, responses) -> list[float]``; used when
-    ``model`` is empty. A function may also take fields of the prompt's data row by name
+    ``model`` is empty. ``env``: the rewards the environment of ``rollout.env`` returned. A function may also take fields of the prompt's data row by name
     (``function(prompts, responses, answer)``, the row's ``answer`` for each sample) or all
     of them (``**fields``), as TRL's reward functions do. Several comma-separated
     ``module:function`` specs are combined: the reward is their weighted sum
@@ -376,12 +435,20 @@ class RewardConfig(PoolConfig):
     weights: list[float] = field(default_factory=list)
     """One weight per function in ``function``, in order; empty = 1.0 each. A weight of 0
     logs a function without rewarding it."""
+    timeout_s: float = 0.0
+    """Seconds a reward function may take on one chunk; past it the chunk's samples score 0
+    and are counted (``rollout/reward_timeouts``), the run goes on. 0 = no limit."""
 
     def check(self, cfg: Config) -> None:
         """One or more distinct ``module:function`` (or a model); ``weights``: one finite
         weight per function (or none)."""
         if not self.model and not self.function:
             raise ConfigError("reward.model / reward.function: one of them must be set")
+        _need("reward", self, "timeout_s", allow_zero=True)
+        if self.function == ENV_REWARD:
+            if self.weights:
+                raise ConfigError("reward.weights: reward.function=env has no functions to weigh")
+            return
         specs = reward_function_specs(self.function) if self.function else []
         for spec in specs:
             module, _, fn = spec.partition(":")

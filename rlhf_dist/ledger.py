@@ -16,6 +16,9 @@ score, when ``reward.function`` combines several) |
 | ``length``, ``truncated`` | response tokens (EOS included); cut at ``rollout.max_new_tokens`` |
 | ``updates`` | the passes of the learner's minibatch loop that trained it, as the learner
 counted them (``ppo.epochs`` when trained; 0 when dropped or its step was skipped) |
+| ``turns``, ``tool_calls``, ``tool_errors``, ``ended`` | a multi-turn trajectory's
+(``rollout.env``): its turns, tool calls and errors, and how it ended (``done``, or a
+failure: ``max_turns``, ``token_cap``, ``timeout``, ``error``, ``invalid_calls``) |
 | ``dropped`` | absent when trained; else why not (``nonfinite_step``: the step was skipped;
 ``stale``: async, too old to train; with ``rollout.drop_uniform_groups``, ``uniform_group``:
 its prompt's samples all got the same reward, ``surplus``: its round found more than needed) |
@@ -111,6 +114,12 @@ def ledger_rows(
         )
         if parts:
             rows[-1]["reward_parts"] = {name: float(part[j]) for name, part in parts.items()}
+        if batch.episodes is not None:  # a multi-turn trajectory: its turns and tool calls
+            e = batch.episodes[j]
+            rows[-1].update(
+                turns=e["turns"], tool_calls=e["tool_calls"], tool_errors=e["tool_errors"]
+            )
+            rows[-1]["ended"] = e["ended"]
     return rows
 
 

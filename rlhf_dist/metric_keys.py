@@ -74,6 +74,17 @@ ENGINE_RATIO_MEAN = "rollout/engine_ratio_mean"
 ENGINE_RATIO_MIN = "rollout/engine_ratio_min"
 ENGINE_RATIO_MAX = "rollout/engine_ratio_max"
 CORRECTED_FRAC = "rollout/corrected_frac"
+# multi-turn rollouts (rollout.env): turns and tool calls per trajectory, tool errors, observations
+# cut to rollout.max_observation_tokens, trajectories that failed (a time-out, an error, too many
+# invalid calls) or overran (turns or tokens), and of them the time-outs; chunks whose reward
+# function ran out of reward.timeout_s
+TURNS_MEAN = "rollout/turns_mean"
+TOOL_CALLS_MEAN = "rollout/tool_calls_mean"
+TOOL_ERRORS = "rollout/tool_errors"
+OBSERVATION_TRUNCATIONS = "rollout/observation_truncations"
+ENV_FAILURES = "rollout/env_failures"
+ENV_TIMEOUTS = "rollout/env_timeouts"
+REWARD_TIMEOUTS = "rollout/reward_timeouts"
 
 # ----------------------------------------------------------------------------- train/
 # the PPO losses and statistics, means over the step's micro-batches; the value loss, value

@@ -13,7 +13,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_dist.config import POOL_SECTIONS, Config, PoolConfig
+from rlhf_dist.config import ENV_REWARD, POOL_SECTIONS, Config, PoolConfig
 from rlhf_dist.dispatch import LOST, failed_to_start
 
 
@@ -37,11 +37,13 @@ def bundle_of(section: PoolConfig) -> dict[str, float]:
 
 def pool_requests(cfg: Config) -> dict[str, tuple[int, dict[str, float]]]:
     """Each pool's (workers, bundle per worker), keyed by config section; no reference pool
-    when the reference is the LoRA policy's base (``reference.from_base``)."""
+    when the reference is the LoRA policy's base (``reference.from_base``), no reward pool
+    when the environment gives the rewards (``reward.function=env``)."""
     return {
         name: (getattr(cfg, name).num_workers, bundle_of(getattr(cfg, name)))
         for name in POOL_SECTIONS
         if not (name == "reference" and cfg.reference.from_base)
+        and not (name == "reward" and cfg.reward.function == ENV_REWARD and not cfg.reward.model)
     }
 
 

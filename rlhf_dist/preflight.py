@@ -1,8 +1,9 @@
 """Checks that run in the driver before any actor starts, so bad input fails fast and clearly.
 
 Sources in the config are resolved here:
-- ``builtin:tiny`` / ``builtin:describe`` / ``builtin:arith``: a built-in task's files, built
-  locally on first use into ``model.assets_dir``;
+- ``builtin:tiny`` / ``builtin:describe`` / ``builtin:arith`` / ``builtin:wordmath``: a
+  built-in task's files, built locally on first use into ``model.assets_dir``;
+  ``builtin:smollm2-135m-instruct``: a real model converted once from a package into it;
 - ``run:sft`` / ``run:rm``: the model an earlier stage exported into the run directory;
 - anything else: a path or hub id, used as given.
 Then every model path must load its config, the reward functions must import, data files must
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from rlhf_dist import chat
 from rlhf_dist.algo.estimators import estimator
-from rlhf_dist.config import Config, ConfigError
+from rlhf_dist.config import ENV_REWARD, Config, ConfigError
 from rlhf_dist.data import (
     DataError,
     Mapped,
@@ -28,6 +29,7 @@ from rlhf_dist.data import (
     load_preference_pairs,
     load_prompt_rows,
 )
+from rlhf_dist.envs.base import EnvError, load_env
 from rlhf_dist.inputs import Inputs
 
 STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
@@ -74,9 +76,35 @@ def resolve(cfg: Config, run_dir: Path, key: str, value: str, kind: str) -> str:
                 f"the rule rlhf_dist.tasks.arith:reward, not a reward model)"
             )
         return str(arith.build_assets(Path(cfg.model.assets_dir) / "arith") / arith.FILES[kind])
+    if value == "builtin:calc":
+        from rlhf_dist.tasks import calc
+
+        if kind not in calc.FILES:
+            raise ConfigError(
+                f"{key}: builtin:calc has no {kind} (a multi-turn task: its environment is "
+                f"rollout.env=builtin:calc, its reward reward.function=env)"
+            )
+        return str(calc.build_assets(Path(cfg.model.assets_dir) / "calc") / calc.FILES[kind])
+    if value == "builtin:wordmath":
+        from rlhf_dist.tasks import wordmath
+
+        if kind not in wordmath.FILES:
+            raise ConfigError(
+                f"{key}: builtin:wordmath has no {kind} (its model is "
+                f"builtin:smollm2-135m-instruct, its reward rlhf_dist.tasks.wordmath:reward)"
+            )
+        out = wordmath.build_assets(Path(cfg.model.assets_dir) / "wordmath")
+        return str(out / wordmath.FILES[kind])
+    if value == "builtin:smollm2-135m-instruct":
+        from rlhf_dist.tasks import smollm2
+
+        if kind != "model":
+            raise ConfigError(f"{key}: {value} is a model, not {kind}")
+        return str(smollm2.build_assets(Path(cfg.model.assets_dir) / smollm2.NAME, key))
     if value.startswith("builtin:"):
         raise ConfigError(
-            f"{key}: unknown built-in {value!r} (builtin:tiny, builtin:describe, builtin:arith)"
+            f"{key}: unknown built-in {value!r} (builtin:tiny, builtin:describe, builtin:arith, "
+            "builtin:calc, builtin:wordmath, builtin:smollm2-135m-instruct)"
         )
     if value in STAGE_OUTPUTS:
         return str(stage_output(run_dir, value))
@@ -334,8 +362,13 @@ def resolve_inputs(
     reward_model, functions, gold = "", [], []
     if cfg.reward.model:
         reward_model = _model(cfg, run_dir, "reward.model", cfg.reward.model, pending)
-    else:
+    elif cfg.reward.function != ENV_REWARD:
         functions = _import_functions("reward.function", cfg.reward.function, cfg.reward.weights)
+    if cfg.rollout.env:
+        try:
+            load_env(cfg.rollout.env)
+        except EnvError as e:
+            raise ConfigError(str(e)) from None
     if cfg.eval.gold:
         gold = _import_functions("eval.gold", cfg.eval.gold)
         if len(gold) > 1:
@@ -354,10 +387,13 @@ def resolve_inputs(
     tokenizer = _tokenizer("model.tokenizer", cfg.model.tokenizer or known)
     limit = cfg.rollout.max_prompt_tokens
     ctx = context_length(known)
-    if ctx is not None and limit + cfg.rollout.max_new_tokens > ctx:
+    after, key = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+    if cfg.rollout.env:  # a trajectory's turns and observations after its prompt
+        after, key = cfg.rollout.max_total_tokens, "rollout.max_total_tokens"
+    if ctx is not None and limit + after > ctx:
         raise ConfigError(
-            f"rollout.max_prompt_tokens + rollout.max_new_tokens = "
-            f"{limit + cfg.rollout.max_new_tokens} exceeds the policy's context of {ctx} tokens"
+            f"rollout.max_prompt_tokens + {key} = {limit + after} exceeds the policy's context "
+            f"of {ctx} tokens"
         )
     tok_shown = cfg.model.tokenizer or known
     if reward_model:

@@ -220,6 +220,7 @@ def estimator_advantages(
     values: torch.Tensor | None = None,
     group_size: int = 1,
     std_eps: float = 1e-6,
+    token_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(advantages, returns, kl) of one estimator, before any whitening.
 
@@ -227,6 +228,9 @@ def estimator_advantages(
     critic's ``values`` (required). Critic-free: ``kl_penalized_rewards`` of the shaped score,
     then ``discounted_returns``; the advantages are those returns. Groups are the rows cut
     every ``group_size`` (the caller holds whole groups). ``std_eps`` is GRPO's epsilon.
+    ``token_rewards`` (B, T), optional: rewards on given tokens (a multi-turn trajectory's
+    turn rewards, on each turn's last sampled token), added to the token rewards before the
+    returns: per-turn credit for the estimators with token-level returns (GAE, REINFORCE++).
     Shapes: scores (B,), logp / ref_logp / mask / values (B, T) -> three (B, T).
     No gradient by design: call under ``torch.no_grad()``.
     """
@@ -234,9 +238,13 @@ def estimator_advantages(
         if values is None:
             raise ValueError(f"estimator {est.name!r} needs the critic's values")
         rewards, kl = kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef, kl_estimator)
+        if token_rewards is not None:
+            rewards = rewards + token_rewards * mask
         adv, returns = gae_advantages(rewards, values, mask, gamma, lam)
         return adv, returns, kl
     shaped = est.shape(scores, group_size, std_eps)
     rewards, kl = kl_penalized_rewards(shaped, logp, ref_logp, mask, kl_coef, kl_estimator)
+    if token_rewards is not None:
+        rewards = rewards + token_rewards * mask
     adv = discounted_returns(rewards, mask, gamma)
     return adv, adv, kl

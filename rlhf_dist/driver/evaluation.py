@@ -40,7 +40,7 @@ class Evaluator:
         n = len(self.prompts)
         size = math.ceil(n / (2 * self.cfg.rollout.num_workers))
         chunks = chunk_plan(list(range(n)), size, self.cfg.run.seed, "eval", 0)
-        batch = self.generators.generate(chunks, self.prompts, samples=1)
+        batch = self.generators.generate(chunks, self.prompts, samples=1, held_out=True)
         fields = self.scorers.sample_fields(batch, self.fields, [self.gold])
         gold = torch.tensor(self.gold(batch.prompts, batch.responses, fields), dtype=torch.float64)
         proxy = self.scorers.rewards_of(batch)  # the held-out rows (and messages)

@@ -18,6 +18,7 @@ from rlhf_dist.dispatch import Chunk, Job, deal
 from rlhf_dist.driver.healing import PoolGroup, replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
 from rlhf_dist.driver.sync_group import WeightSyncGroup
+from rlhf_dist.envs.episodes import episode_settings
 from rlhf_dist.inputs import Inputs
 from rlhf_dist.ledger import chunk_origins
 from rlhf_dist.lora import lora_settings
@@ -25,9 +26,28 @@ from rlhf_dist.pools import Pool, bundle_of, worker_threads
 from rlhf_dist.roles import Generator
 
 
-def _sample(actor, chunk: Chunk, prompts: list[str], samples: int) -> ray.ObjectRef:
+def _sample(actor, chunk: Chunk, prompts, samples: int) -> ray.ObjectRef:
+    """Start one chunk: ``prompts`` are the texts the policy continues (single turn), or
+    ``Rows`` (multi-turn: each prompt's data row for its environment)."""
     ids = chunk.prompt_ids
+    if isinstance(prompts, Rows):
+        return actor.rollout.remote([prompts[i] for i in ids], ids, samples, chunk.seed)
     return actor.generate.remote([prompts[i] for i in ids], ids, samples, chunk.seed)
+
+
+class Rows:
+    """The data rows of a prompt source, as an environment's ``reset`` takes them: the
+    prompt (its messages, or its text) and every other field of the row."""
+
+    def __init__(self, prompts, messages, fields: dict):
+        self.prompts, self.messages, self.fields = prompts, messages, fields
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        prompt = self.messages[i] if self.messages is not None else self.prompts[i]
+        return {"prompt": prompt, **{k: v[i] for k, v in self.fields.items()}}
 
 
 class GeneratorGroup(PoolGroup):
@@ -55,11 +75,19 @@ class GeneratorGroup(PoolGroup):
                     lora=lora_settings(cfg, "policy"),
                     seed=cfg.run.seed,
                     ref_from_base=cfg.reference.from_base,
+                    episodes=episode_settings(cfg),
                 ),
             ),
             cfg.ray.placement_timeout_s,
             threads=worker_threads(cfg, "rollout"),
         )
+        # multi-turn: what each prompt's environment starts from (train and held-out rows)
+        self.rows = self.eval_rows = None
+        if r.env:
+            self.rows = Rows(inputs.prompts, inputs.prompt_messages, inputs.prompt_fields)
+            self.eval_rows = Rows(
+                inputs.eval_prompts, inputs.eval_prompt_messages, inputs.eval_prompt_fields
+            )
         self.sync: WeightSyncGroup | None = None
         self.pushed_bytes = 0  # what the last push moved (``sync/bytes``)
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
@@ -75,13 +103,19 @@ class GeneratorGroup(PoolGroup):
     # ----------------------------------------------------------------- sampling
 
     def submit(self, slot: int, chunk: Chunk, prompts: list[str], samples: int) -> ray.ObjectRef:
-        """Start one chunk on generator ``slot``."""
-        return _sample(self.actors[slot], chunk, prompts, samples)
+        """Start one chunk of ``data.prompts`` on generator ``slot``."""
+        return _sample(self.actors[slot], chunk, self.rows or prompts, samples)
 
-    def generate(self, chunks: list[Chunk], prompts: list[str], samples: int) -> RolloutBatch:
+    def generate(
+        self, chunks: list[Chunk], prompts: list[str], samples: int, held_out: bool = False
+    ) -> RolloutBatch:
         """Sample every chunk (dealt by load, lost chunks redone) into one batch, in chunk
-        order whoever sampled them."""
-        job = Job(self.pool, chunks, lambda a, c: _sample(a, c, prompts, samples), self._heal)
+        order whoever sampled them. ``held_out``: the chunks index the held-out prompts
+        (evaluation; with an environment its trajectories start from their rows)."""
+        source = prompts
+        if self.rows is not None:
+            source = self.eval_rows if held_out else self.rows
+        job = Job(self.pool, chunks, lambda a, c: _sample(a, c, source, samples), self._heal)
         deal(job, on_dispatch=self.on_dispatch)
         self.budget.redone(job.redone)
         batch = RolloutBatch.concat(job.results, self.inputs.pad_token_id)

@@ -86,6 +86,7 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
             K.reward_part_key(name): part.mean().item() for name, part in batch.reward_parts.items()
         },
         K.RESPONSE_LENGTH_MEAN: lengths.float().mean().item(),
+        **episode_metrics(batch),
         K.TRUNCATED_FRAC: batch.truncated.float().mean().item(),
         **out.train.metrics,
         K.KL_COEF: kl_coef,
@@ -103,6 +104,24 @@ def step_row(out: StepOutcome, state: RunState, kl_coef: float, elapsed: float, 
         K.CHUNKS_PER_GENERATOR_MIN: min(batch.chunks_per_worker),
         K.CHUNKS_PER_GENERATOR_MAX: max(batch.chunks_per_worker),
         K.DATA_EPOCH: state.cursor.epoch,
+    }
+
+
+def episode_metrics(batch: RolloutBatch) -> dict:
+    """What a step's multi-turn trajectories did (none for single-turn samples)."""
+    out = {K.REWARD_TIMEOUTS: batch.reward_timeouts} if batch.reward_timeouts else {}
+    eps = batch.episodes
+    if not eps:
+        return out
+    n = len(eps)
+    return {
+        **out,
+        K.TURNS_MEAN: sum(e["turns"] for e in eps) / n,
+        K.TOOL_CALLS_MEAN: sum(e["tool_calls"] for e in eps) / n,
+        K.TOOL_ERRORS: sum(e["tool_errors"] for e in eps),
+        K.OBSERVATION_TRUNCATIONS: sum(e["truncations"] for e in eps),
+        K.ENV_FAILURES: sum(e["ended"] != "done" for e in eps),
+        K.ENV_TIMEOUTS: sum(e["ended"] == "timeout" for e in eps),
     }
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.config import Config
+from rlhf_dist.config import ENV_REWARD, Config
 from rlhf_dist.dispatch import Job, deal, split_ranges
 from rlhf_dist.driver.healing import replace_lost
 from rlhf_dist.driver.run_state import RestartBudget
@@ -29,10 +29,12 @@ from rlhf_dist.roles.scorers import load_reward_functions
 class ScorerGroup:
     def __init__(self, cfg: Config, inputs: Inputs, budget: RestartBudget):
         self.budget = budget
+        # reward.function=env: the environment's rewards came with the samples; no scorer
+        self.env_reward = cfg.reward.function == ENV_REWARD and not inputs.reward_model
         # The functions' signatures say which data fields travel with the samples.
         self.functions = (
             []
-            if inputs.reward_model
+            if inputs.reward_model or self.env_reward
             else load_reward_functions(cfg.reward.function, cfg.reward.weights)
         )
         self.fields = inputs.prompt_fields  # the rows of data.prompts: PPO's prompt_ids
@@ -41,24 +43,29 @@ class ScorerGroup:
         self.messages = inputs.prompt_messages if inputs.reward_model else None
         self.eval_messages = inputs.eval_prompt_messages if inputs.reward_model else None
         timeout = cfg.ray.placement_timeout_s
-        self.rewards = Pool(
-            "reward",
-            RewardScorer,
-            cfg.reward.num_workers,
-            bundle_of(cfg.reward),
-            lambda i: (
-                (),
-                dict(
-                    model_path=inputs.reward_model,
-                    function="" if inputs.reward_model else cfg.reward.function,
-                    weights=None if inputs.reward_model else cfg.reward.weights,
-                    dtype=cfg.model.dtype,
-                    num_gpus=cfg.reward.num_gpus,
-                    chat_template=cfg.data.chat_template,
+        self.rewards = (
+            None
+            if self.env_reward
+            else Pool(
+                "reward",
+                RewardScorer,
+                cfg.reward.num_workers,
+                bundle_of(cfg.reward),
+                lambda i: (
+                    (),
+                    dict(
+                        model_path=inputs.reward_model,
+                        function="" if inputs.reward_model else cfg.reward.function,
+                        weights=None if inputs.reward_model else cfg.reward.weights,
+                        dtype=cfg.model.dtype,
+                        num_gpus=cfg.reward.num_gpus,
+                        chat_template=cfg.data.chat_template,
+                        timeout_s=cfg.reward.timeout_s,
+                    ),
                 ),
-            ),
-            timeout,
-            threads=worker_threads(cfg, "reward"),
+                timeout,
+                threads=worker_threads(cfg, "reward"),
+            )
         )
         # reference.from_base: the generators take the reference log-probs from their own
         # base with the LoRA adapters disabled, so no reference scorer is started.
@@ -78,13 +85,14 @@ class ScorerGroup:
                     threads=worker_threads(cfg, "reference"),
                 )
             except BaseException:
-                self.rewards.shutdown()
+                if self.rewards is not None:
+                    self.rewards.shutdown()
                 raise
         self.on_dispatch = None  # (pool name, slot, task index) after each submission
 
     @property
     def pools(self) -> list[Pool]:
-        return [self.rewards] + ([self.references] if self.references is not None else [])
+        return [p for p in (self.rewards, self.references) if p is not None]
 
     def _job(self, pool: Pool, batch: RolloutBatch, submit) -> Job:
         parts = split_ranges(len(batch), math.ceil(len(batch) / len(pool)))
@@ -122,32 +130,47 @@ class ScorerGroup:
     def score(self, batch: RolloutBatch) -> float:
         """Reward scores and reference log-probs of ``batch`` (PPO's samples of data.prompts),
         filled in; with several reward functions each one's scores go to
-        ``batch.reward_parts``. Returns the slower pool's critical-path compute."""
-        rewards = self._reward_job(batch, self.fields, self.messages)
-        if self.references is None:  # the generators filled batch.ref_logprobs in
-            self._deal(rewards)
-            refs = None
-        else:
-            refs = self._job(
-                self.references, batch, lambda a, p: a.ref_logprobs.remote(batch.select(list(p)))
+        ``batch.reward_parts``; with ``reward.function=env`` the environment's rewards, which
+        came with the samples, are the scores. Returns the slower pool's critical-path
+        compute."""
+        jobs = []
+        if not self.env_reward:
+            jobs.append(self._reward_job(batch, self.fields, self.messages))
+        if self.references is not None:
+            jobs.append(
+                self._job(
+                    self.references,
+                    batch,
+                    lambda a, p: a.ref_logprobs.remote(batch.select(list(p))),
+                )
             )
-            self._deal(rewards, refs)
-        batch.scores = torch.cat([r["scores"] for r in rewards.results])
-        if "parts" in rewards.results[0]:
-            names = rewards.results[0]["parts"]
-            batch.reward_parts = {
-                n: torch.cat([r["parts"][n] for r in rewards.results]) for n in names
-            }
-        if refs is None:
+        if jobs:
+            self._deal(*jobs)
+        if not self.env_reward:
+            self._take_scores(batch, jobs[0].results)
+        elif batch.scores is None:
+            raise RuntimeError("reward.function=env: the generators sent no rewards")
+        if self.references is None:  # the generators filled batch.ref_logprobs in
             if batch.ref_logprobs is None:
                 raise RuntimeError("reference.from_base: the generators sent no ref_logprobs")
-            return rewards.critical_path()
-        batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in refs.results])
-        return max(rewards.critical_path(), refs.critical_path())
+        else:
+            batch.ref_logprobs = torch.cat([r["ref_logprobs"] for r in jobs[-1].results])
+        return max([j.critical_path() for j in jobs], default=0.0)
+
+    @staticmethod
+    def _take_scores(batch: RolloutBatch, results: list[dict]) -> None:
+        batch.scores = torch.cat([r["scores"] for r in results])
+        batch.reward_timeouts = sum(r.get("timeouts", 0) for r in results)
+        if "parts" in results[0]:
+            names = results[0]["parts"]
+            batch.reward_parts = {n: torch.cat([r["parts"][n] for r in results]) for n in names}
 
     def rewards_of(self, batch: RolloutBatch, table: dict[str, list] | None = None) -> torch.Tensor:
         """The reward scores alone (evaluation's proxy reward). ``table``: the data rows the
-        batch's ``prompt_ids`` index; default the held-out prompts'."""
+        batch's ``prompt_ids`` index; default the held-out prompts'. With
+        ``reward.function=env``, the environment's rewards the batch came with."""
+        if self.env_reward:
+            return batch.scores
         if table is None:
             job = self._reward_job(batch, self.eval_fields, self.eval_messages)
         else:

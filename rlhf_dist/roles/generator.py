@@ -14,9 +14,12 @@ import time
 
 import torch
 
-from rlhf_dist import weight_sync
+from rlhf_dist import chat, weight_sync
 from rlhf_dist.algo import logprobs_from_logits
 from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.envs.base import load_env
+from rlhf_dist.envs.episodes import EpisodeSettings, run_episodes, to_batch
+from rlhf_dist.envs.render import TokenDelta
 from rlhf_dist.lora import LoraSettings, wrap
 from rlhf_dist.models import load_policy, load_tokenizer, response_logprobs, stop_token_ids
 from rlhf_dist.roles.common import SystemStats, pick_device
@@ -75,7 +78,10 @@ class Generator(SystemStats):
         lora: LoraSettings | None = None,
         seed: int = 0,
         ref_from_base: bool = False,
+        episodes: EpisodeSettings | None = None,
     ):
+        """``episodes``: multi-turn rollouts with an environment (``rollout.env``); None:
+        single-turn ``generate`` only."""
         self.device = pick_device(num_gpus)
         # False when prompts come rendered by a chat template (it holds the special tokens)
         self.add_special_tokens = add_special_tokens
@@ -104,6 +110,12 @@ class Generator(SystemStats):
         self.version = 0  # the policy version the weights are
         self.weights = weight_sync.ModuleWeights(self.model)  # where weight syncs land
         self.receiver: weight_sync.Receiver | None = None
+        self.episodes = episodes
+        if episodes is not None:
+            self.env_cls = load_env(episodes.env)
+            template = episodes.chat_template is not False and chat.has_template(self.tokenizer)
+            tools = list(getattr(self.env_cls, "tools", []) or [])
+            self.delta = TokenDelta(self.tokenizer, template, self.stop_ids, tools)
 
     @torch.no_grad()
     def generate(
@@ -121,13 +133,43 @@ class Generator(SystemStats):
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
         ).to(self.device)
+        response, response_mask, behaviour, truncated = self._sample(
+            enc.input_ids, enc.attention_mask
+        )
+        P = enc.input_ids.shape[1]
+        attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
+        texts = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        batch = RolloutBatch(
+            sequences=torch.cat([enc.input_ids, response], dim=1).cpu(),
+            attention_mask=attention_mask.cpu(),
+            response_mask=response_mask.cpu(),
+            behaviour_logprobs=behaviour.cpu(),
+            prompt_len=P,
+            prompts=prompts,
+            responses=texts,
+            prompt_ids=prompt_ids,
+            versions=torch.full((len(prompts),), self.version, dtype=torch.long),
+            truncated=truncated.cpu(),
+            generated_tokens=int(response_mask.sum().item()),
+            worker=f"{socket.gethostname()}:{os.getpid()}",  # the sample ledger's
+        )
+        self._reference_from_base(batch)
+        batch.compute_s = time.perf_counter() - t0
+        return batch
+
+    def _sample(self, input_ids, attention_mask, max_new_tokens: int | None = None):
+        """One ``generate`` over a left-padded batch: (the new tokens, padded after each
+        row's first stop token; their mask; their behaviour log-probs, 0 on padding; whether
+        a row ran out of tokens without stopping)."""
+        kwargs = dict(self.gen_kwargs)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
         self.sampled.start()
         try:
-            out = self.model.generate(**enc, **self.gen_kwargs)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.sampled.active = False
-        P = enc.input_ids.shape[1]
-        response = out.sequences[:, P:]
+        response = out.sequences[:, input_ids.shape[1] :]
         # Behaviour log-probs from the raw logits generate saw, under the sampling temperature
         # (top-k/top-p truncation is not applied: the learner recomputes the same quantity).
         behaviour = self.sampled.finish(response)
@@ -139,28 +181,55 @@ class Generator(SystemStats):
         response_mask = (~after_eos).float()
         truncated = ~is_eos.any(-1)
         response = response.masked_fill(after_eos, self.tokenizer.pad_token_id)
-        attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
-        texts = self.tokenizer.batch_decode(response, skip_special_tokens=True)
-        batch = RolloutBatch(
-            sequences=torch.cat([enc.input_ids, response], dim=1).cpu(),
-            attention_mask=attention_mask.cpu(),
-            response_mask=response_mask.cpu(),
-            behaviour_logprobs=(behaviour * response_mask).cpu(),
-            prompt_len=P,
-            prompts=prompts,
-            responses=texts,
-            prompt_ids=prompt_ids,
-            versions=torch.full((len(prompts),), self.version, dtype=torch.long),
-            truncated=truncated.cpu(),
-            generated_tokens=int(response_mask.sum().item()),
-            worker=f"{socket.gethostname()}:{os.getpid()}",  # the sample ledger's
+        return response, response_mask, behaviour * response_mask, truncated
+
+    def _reference_from_base(self, batch: RolloutBatch) -> None:
+        """``reference.from_base``: the batch's reference log-probs from the base model with
+        the LoRA adapters disabled."""
+        if not self.ref_from_base:
+            return
+        with self.model.disable_adapter():
+            am = batch.attention_mask.to(self.device)
+            seq = batch.sequences.to(self.device)
+            ref, _ = response_logprobs(self.model, seq, am, batch.prompt_len, self.temperature)
+        batch.ref_logprobs = (ref.float().cpu() * batch.response_mask).cpu()
+
+    @torch.no_grad()
+    def sample(
+        self, token_lists: list[list[int]], max_new_tokens: int
+    ) -> list[tuple[list[int], list[float], bool]]:
+        """The engine's turn of a multi-turn rollout: each token list continued by up to
+        ``max_new_tokens`` sampled tokens; per list (the new tokens up to and including its
+        stop token, their behaviour log-probs, whether it stopped)."""
+        width = max(len(t) for t in token_lists)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(t)) + t for t in token_lists], device=self.device)
+        am = torch.tensor(
+            [[0] * (width - len(t)) + [1] * len(t) for t in token_lists], device=self.device
         )
-        if self.ref_from_base:
-            with self.model.disable_adapter():
-                ref, _ = response_logprobs(
-                    self.model, batch.sequences.to(self.device), attention_mask, P, self.temperature
-                )
-            batch.ref_logprobs = (ref.float() * response_mask).cpu()
+        response, mask, behaviour, truncated = self._sample(ids, am, max_new_tokens)
+        out = []
+        for row, m, lp, cut in zip(response, mask, behaviour, truncated):
+            n = int(m.sum())
+            out.append((row[:n].tolist(), lp[:n].tolist(), not bool(cut)))
+        return out
+
+    @torch.no_grad()
+    def rollout(
+        self, rows: list[dict], prompt_ids: list[int], samples_per_prompt: int = 1, seed: int = 0
+    ) -> RolloutBatch:
+        """Multi-turn: ``samples_per_prompt`` trajectories per data row, each with an
+        environment of its own, advanced together turn by turn (``envs.episodes``)."""
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        rows = [r for r in rows for _ in range(samples_per_prompt)]
+        prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
+        envs = [self.env_cls() for _ in rows]
+        limits = self.episodes.limits
+        trajs = run_episodes(self.sample, self.tokenizer, self.delta, envs, rows, limits)
+        batch = to_batch(trajs, self.tokenizer, self.version, prompt_ids, limits)
+        batch.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._reference_from_base(batch)
         batch.compute_s = time.perf_counter() - t0
         return batch
 

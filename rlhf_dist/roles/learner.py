@@ -165,6 +165,7 @@ class Learner(DeepSpeedRank):
             values=old_values,
             group_size=self.cfg.rollout.samples_per_prompt,
             std_eps=cfg.grpo_std_eps,
+            token_rewards=None if batch.token_rewards is None else batch.token_rewards.to(dev),
         )
         bad = self._nonfinite(scores, ref_logp, old_logp, old_values, adv, mask)
         if bad:

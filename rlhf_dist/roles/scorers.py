@@ -15,6 +15,7 @@ import torch
 from rlhf_dist.batch import RolloutBatch
 from rlhf_dist.chat import encode, reward_input
 from rlhf_dist.config import reward_function_specs
+from rlhf_dist.envs.guards import guarded
 from rlhf_dist.models import (
     load_policy,
     load_reward_model,
@@ -151,8 +152,12 @@ class RewardScorer(SystemStats):
         batch_size: int = 32,
         weights: list[float] | None = None,
         chat_template: str | bool = "auto",
+        timeout_s: float = 0.0,
     ):
+        """``timeout_s``: seconds a reward function may take on one call (0: no limit); past
+        it the call's samples score 0, counted in the result's ``timeouts``."""
         self.device = pick_device(num_gpus)
+        self.timeout_s = timeout_s
         self.batch_size = batch_size
         self.chat_template = chat_template  # data.chat_template: how the model reads messages
         self.functions: list[RewardFunction] = []
@@ -177,9 +182,11 @@ class RewardScorer(SystemStats):
         t0 = time.perf_counter()
         out: dict = {}
         if self.functions:
+            self.timeouts = 0
             out["scores"], parts = self._score_fns(prompts, responses, fields or {})
             if len(parts) > 1:
                 out["parts"] = parts
+            out["timeouts"] = self.timeouts
         else:
             out["scores"] = self._score_model(prompts, responses, messages)
         out["compute_s"] = time.perf_counter() - t0
@@ -211,8 +218,14 @@ class RewardScorer(SystemStats):
         """Scores from one of the user's functions. An exception names the function and the
         first sample it fails on; non-finite scores pass through (the learner skips such a
         step)."""
+        called = guarded(f, prompts, responses, fields, timeout_s=self.timeout_s)
+        if called.timed_out:  # scored 0 and counted: a slow function never hangs the run
+            self.timeouts += 1
+            return torch.zeros(len(responses), dtype=torch.float32)
         try:
-            out = [float(x) for x in f(prompts, responses, fields)]
+            if called.error is not None:
+                raise called.error
+            out = [float(x) for x in called.value]
         except Exception as e:
             culprit = self._culprit(f, prompts, responses, fields)
             raise RuntimeError(f"reward function {f.spec!r} raised {e!r}{culprit}") from e
