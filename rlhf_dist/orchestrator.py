@@ -12,6 +12,7 @@ The groups (``rlhf_dist/driver/*_group.py``) own their workers; the loops
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from rlhf_dist.driver.sync_loop import SyncLoop
 from rlhf_dist.inputs import Inputs
 from rlhf_dist.ledger import SampleLedger
 from rlhf_dist.pools import PoolError, check_cluster_resources
+from rlhf_dist.report import EVAL_SAMPLES_FILE
 from rlhf_dist.roles import Learner
 from rlhf_dist.tracking import Tracker
 
@@ -180,7 +182,14 @@ class Orchestrator:
         return system_metrics({p.name: p for p in pools})
 
     def _evaluate(self, step: int) -> dict | None:
-        return self.evaluator() if self.evaluator.due(step) else None
+        """The evaluation's metrics when one is due at ``step``; a few of its samples are
+        appended to ``eval_samples.jsonl`` (the run's summary shows the first and the last)."""
+        if not self.evaluator.due(step):
+            return None
+        metrics = self.evaluator()
+        with (self.run_dir / EVAL_SAMPLES_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "samples": self.evaluator.samples}) + "\n")
+        return metrics
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -304,12 +313,7 @@ class Orchestrator:
     def _run_steps(self, history: list, bar, log) -> None:
         """The evaluation before PPO, then each step recorded and printed."""
         if self.evaluator.gold and self.state.step == 0:
-            before = {
-                "stage": "ppo",
-                "step": 0,
-                **self.evaluator(),
-                K.ELAPSED: self.elapsed(),
-            }
+            before = {"stage": "ppo", "step": 0, **self._evaluate(0), K.ELAPSED: self.elapsed()}
             self.tracker.log(before)
             history.append(before)
             log(step_line(before, self.cfg.run.steps))

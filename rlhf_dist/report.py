@@ -473,6 +473,38 @@ _PLOTTERS = {
 # Report
 
 
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"  # a few held-out responses of each evaluation
+
+
+def eval_samples_text(path: Path, shown: int = 3) -> str:
+    """A few held-out responses of the first evaluation and of the last (before and after
+    training), with their gold scores; empty without the file."""
+    if not path.is_file():
+        return ""
+    evals = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            evals.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    if not evals:
+        return ""
+    lines = []
+    for label, ev in (("before", evals[0]), ("after", evals[-1])):
+        if label == "after" and ev is evals[0]:
+            break
+        lines.append(f"sample responses {label} (step {ev['step']}):")
+        for s in ev["samples"][:shown]:
+            lines.append(f"  prompt:   {_one_line(s['prompt'])}")
+            lines.append(f"  response: {_one_line(s['response'])}  (gold {s['gold']:g})")
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str, width: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the figures and ``summary.txt`` of a run into ``run_dir/report`` (or ``out_dir``).
 
@@ -500,6 +532,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         if _PLOTTERS[name](steps, path):
             files.append(str(path))
     summary = build_summary(rows, ignored=ignored, source=str(run_dir))
+    summary += eval_samples_text(run_dir / EVAL_SAMPLES_FILE)
     summary_path = out / SUMMARY_FILE
     summary_path.write_text(summary, encoding="utf-8")
     files.append(str(summary_path))

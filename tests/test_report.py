@@ -350,3 +350,23 @@ def test_run_summary_names_the_algorithm(estimator, name):
     assert lines[3] == f"{name}: proxy reward 0.100 -> 0.300, final KL 0.1250 per token"
     if estimator != "gae":
         assert not any("PPO" in line for line in lines)
+
+
+def test_the_summary_shows_held_out_responses_before_and_after(tmp_path):
+    """eval_samples.jsonl (a few samples of each evaluation): the summary shows the first
+    evaluation's and the last's; a line cut short by a kill is skipped; none: nothing."""
+    from rlhf_dist.report import EVAL_SAMPLES_FILE, eval_samples_text
+
+    path = tmp_path / EVAL_SAMPLES_FILE
+    assert eval_samples_text(path) == ""
+    evals = [
+        {"step": 0, "samples": [{"prompt": "2+2?", "response": "5", "gold": 0.0}]},
+        {"step": 10, "samples": [{"prompt": "2+2?", "response": "4", "gold": 1.0}]},
+        {"step": 20, "samples": [{"prompt": "2+2?", "response": "The answer\nis 4", "gold": 1.0}]},
+    ]
+    path.write_text("".join(json.dumps(e) + "\n" for e in evals) + '{"step": 30, "sam')
+    text = eval_samples_text(path)
+    assert "before (step 0)" in text and "after (step 20)" in text and "step 10" not in text
+    assert "response: The answer is 4  (gold 1)" in text  # one line, whatever it held
+    path.write_text(json.dumps(evals[0]) + "\n")
+    assert "before (step 0)" in eval_samples_text(path) and "after" not in eval_samples_text(path)

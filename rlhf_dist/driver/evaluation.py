@@ -20,6 +20,8 @@ from rlhf_dist.driver.generator_group import GeneratorGroup
 from rlhf_dist.driver.scorer_group import ScorerGroup
 from rlhf_dist.roles.scorers import RewardFunction
 
+SHOWN = 4  # held-out samples kept from each evaluation (eval_samples.jsonl)
+
 
 class Evaluator:
     def __init__(
@@ -29,6 +31,7 @@ class Evaluator:
         self.generators, self.scorers = generators, scorers
         self.gold = RewardFunction.load(cfg.eval.gold) if cfg.eval.gold else None
         self.fields = scorers.eval_fields  # the held-out rows' other fields
+        self.samples: list[dict] = []  # a few of the last evaluation's samples
 
     def due(self, step: int) -> bool:
         """Before PPO (step 0), every ``eval.every`` steps and after the last one."""
@@ -43,6 +46,10 @@ class Evaluator:
         batch = self.generators.generate(chunks, self.prompts, samples=1, held_out=True)
         fields = self.scorers.sample_fields(batch, self.fields, [self.gold])
         gold = torch.tensor(self.gold(batch.prompts, batch.responses, fields), dtype=torch.float64)
+        self.samples = [  # a few, as the run's summary shows them (before and after training)
+            {"prompt": p, "response": r, "gold": float(g)}
+            for p, r, g in zip(batch.prompts[:SHOWN], batch.responses[:SHOWN], gold[:SHOWN])
+        ]
         proxy = self.scorers.rewards_of(batch)  # the held-out rows (and messages)
         return {
             K.GOLD: gold.mean().item(),
