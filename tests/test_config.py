@@ -910,3 +910,13 @@ def test_drop_uniform_groups_is_off_by_default_and_accepted_with_groups():
     assert not Config().rollout.drop_uniform_groups
     cfg = load_config(None, ["rollout.drop_uniform_groups=true", "ppo.estimator=grpo", *GROUP_OK])
     assert cfg.rollout.drop_uniform_groups and cfg.rollout.max_fill_rounds == 8
+
+
+def test_a_key_given_twice_in_a_file_is_refused_not_silently_dropped(tmp_path):
+    p = tmp_path / "twice.yaml"
+    p.write_text("reward:\n  function: a:b\nrollout:\n  num_workers: 1\nreward:\n  num_cpus: 0.5\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*the key 'reward' is given twice"):
+        load_config(p)
+    p.write_text("rollout:\n  num_workers: 1\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match="'num_workers' is given twice"):
+        load_config(p)

@@ -9,7 +9,8 @@ makes it fail here too):
   exported policy checked);
 - the tests in ``RUNNERS`` name the config they run (``"configs/<name>"``): the recipe test runs
   ``default.yaml`` SFT -> RM -> PPO in a short form, the CLI test runs ``smoke.yaml``
-  through ``launch.py``, the arith test runs ``arith.yaml`` SFT -> PPO.
+  through ``launch.py``, the arith test runs ``arith.yaml`` SFT -> PPO, the multi-turn test
+  ``calc.yaml``'s GRPO on its environment, the real-model test ``smollm2-grpo.yaml``.
 
 GPU configs cannot run here: ``tests/test_cluster_files.py`` checks every ``gpu-*.yaml`` asks for
 GPUs, bf16 and ZeRO and fits the clusters, and ``benchmarks/gpu_check.py`` (run on CPU by
@@ -31,6 +32,8 @@ RUNNERS = [
     "tests/integration/test_recipe_stages.py",
     "tests/integration/test_launch_cli.py",
     "tests/integration/test_arith_recipe.py",
+    "tests/integration/test_multiturn.py",
+    "tests/integration/test_real_model.py",
 ]
 GPU_GLOB = "gpu-*.yaml"  # what tests/test_cluster_files.py checks as GPU configs
 GPU_CHECK = "benchmarks/gpu_check.py"
