@@ -342,6 +342,13 @@ class RolloutConfig(PoolConfig):
     ``builtin:calc``. Empty = single-turn: one response per sample. With an environment,
     ``max_new_tokens`` caps one turn, and the trajectory's tokens are kept as sampled (token in,
     token out; observations appended as their template's tokens, never re-rendered)."""
+    tools: str = ""
+    """Multi-turn with plain Python functions as tools, no environment class to write:
+    ``module:function,module:function`` (type-hinted, with docstrings: the chat template
+    renders them). Each turn's ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+    blocks run and their results come back as ``tool`` messages; a turn without a call is the
+    final answer, scored by ``reward.function`` or the reward model. Not with ``env`` (an
+    environment lists its tools in its class's ``tools``)."""
     max_turns: int = 4
     """With ``env``: the turns a trajectory may take; one still going after them is ended as
     an overrun (``on_env_failure``)."""
@@ -362,6 +369,11 @@ class RolloutConfig(PoolConfig):
     """With ``env``: each turn's reward goes on that turn's last sampled token (token-level
     credit, for an estimator with token-level returns: gae, reinforce_pp) instead of into the
     trajectory's reward."""
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts take turns (``env`` or ``tools``)."""
+        return bool(self.env or self.tools)
 
     def check(self, cfg: Config) -> None:
         names = ("prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_new_tokens")
@@ -388,12 +400,17 @@ class RolloutConfig(PoolConfig):
 
 
 def _check_env_section(r: RolloutConfig, cfg: Config) -> None:
-    if not r.env:
-        if cfg.reward.function == ENV_REWARD:
-            raise ConfigError(
-                "reward.function=env: the reward comes from the environment, but rollout.env "
-                "is empty (name one, e.g. builtin:calc)"
-            )
+    if r.env and r.tools:
+        raise ConfigError(
+            f"rollout.tools: not with rollout.env={r.env!r} (rollout.tools makes its own "
+            "environment; an environment class lists its tools in its 'tools' attribute)"
+        )
+    if not r.env and cfg.reward.function == ENV_REWARD:
+        raise ConfigError(
+            "reward.function=env: the reward comes from the environment, but rollout.env "
+            "is empty (name one, e.g. builtin:calc)"
+        )
+    if not r.multi_turn:
         return
     _need("rollout", r, "max_turns", "max_total_tokens", "max_observation_tokens")
     _need("rollout", r, "env_timeout_s", "max_invalid_tool_calls", allow_zero=True)

@@ -29,7 +29,8 @@ from rlhf_dist.data import (
     load_preference_pairs,
     load_prompt_rows,
 )
-from rlhf_dist.envs.base import EnvError, load_env
+from rlhf_dist.envs.base import EnvError
+from rlhf_dist.envs.episodes import env_class
 from rlhf_dist.inputs import Inputs
 
 STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
@@ -364,9 +365,9 @@ def resolve_inputs(
         reward_model = _model(cfg, run_dir, "reward.model", cfg.reward.model, pending)
     elif cfg.reward.function != ENV_REWARD:
         functions = _import_functions("reward.function", cfg.reward.function, cfg.reward.weights)
-    if cfg.rollout.env:
+    if cfg.rollout.multi_turn:
         try:
-            load_env(cfg.rollout.env)
+            env_class(cfg.rollout.env, cfg.rollout.tools, cfg.rollout.env_timeout_s)
         except EnvError as e:
             raise ConfigError(str(e)) from None
     if cfg.eval.gold:
@@ -388,7 +389,7 @@ def resolve_inputs(
     limit = cfg.rollout.max_prompt_tokens
     ctx = context_length(known)
     after, key = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
-    if cfg.rollout.env:  # a trajectory's turns and observations after its prompt
+    if cfg.rollout.multi_turn:  # a trajectory's turns and observations after its prompt
         after, key = cfg.rollout.max_total_tokens, "rollout.max_total_tokens"
     if ctx is not None and limit + after > ctx:
         raise ConfigError(

@@ -83,7 +83,7 @@ class GeneratorGroup(PoolGroup):
         )
         # multi-turn: what each prompt's environment starts from (train and held-out rows)
         self.rows = self.eval_rows = None
-        if r.env:
+        if r.multi_turn:
             self.rows = Rows(inputs.prompts, inputs.prompt_messages, inputs.prompt_fields)
             self.eval_rows = Rows(
                 inputs.eval_prompts, inputs.eval_prompt_messages, inputs.eval_prompt_fields

@@ -29,6 +29,7 @@ import torch
 
 from rlhf_dist import chat
 from rlhf_dist.batch import RolloutBatch
+from rlhf_dist.envs.base import load_env
 from rlhf_dist.envs.guards import guarded
 from rlhf_dist.envs.render import TokenDelta
 
@@ -60,12 +61,26 @@ class EpisodeSettings:
     env: str
     limits: Limits
     chat_template: bool | str = "auto"
+    tools: str = ""  # ``rollout.tools``: functions as tools, the environment made from them
+
+    def env_class(self) -> type:
+        """The environment class each trajectory gets an instance of."""
+        return env_class(self.env, self.tools, self.limits.timeout_s)
+
+
+def env_class(env: str, tools: str, timeout_s: float) -> type:
+    """``rollout.env``'s class, or the one ``rollout.tools`` makes (EnvError saying why not)."""
+    if tools:
+        from rlhf_dist.envs.tools import tool_env
+
+        return tool_env(tools, timeout_s)
+    return load_env(env)
 
 
 def episode_settings(cfg) -> EpisodeSettings | None:
     """The generators' multi-turn settings from the config (None: single-turn)."""
     r = cfg.rollout
-    if not r.env:
+    if not r.multi_turn:
         return None
     limits = Limits(
         max_turns=r.max_turns,
@@ -77,7 +92,7 @@ def episode_settings(cfg) -> EpisodeSettings | None:
         on_failure=r.on_env_failure,
         turn_rewards=r.turn_rewards,
     )
-    return EpisodeSettings(r.env, limits, cfg.data.chat_template)
+    return EpisodeSettings(r.env, limits, cfg.data.chat_template, r.tools)
 
 
 @dataclass

@@ -81,5 +81,17 @@ class TokenDelta:
         special tokens, plain text gets the tokenizer's own)."""
         if self.template:
             return self.encode(self._render(messages, True))
+        if self.tools:  # no template to render them: their JSON schemas as a system turn
+            messages = [{"role": "system", "content": tools_text(self.tools)}, *messages]
         text = chat.render_plain(messages, add_generation_prompt=True)
         return self.tok(text)["input_ids"]
+
+
+def tools_text(tools: list) -> str:
+    """The tools' JSON schemas (as transformers derives them from the functions' signatures
+    and docstrings), one a line, for a conversation rendered without a template."""
+    import json
+
+    from transformers.utils import get_json_schema
+
+    return "tools:\n" + "\n".join(json.dumps(get_json_schema(f)) for f in tools)

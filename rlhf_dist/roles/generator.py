@@ -17,7 +17,6 @@ import torch
 from rlhf_dist import chat, weight_sync
 from rlhf_dist.algo import logprobs_from_logits
 from rlhf_dist.batch import RolloutBatch
-from rlhf_dist.envs.base import load_env
 from rlhf_dist.envs.episodes import EpisodeSettings, run_episodes, to_batch
 from rlhf_dist.envs.render import TokenDelta
 from rlhf_dist.lora import LoraSettings, wrap
@@ -112,7 +111,7 @@ class Generator(SystemStats):
         self.receiver: weight_sync.Receiver | None = None
         self.episodes = episodes
         if episodes is not None:
-            self.env_cls = load_env(episodes.env)
+            self.env_cls = episodes.env_class()
             template = episodes.chat_template is not False and chat.has_template(self.tokenizer)
             tools = list(getattr(self.env_cls, "tools", []) or [])
             self.delta = TokenDelta(self.tokenizer, template, self.stop_ids, tools)
