@@ -4,10 +4,16 @@ never killed.
 
 The kill lands at a named point, the same in every run: the runs score with
 ``kill_points:reward`` (``tests/helpers/kill_points.py``: the built-in reward, trapped), and
-in the killed run the kill point is armed to catch step 4's first reward call, after the three
-calls of steps 1-3 (8 prompts, one reward scorer, one chunk a step). The scorer holds in
-that call and the test kills the driver's whole process group: step 4 was under way, so the
-newest checkpoint is step 2 (``checkpoint.every=2``) and step 3's row was written after it.
+in the killed run the kill point is armed to catch step 6's first reward call, after the five
+calls of steps 1-5 (8 prompts, one reward scorer, one chunk a step). The scorer holds in
+that call and the test kills the driver's whole process group: step 6 was under way, so the
+newest checkpoint is step 4 (``checkpoint.every=2``, two on disk) and step 5's row was written
+after it. The adaptive KL coefficient moves every step, so every piece of run state shows.
+
+Planted bugs this test fails on (each run once, 2026-12-03): a resume that loads the engines
+of the oldest checkpoint on disk instead of the newest (``driver/checkpoints.load_newest``)
+fails ``assert_same_runs``; a resume that forgets the adaptive KL controller's state
+(``RunState.load_state_dict``) fails it too (``train/kl_coef`` 0.05 != 0.0484 at step 5).
 """
 
 import json
