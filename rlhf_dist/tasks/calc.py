@@ -22,12 +22,19 @@ each assistant turn ending with EOS, as SFT trains it and ``envs.render`` append
 gives ``result <n>``; anything else that is not an answer is an invalid call (``error``,
 counted; ``rollout.max_invalid_tool_calls`` in a row end the trajectory). ``answer <n>`` ends it
 with reward 1 when ``n`` is the row's ``answer``, else 0. ``reward`` scores a whole trajectory's
-text the same way (the last ``answer`` in it), for evaluation (``eval.gold``).
+text by the same rule (its last turn, when that is ``answer <n>``), for evaluation
+(``eval.gold``).
 
 The demonstrator is sloppy, so SFT leaves a policy that sometimes computes and sometimes
-guesses: with probability ``P_TOOLS`` it makes the right calls, else it answers at once with a
-guess (near the right answer, and right only by luck). GRPO with the environment's reward then
-learns to call the calculator (``configs/calc.yaml``; README, "Multi-turn").
+guesses: with probability ``P_TOOLS`` (0.4) it makes the right calls, else it answers at once
+with a guess near the right answer (off by 1, 2, 3 or 10: never right). No answer is common
+enough for a fixed guess to pay (the most frequent holds under 4% of problems), so the tool is
+what pays. Measured with ``configs/calc.yaml`` (a 2-layer, 64-wide GPT-2; 4000 demonstrations,
+6 SFT epochs): the SFT policy calls the calculator on 3 to 5 problems in 10 (by seed) and then
+gets about 9 in 10 right, while its direct guesses are right 1-4% of the time; held-out success
+0.30-0.43 (seeds 0-2). GRPO with the environment's reward then learns to call the calculator:
+0.85-0.91 after 30 steps, with about 2 calls per trajectory, the calls the problems need
+(README, "Multi-turn"; ``docs/multiturn.md``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ WORDS = ["calc", ":", "*", "+", "=", "call", "add", "mul", "result", "error", "a
 ROLE_WORDS = ["user:", "assistant:", "tool:"]
 VOCAB = WORDS + ROLE_WORDS + NUMBERS
 PROBLEM_KINDS = (1, 2, 3)  # calls of work: a*b, a*b+c, a*b+c*d
-P_TOOLS = 0.5  # the demonstrator computes with the calculator, else it guesses
+P_TOOLS = 0.4  # the demonstrator computes with the calculator, else it guesses
 
 FILES = {
     "model": "base",
@@ -146,17 +153,23 @@ class CalcEnv(Env):
 
 
 def final_answer(text: str) -> str | None:
-    """The number after the last ``answer`` in a trajectory's text."""
+    """The number a trajectory's text answers: its last turn (the words after the last role
+    word), when that turn is exactly ``answer <n>`` as ``CalcEnv`` reads one; else None. A
+    turn like ``answer 40 12`` is an invalid call to the environment, so not an answer here
+    either, and an ``answer`` word inside a call or an observation never counts."""
     words = text.split()
-    found = None
-    for i, w in enumerate(words[:-1]):
-        if w == "answer":
-            found = words[i + 1]
-    return found
+    starts = [i + 1 for i, w in enumerate(words) if w in ROLE_WORDS]
+    last = words[starts[-1] :] if starts else words
+    if starts and words[starts[-1] - 1] != "assistant:":
+        return None  # the text ends with an observation (or a user turn), not an answer
+    last = _words(" ".join(last))
+    return last[1] if len(last) == 2 and last[0] == "answer" else None
 
 
 def reward(prompts: list[str], responses: list[str], answer: list) -> list[float]:
-    """1.0 when a trajectory's last ``answer`` is the row's answer, else 0.0 (``eval.gold``)."""
+    """1.0 when a trajectory's last turn answers the row's answer, else 0.0 (``eval.gold``):
+    the environment's own rule, read from the text the evaluation decodes (its sampled turns
+    and observations, special tokens skipped)."""
     if not len(prompts) == len(responses) == len(answer):
         raise ValueError(
             f"calc.reward: {len(prompts)} prompts, {len(responses)} responses, "
@@ -205,7 +218,7 @@ def build_assets(
     n_head: int = 2,
     num_demonstrations: int = 4000,
     num_prompts: int = 1024,
-    num_eval_prompts: int = 256,
+    num_eval_prompts: int = 512,
     seed: int = 0,
 ) -> Path:
     """Build (once) the base model and tokenizer and the data files under ``out_dir``."""

@@ -43,11 +43,34 @@ def test_the_environment_runs_calls_counts_errors_and_grades_the_answer():
     assert env.step("answer 65 please")[3]["invalid"]  # not an answer: an invalid call
 
 
-def test_the_grader_reads_the_last_answer_of_a_trajectory():
-    text = "call mul 7 8 tool: result 56 answer 50 tool: error answer 56"
-    assert calc.reward(["p"] * 3, [text, "answer 5", "56"], ["56", "56", "56"]) == [1, 0, 0]
+def test_the_grader_reads_the_last_turn_as_the_environment_does():
+    # the text an evaluation grades: the sampled turns and the observations, EOS skipped
+    text = "call mul 7 8 tool: result 56 assistant: call add 56 9 tool: result 65 assistant: "
+    responses = [
+        text + "answer 65",
+        text + "answer 64",
+        text + "answer 65 12",  # not an answer to the environment (an invalid call): not here
+        "call mul 7 8 tool: result 56 assistant: call answer 65",
+        "call add 60 5 tool: result 65",  # ends with an observation: no answer
+        "answer 65",
+    ]
+    assert calc.reward(["p"] * 6, responses, ["65"] * 6) == [1, 0, 0, 0, 0, 1]
     with pytest.raises(ValueError, match="2 prompts, 1 responses"):
         calc.reward(["p", "q"], ["x"], ["1"])
+
+
+def test_guessing_is_rarely_right_so_the_calculator_is_what_pays():
+    rows = calc.make_demonstrations(2000, seed=3)
+    guessed = [r for r in rows if len(r["messages"]) == 2]
+    assert abs(1 - len(guessed) / len(rows) - calc.P_TOOLS) < 0.05
+    for r in guessed:  # near the right answer, never it
+        ints = [int(w) for w in r["messages"][0]["content"].split() if w.isdigit()]
+        right = calc.answer_of(tuple(ints))
+        guess = int(r["messages"][1]["content"].split()[1])
+        assert guess != right and abs(guess - right) <= 10
+    # no answer is common enough for a fixed guess to pay: the most frequent is under 4%
+    answers = [row["answer"] for row in calc.make_prompts(2000, seed=4)]
+    assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.04
 
 
 def test_demonstrations_are_the_tokens_a_rollout_builds(assets):
@@ -70,6 +93,38 @@ def test_demonstrations_are_the_tokens_a_rollout_builds(assets):
             else:
                 built += delta.observation([m], stopped=True)
         assert ids == built and [x for x in labels if x != -100] == trained
+
+
+def test_the_grader_agrees_with_the_environment_on_rendered_trajectories(assets):
+    """Each demonstration's turns, replayed through ``CalcEnv`` token by token as a rollout
+    builds them, get from ``reward`` (on the text an evaluation decodes) the env's reward."""
+    tok = load_tokenizer(str(assets / "base"))
+    delta = TokenDelta(tok, template=False, stop_ids=[tok.eos_token_id])
+    rows = [json.loads(x) for x in (assets / "sft.jsonl").read_text().splitlines()]
+    rng, rewards = random.Random(0), set()
+    for row in rows:
+        messages = row["messages"]
+        answer = str(
+            calc.answer_of(tuple(int(w) for w in messages[0]["content"].split() if w.isdigit()))
+        )
+        if rng.random() < 0.5:  # a wrong final answer
+            answer = str(int(answer) + 1)
+        env, tokens, total = calc.CalcEnv(), [], 0.0
+        env.reset({"prompt": messages[0]["content"], "answer": answer})
+        for m in messages[1:]:
+            if m["role"] != "assistant":
+                continue
+            turn = tok(m["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            tokens += turn
+            obs, r, done, _ = env.step(tok.decode(turn, skip_special_tokens=True))
+            total += r
+            if not done:
+                tokens += delta.observation(obs, stopped=True)
+        assert done
+        text = tok.decode(tokens, skip_special_tokens=True)
+        assert calc.reward([messages[0]["content"]], [text], [answer]) == [total]
+        rewards.add(total)
+    assert rewards == {0.0, 1.0}
 
 
 def test_files_are_built_once_and_rows_carry_their_answers(assets):
