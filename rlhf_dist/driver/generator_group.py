@@ -23,6 +23,7 @@ from rlhf_dist.inputs import Inputs
 from rlhf_dist.ledger import chunk_origins
 from rlhf_dist.lora import lora_settings
 from rlhf_dist.pools import Pool, bundle_of, worker_threads
+from rlhf_dist.preflight import context_length
 from rlhf_dist.roles import Generator
 
 
@@ -33,6 +34,34 @@ def _sample(actor, chunk: Chunk, prompts, samples: int) -> ray.ObjectRef:
     if isinstance(prompts, Rows):
         return actor.rollout.remote([prompts[i] for i in ids], ids, samples, chunk.seed)
     return actor.generate.remote([prompts[i] for i in ids], ids, samples, chunk.seed)
+
+
+def engine_of(cfg: Config) -> str:
+    """``rollout.engine`` resolved: ``auto`` is vLLM where it is installed and the generators
+    have GPUs, HF otherwise."""
+    engine = cfg.rollout.engine
+    if engine == "auto":
+        from rlhf_dist.roles.vllm_generator import vllm_available
+
+        engine = "vllm" if cfg.rollout.num_gpus > 0 and vllm_available() else "hf"
+    return engine
+
+
+def engine_class(cfg: Config, inputs: Inputs) -> tuple[type, dict]:
+    """The generators' role class and the keyword arguments only its engine takes."""
+    if engine_of(cfg) == "hf":
+        return Generator, {}
+    from rlhf_dist.roles.vllm_generator import VLLMGenerator
+
+    r = cfg.rollout
+    # the longest sequence: the prompt and what follows it (a multi-turn trajectory's tokens,
+    # and one more turn's, which may start just under the cap)
+    after = r.max_total_tokens + r.max_new_tokens if r.multi_turn else r.max_new_tokens
+    longest = r.max_prompt_tokens + after
+    ctx = context_length(inputs.policy)
+    return VLLMGenerator, dict(
+        max_model_len=min(longest, ctx) if ctx else longest, kv_cache_gb=r.vllm_kv_cache_gb
+    )
 
 
 class Rows:
@@ -58,9 +87,10 @@ class GeneratorGroup(PoolGroup):
         ``rollout.num_workers`` generators is started."""
         r = cfg.rollout
         self.inputs, self.budget = inputs, budget
+        role, engine_kwargs = engine_class(cfg, inputs) if pool is None else (Generator, {})
         self.pool = pool or Pool(
             "rollout",
-            Generator,
+            role,
             r.num_workers,
             bundle_of(r),
             lambda i: (
@@ -76,6 +106,7 @@ class GeneratorGroup(PoolGroup):
                     seed=cfg.run.seed,
                     ref_from_base=cfg.reference.from_base,
                     episodes=episode_settings(cfg),
+                    **engine_kwargs,
                 ),
             ),
             cfg.ray.placement_timeout_s,

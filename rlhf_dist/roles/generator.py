@@ -1,7 +1,12 @@
-"""Generator (rollout worker): a copy of the policy that samples responses with HF ``generate``.
+"""Generators (rollout workers): a copy of the policy that samples responses.
 
-With LoRA (``lora``) the generator holds the frozen base wrapped with the same adapters as the
-learner (same settings, same seed); a weight sync replaces the adapters only, and sampling
+``RolloutEngine`` is what every engine shares: the tokenizer and stop tokens, multi-turn
+rollouts (``rollout``, through the engine's ``sample``), the RolloutBatch a chunk becomes, the
+weight-sync receiver, ``status`` and ``reference.from_base``. ``Generator`` samples with HF
+``generate``; ``roles.vllm_generator.VLLMGenerator`` with vLLM (``rollout.engine``).
+
+With LoRA (``lora``) the HF generator holds the frozen base wrapped with the same adapters as
+the learner (same settings, same seed); a weight sync replaces the adapters only, and sampling
 runs the base with them applied. ``ref_from_base`` (``reference.from_base``): each batch also
 carries the reference log-probs, taken from the base with the adapters disabled, so no
 reference scorer needs a model of its own."""
@@ -62,7 +67,149 @@ class SampledLogprobs:
         return out
 
 
-class Generator(SystemStats):
+class RolloutEngine(SystemStats):
+    """What every generator engine shares. A subclass sets ``self.model`` (the HF policy it
+    holds, or None), ``self.weights`` (its weight-sync target) and implements ``generate``,
+    ``sample`` and ``held_checksum``; it calls ``_setup`` first."""
+
+    model = None
+
+    def _setup(
+        self,
+        model_path: str,
+        tokenizer_path: str,
+        max_new_tokens: int,
+        temperature: float,
+        add_special_tokens: bool,
+        ref_from_base: bool,
+        lora: LoraSettings | None,
+    ) -> None:
+        # False when prompts come rendered by a chat template (it holds the special tokens)
+        self.add_special_tokens = add_special_tokens
+        self.tokenizer = load_tokenizer(tokenizer_path or model_path, padding_side="left")
+        if ref_from_base and lora is None:
+            raise ValueError("reference.from_base needs LoRA (model.lora_rank > 0)")
+        self.ref_from_base = ref_from_base
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.version = 0  # the policy version the weights are
+        self.receiver: weight_sync.Receiver | None = None
+
+    def _setup_episodes(self, episodes: EpisodeSettings | None) -> None:
+        """After ``stop_ids`` are known: the environment and the token delta of its turns."""
+        self.episodes = episodes
+        if episodes is not None:
+            self.env_cls = episodes.env_class()
+            template = episodes.chat_template is not False and chat.has_template(self.tokenizer)
+            tools = list(getattr(self.env_cls, "tools", []) or [])
+            self.delta = TokenDelta(self.tokenizer, template, self.stop_ids, tools)
+
+    def _encode(self, prompts: list[str], samples_per_prompt: int):
+        """The prompts, each repeated ``samples_per_prompt`` times, left-padded."""
+        prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
+        )
+        return prompts, enc
+
+    def _batch(self, prompts, prompt_ids, enc, response, response_mask, behaviour, truncated):
+        """A chunk's RolloutBatch from its left-padded prompts and right-padded responses."""
+        P = enc.input_ids.shape[1]
+        attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
+        texts = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        batch = RolloutBatch(
+            sequences=torch.cat([enc.input_ids, response], dim=1).cpu(),
+            attention_mask=attention_mask.cpu(),
+            response_mask=response_mask.cpu(),
+            behaviour_logprobs=behaviour.cpu(),
+            prompt_len=P,
+            prompts=prompts,
+            responses=texts,
+            prompt_ids=prompt_ids,
+            versions=torch.full((len(prompts),), self.version, dtype=torch.long),
+            truncated=truncated.cpu(),
+            generated_tokens=int(response_mask.sum().item()),
+            worker=f"{socket.gethostname()}:{os.getpid()}",  # the sample ledger's
+        )
+        self._reference_from_base(batch)
+        return batch
+
+    def _reference_from_base(self, batch: RolloutBatch) -> None:
+        """``reference.from_base``: the batch's reference log-probs from the base model with
+        the LoRA adapters disabled (the HF copy of the policy the engine keeps for it)."""
+        if not self.ref_from_base:
+            return
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), self.model.disable_adapter():
+            am = batch.attention_mask.to(device)
+            seq = batch.sequences.to(device)
+            ref, _ = response_logprobs(self.model, seq, am, batch.prompt_len, self.temperature)
+        batch.ref_logprobs = (ref.float().cpu() * batch.response_mask).cpu()
+
+    def _start_rollout(self, seed: int) -> None:
+        """Seed what a chunk's sampling draws from."""
+        torch.manual_seed(seed)
+
+    def sample(
+        self, token_lists: list[list[int]], max_new_tokens: int
+    ) -> list[tuple[list[int], list[float], bool]]:
+        """The engine's turn of a multi-turn rollout: each token list continued by up to
+        ``max_new_tokens`` sampled tokens; per list (the new tokens up to and including its
+        stop token, their behaviour log-probs, whether it stopped)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def rollout(
+        self, rows: list[dict], prompt_ids: list[int], samples_per_prompt: int = 1, seed: int = 0
+    ) -> RolloutBatch:
+        """Multi-turn: ``samples_per_prompt`` trajectories per data row, each with an
+        environment of its own, advanced together turn by turn (``envs.episodes``)."""
+        t0 = time.perf_counter()
+        self._start_rollout(seed)
+        rows = [r for r in rows for _ in range(samples_per_prompt)]
+        prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
+        envs = [self.env_cls() for _ in rows]
+        limits = self.episodes.limits
+        trajs = run_episodes(self.sample, self.tokenizer, self.delta, envs, rows, limits)
+        batch = to_batch(trajs, self.tokenizer, self.version, prompt_ids, limits)
+        batch.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._reference_from_base(batch)
+        batch.compute_s = time.perf_counter() - t0
+        return batch
+
+    # ----------------------------------------------------------------- weight sync
+
+    def open_weight_sync(
+        self, channel: weight_sync.Channel, membership: weight_sync.Membership | None = None
+    ) -> None:
+        """Open the receiver of ``channel``'s transport (a new one when the transport
+        changed), joining ``membership`` (a collective's group)."""
+        if self.receiver is None or self.receiver.backend != channel.backend:
+            self.receiver = weight_sync.receiver(channel.backend)
+        self.receiver.open(channel, membership)
+
+    def receive_weights(self, version: int, verify: bool, handoff=None) -> weight_sync.Receipt:
+        """Take ``version`` from learner rank 0 into the engine (``handoff``: what the
+        transport's send returned, where it needs it). Called between two ``generate`` calls:
+        a Ray actor runs one method at a time, so a batch never sees half-swapped weights."""
+        if self.receiver is None:
+            raise RuntimeError("weight sync: receive_weights before open_weight_sync")
+        receipt = self.receiver.receive(self.weights, version, verify, handoff)
+        self.version = version
+        return receipt
+
+    def held_checksum(self) -> str:
+        """The checksum of the synced weights the engine holds, read from the engine."""
+        raise NotImplementedError
+
+    def status(self) -> dict:
+        """The version held and the checksum of the weights the engine holds."""
+        return {"version": self.version, "checksum": self.held_checksum()}
+
+
+class Generator(RolloutEngine):
+    """The HF engine: ``generate`` with the policy's own transformers model."""
+
     def __init__(
         self,
         model_path: str,
@@ -82,18 +229,19 @@ class Generator(SystemStats):
         """``episodes``: multi-turn rollouts with an environment (``rollout.env``); None:
         single-turn ``generate`` only."""
         self.device = pick_device(num_gpus)
-        # False when prompts come rendered by a chat template (it holds the special tokens)
-        self.add_special_tokens = add_special_tokens
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path, padding_side="left")
+        self._setup(
+            model_path,
+            tokenizer_path,
+            max_new_tokens,
+            temperature,
+            add_special_tokens,
+            ref_from_base,
+            lora,
+        )
         model = load_policy(model_path, dtype)
         if lora is not None:
             model = wrap(model, lora, "causal", seed=seed)
-        elif ref_from_base:
-            raise ValueError("reference.from_base needs LoRA (model.lora_rank > 0)")
         self.model = model.to(self.device).eval()
-        self.ref_from_base = ref_from_base
-        self.temperature = temperature
-        self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
         self.gen_kwargs = dict(
             do_sample=True,
@@ -106,15 +254,8 @@ class Generator(SystemStats):
             return_dict_in_generate=True,
         )
         self.sampled = SampledLogprobs(self.model, temperature)
-        self.version = 0  # the policy version the weights are
         self.weights = weight_sync.ModuleWeights(self.model)  # where weight syncs land
-        self.receiver: weight_sync.Receiver | None = None
-        self.episodes = episodes
-        if episodes is not None:
-            self.env_cls = episodes.env_class()
-            template = episodes.chat_template is not False and chat.has_template(self.tokenizer)
-            tools = list(getattr(self.env_cls, "tools", []) or [])
-            self.delta = TokenDelta(self.tokenizer, template, self.stop_ids, tools)
+        self._setup_episodes(episodes)
 
     @torch.no_grad()
     def generate(
@@ -127,32 +268,13 @@ class Generator(SystemStats):
         """Sample ``samples_per_prompt`` responses per prompt with the weights held now."""
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        prompts, enc = self._encode(prompts, samples_per_prompt)
         prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
-        ).to(self.device)
+        enc = enc.to(self.device)
         response, response_mask, behaviour, truncated = self._sample(
             enc.input_ids, enc.attention_mask
         )
-        P = enc.input_ids.shape[1]
-        attention_mask = torch.cat([enc.attention_mask, response_mask.long()], dim=1)
-        texts = self.tokenizer.batch_decode(response, skip_special_tokens=True)
-        batch = RolloutBatch(
-            sequences=torch.cat([enc.input_ids, response], dim=1).cpu(),
-            attention_mask=attention_mask.cpu(),
-            response_mask=response_mask.cpu(),
-            behaviour_logprobs=behaviour.cpu(),
-            prompt_len=P,
-            prompts=prompts,
-            responses=texts,
-            prompt_ids=prompt_ids,
-            versions=torch.full((len(prompts),), self.version, dtype=torch.long),
-            truncated=truncated.cpu(),
-            generated_tokens=int(response_mask.sum().item()),
-            worker=f"{socket.gethostname()}:{os.getpid()}",  # the sample ledger's
-        )
-        self._reference_from_base(batch)
+        batch = self._batch(prompts, prompt_ids, enc, response, response_mask, behaviour, truncated)
         batch.compute_s = time.perf_counter() - t0
         return batch
 
@@ -182,17 +304,6 @@ class Generator(SystemStats):
         response = response.masked_fill(after_eos, self.tokenizer.pad_token_id)
         return response, response_mask, behaviour * response_mask, truncated
 
-    def _reference_from_base(self, batch: RolloutBatch) -> None:
-        """``reference.from_base``: the batch's reference log-probs from the base model with
-        the LoRA adapters disabled."""
-        if not self.ref_from_base:
-            return
-        with self.model.disable_adapter():
-            am = batch.attention_mask.to(self.device)
-            seq = batch.sequences.to(self.device)
-            ref, _ = response_logprobs(self.model, seq, am, batch.prompt_len, self.temperature)
-        batch.ref_logprobs = (ref.float().cpu() * batch.response_mask).cpu()
-
     @torch.no_grad()
     def sample(
         self, token_lists: list[list[int]], max_new_tokens: int
@@ -213,46 +324,5 @@ class Generator(SystemStats):
             out.append((row[:n].tolist(), lp[:n].tolist(), not bool(cut)))
         return out
 
-    @torch.no_grad()
-    def rollout(
-        self, rows: list[dict], prompt_ids: list[int], samples_per_prompt: int = 1, seed: int = 0
-    ) -> RolloutBatch:
-        """Multi-turn: ``samples_per_prompt`` trajectories per data row, each with an
-        environment of its own, advanced together turn by turn (``envs.episodes``)."""
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        rows = [r for r in rows for _ in range(samples_per_prompt)]
-        prompt_ids = [i for i in prompt_ids for _ in range(samples_per_prompt)]
-        envs = [self.env_cls() for _ in rows]
-        limits = self.episodes.limits
-        trajs = run_episodes(self.sample, self.tokenizer, self.delta, envs, rows, limits)
-        batch = to_batch(trajs, self.tokenizer, self.version, prompt_ids, limits)
-        batch.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self._reference_from_base(batch)
-        batch.compute_s = time.perf_counter() - t0
-        return batch
-
-    # ----------------------------------------------------------------- weight sync
-
-    def open_weight_sync(
-        self, channel: weight_sync.Channel, membership: weight_sync.Membership | None = None
-    ) -> None:
-        """Open the receiver of ``channel``'s transport (a new one when the transport
-        changed), joining ``membership`` (a collective's group)."""
-        if self.receiver is None or self.receiver.backend != channel.backend:
-            self.receiver = weight_sync.receiver(channel.backend)
-        self.receiver.open(channel, membership)
-
-    def receive_weights(self, version: int, verify: bool, handoff=None) -> weight_sync.Receipt:
-        """Take ``version`` from learner rank 0 into the model (``handoff``: what the
-        transport's send returned, where it needs it). Called between two ``generate`` calls:
-        a Ray actor runs one method at a time, so a batch never sees half-swapped weights."""
-        if self.receiver is None:
-            raise RuntimeError("weight sync: receive_weights before open_weight_sync")
-        receipt = self.receiver.receive(self.weights, version, verify, handoff)
-        self.version = version
-        return receipt
-
-    def status(self) -> dict:
-        """The version held and the checksum of the weights the model holds."""
-        return {"version": self.version, "checksum": weight_sync.model_checksum(self.model)}
+    def held_checksum(self) -> str:
+        return weight_sync.model_checksum(self.model)

@@ -49,6 +49,7 @@ from rlhf_dist.weight_sync.shm import (
     ShmSlots,
     free_bytes,
 )
+from rlhf_dist.weight_sync.vllm import VLLMWeights
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def receiver(backend: str) -> Receiver:
 
 
 __all__ = [
+    "VLLMWeights",
     "ALIGN",
     "SHM_DIR",
     "Bucket",
