@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 
 from rlhf_dist import metric_keys as K
 from rlhf_dist.config import load_config
