@@ -50,7 +50,11 @@ SUMMARY_FILE = "summary.txt"
 LOSS_KEYS = (K.POLICY_LOSS, K.VALUE_LOSS, K.ENTROPY, K.APPROX_KL, K.CLIPFRAC)
 
 # File names of every figure this module can write, in the order they are written.
-FIGURES = ("rlhf.png", "reward.png", "kl.png", "losses.png", "time.png")
+FIGURES = ("rlhf.png", "reward.png", "kl.png", "losses.png", "time.png", "turns.png")
+
+# Multi-turn rollouts (rollout.env / rollout.tools): turns.png plots these, in this order.
+TURN_KEYS = (K.TURNS_MEAN, K.TOOL_CALLS_MEAN)
+TURN_COUNTS = (K.TOOL_ERRORS, K.OBSERVATION_TRUNCATIONS, K.ENV_FAILURES, K.ENV_TIMEOUTS)
 
 
 class ReportError(ValueError):
@@ -182,6 +186,7 @@ def build_summary(
     else:
         lines.append("steps: 0 (no PPO rows)")
     lines += _learning_lines(steps)
+    lines += _turn_lines(steps)
     lines += _time_lines(steps)
     lines += _stage_lines(rows)
     if ignored:
@@ -232,6 +237,23 @@ def _learning_lines(steps: list) -> list[str]:
         if cy:
             text += f", kl_coef {_fmt(cy[-1])}"
         lines.append(text)
+    return lines
+
+
+def _turn_lines(steps: list) -> list[str]:
+    """Multi-turn runs: turns and tool calls per trajectory, first -> last step, and the
+    guards' totals."""
+    lines = []
+    for key in TURN_KEYS:
+        xs, ys = _series(steps, key)
+        if ys:
+            lines.append(
+                f"{key}: first {_fmt(ys[0])} (step {_fmt_step(xs[0])}) -> last {_fmt(ys[-1])} "
+                f"(step {_fmt_step(xs[-1])})"
+            )
+    totals = [(k, sum(_series(steps, k)[1])) for k in TURN_COUNTS if _has(steps, k)]
+    if lines and totals:
+        lines.append("over the run: " + ", ".join(f"{k} {_fmt(v)}" for k, v in totals))
     return lines
 
 
@@ -427,6 +449,29 @@ def _plot_time(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
     return True
 
 
+def _plot_turns(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
+    """Multi-turn rollouts: turns and tool calls per trajectory, and the guards' counts."""
+    means = [k for k in TURN_KEYS if _has(steps, k)]
+    if not means:
+        return False
+    counts = [k for k in TURN_COUNTS if _has(steps, k)]
+    fig = _new_figure(figsize=(8, 6.5))
+    axes = fig.subplots(2, 1, sharex=True)
+    for key in means:
+        axes[0].plot(*_series(steps, key), marker=".", label=key)
+    axes[0].set_ylabel("per trajectory")
+    axes[0].set_title("Multi-turn rollouts: turns, tool calls, guards")
+    for key in counts:
+        axes[1].plot(*_series(steps, key), marker=".", label=key)
+    axes[1].set_ylabel("per step (count)")
+    axes[1].set_xlabel("PPO step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    _save(fig, path)
+    return True
+
+
 def _plot_rlhf(steps: list[tuple[float, dict[str, Any]]], path: Path) -> bool:
     """The picture of an RLHF run: proxy reward, gold score and KL on one shared step axis
     (over-optimisation shows as proxy rising while gold stalls or falls as KL grows)."""
@@ -466,6 +511,7 @@ _PLOTTERS = {
     "kl.png": _plot_kl,
     "losses.png": _plot_losses,
     "time.png": _plot_time,
+    "turns.png": _plot_turns,
 }
 
 

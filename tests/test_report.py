@@ -41,6 +41,11 @@ def _row(step: int) -> dict:
         "perf/tokens_per_s": 300.0 + 10 * step,
         "sync/version": step,
         "pool/num_generators": 2,
+        # a multi-turn run's (rollout.env): turns.png
+        "rollout/turns_mean": 1.5 + 0.1 * step,
+        "rollout/tool_calls_mean": 0.5 + 0.1 * step,
+        "rollout/tool_errors": 1,
+        "rollout/env_timeouts": 0,
     }
     if step % EVAL_EVERY == 0:
         row["eval/gold_score"] = round(0.3 + 0.01 * step, 4)
@@ -107,6 +112,21 @@ def test_full_report_writes_all_figures_and_summary(run_dir):
     mean_tps = sum(r["perf/tokens_per_s"] for r in ROWS) / len(ROWS)
     assert f"mean {mean_tps:.4g} tokens/s" in text
     assert "ignored" not in text
+
+
+def test_turns_and_tool_calls_are_plotted_and_summarised_for_multi_turn_runs_only(tmp_path):
+    multi = write_report(_write(tmp_path / "multi", ROWS).parent)
+    last = ROWS[-1]
+    assert (
+        f"rollout/turns_mean: first 1.6 (step 1) -> last {last['rollout/turns_mean']:.4g}"
+        in (multi["summary"])
+    )
+    assert f"rollout/tool_errors {N_STEPS}" in multi["summary"]
+    single = [{k: v for k, v in r.items() if "turn" not in k and "tool" not in k} for r in ROWS]
+    single = [{k: v for k, v in r.items() if "env_" not in k} for r in single]
+    plain = write_report(_write(tmp_path / "single", single).parent)
+    assert "turns.png" not in _pngs(tmp_path / "single" / "report")
+    assert "rollout/turns_mean" not in plain["summary"] and "tool_" not in plain["summary"]
 
 
 def test_out_dir_option(run_dir, tmp_path):
