@@ -126,7 +126,7 @@ def test_turns_and_tool_calls_are_plotted_and_summarised_for_multi_turn_runs_onl
     single = [{k: v for k, v in r.items() if "env_" not in k} for r in single]
     plain = write_report(_write(tmp_path / "single", single).parent)
     assert "turns.png" not in _pngs(tmp_path / "single" / "report")
-    assert "rollout/turns_mean" not in plain["summary"] and "tool_" not in plain["summary"]
+    assert "rollout/turns_mean" not in plain["summary"] and "tool_errors" not in plain["summary"]
 
 
 def test_out_dir_option(run_dir, tmp_path):
