@@ -59,20 +59,23 @@ def start_engine(
     seed: int,
     max_model_len: int,
     kv_cache_gb: float,
-    on_gpu: bool,
+    num_gpus: float,
 ):
-    """An in-process vLLM ``LLM`` for ``model_path`` (tokenizer not loaded: ids in, ids out)."""
+    """An in-process vLLM ``LLM`` for ``model_path`` (tokenizer not loaded: ids in, ids out);
+    ``num_gpus``: the generator's share of its GPU (0: CPU)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
 
-    if not on_gpu:
+    if num_gpus <= 0:
         import vllm._custom_ops as ops
 
         ops._supports_onednn = False  # keep linear weights as parameters (module docstring)
     # without a tokenizer (ids in, ids out) vLLM's chat-template warm-up logs a traceback
     # saying it has none: that module's warnings are left out, vLLM's others kept
     logging.getLogger("vllm.renderers.base").addFilter(_NoTemplateWarmup())
-    return _llm(vllm, model_path, dtype, seed, max_model_len, kv_cache_gb)
+    # a generator sharing its GPU (a fractional num_gpus) claims no more than its share
+    share = min(0.9, num_gpus) if num_gpus > 0 else 0.9
+    return _llm(vllm, model_path, dtype, seed, max_model_len, kv_cache_gb, share)
 
 
 class _NoTemplateWarmup(logging.Filter):
@@ -80,7 +83,7 @@ class _NoTemplateWarmup(logging.Filter):
         return "template warmup" not in str(record.msg)
 
 
-def _llm(vllm, model_path, dtype, seed, max_model_len, kv_cache_gb):
+def _llm(vllm, model_path, dtype, seed, max_model_len, kv_cache_gb, gpu_share):
     return vllm.LLM(
         model=model_path,
         dtype=dtype,
@@ -90,6 +93,7 @@ def _llm(vllm, model_path, dtype, seed, max_model_len, kv_cache_gb):
         skip_tokenizer_init=True,
         logprobs_mode="processed_logprobs",
         kv_cache_memory_bytes=int(kv_cache_gb * 2**30),
+        gpu_memory_utilization=gpu_share,
         enable_prefix_caching=True,
     )
 
@@ -144,7 +148,7 @@ class VLLMGenerator(RolloutEngine):
             seed,
             max_model_len or None,
             kv_cache_gb,
-            on_gpu=device.type == "cuda",
+            num_gpus=num_gpus if device.type == "cuda" else 0.0,
         )
         engine_model = self.llm.collective_rpc(lambda worker: worker.model_runner.model)[0]
         if lora is not None:  # the HF base with the learner's adapters: merged into the engine
