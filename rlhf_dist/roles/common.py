@@ -41,6 +41,29 @@ class SystemStats:
             out["gpu_util_percent"] = float(torch.cuda.utilization())
         return out
 
+    def memory(self) -> dict:
+        """``memory_now()`` of this role's process (``benchmarks/role_memory.py``)."""
+        return memory_now()
+
+
+def memory_now() -> dict:
+    """This process's memory (MiB): resident (``rss``), its proportional share of pages it
+    shares with other processes (``pss``: N processes mapping one copy of a file or a
+    shared-memory region are charged 1/N each), the pages only it maps (``uss``), and its peak
+    resident size (``peak_rss``)."""
+    import resource
+
+    import psutil
+
+    m = psutil.Process().memory_full_info()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "rss": m.rss / 2**20,
+        "pss": getattr(m, "pss", m.rss) / 2**20,
+        "uss": m.uss / 2**20,
+        "peak_rss": peak_kb / 2**10,
+    }
+
 
 def in_threads(*calls, timeout: float = 120.0) -> list:
     """Run the calls of several members of one collective group at once, one thread each (a
