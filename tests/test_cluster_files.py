@@ -15,7 +15,8 @@ and ``launch.py --submit`` sends what a cluster needs. Nothing here starts Ray o
   installed: ``apt-get install -y shellcheck``), then a run under stub ``scontrol``/``srun``/
   ``python`` commands that checks what it starts, in what order, and that it cleans up.
 - ``configs/gpu-*.yaml``: that every config loads is tests/test_config.py's job; here, that the
-  GPU configs really ask for GPUs, bf16 and ZeRO, and fit the clusters defined in ``cluster/``.
+  GPU configs really ask for GPUs, bf16 and ZeRO, and fit the clusters defined in ``cluster/``
+  (``gpu-1gpu-*``: every role on one GPU, no NCCL).
 """
 
 import copy
@@ -32,6 +33,7 @@ import ray
 import yaml
 
 from rlhf_dist import submit
+from rlhf_dist.algo.estimators import ESTIMATORS
 from rlhf_dist.config import ConfigError, load_config
 from rlhf_dist.ray_env import WORKER_ENV
 
@@ -82,18 +84,26 @@ def test_gpu_config_puts_every_role_on_gpus_with_bf16_and_zero(path):
     assert cfg.run.stage == "ppo"
     assert cfg.model.dtype == "bfloat16"
     assert cfg.learner.zero_stage in (2, 3)
-    assert cfg.learner.num_gpus == 1 and cfg.learner.num_workers >= 4
     assert cfg.rollout.num_gpus > 0 and cfg.reference.num_gpus > 0
-    assert cfg.reward.model and cfg.reward.num_gpus > 0
-    assert cfg.sync.backend in ("auto", "nccl")
+    # a reward model on GPUs, or (critic-free, a verifiable task) reward functions and no model
+    if cfg.reward.model:
+        assert cfg.reward.num_gpus > 0
+    else:
+        assert cfg.reward.function and not ESTIMATORS[cfg.ppo.estimator].needs_critic
     # real Hugging Face ids (org/name), not built-in toy models or earlier stages' outputs
-    for source in (cfg.model.policy, cfg.reward.model):
+    for source in filter(None, (cfg.model.policy, cfg.reward.model)):
         org, _, name = source.partition("/")
         assert org and name and "/" not in name and ":" not in source, source
     assert "Instruct" in cfg.model.policy
-    # a whole number of GPUs, and no more than the nodes the name promises
-    gpus = _gpus_needed(cfg)
+    # a whole number of GPUs, and no more than the nodes (or the GPU) the name promises
+    gpus = round(_gpus_needed(cfg), 6)
     assert gpus == int(gpus)
+    if "1gpu" in path.name:  # every role shares one GPU: no NCCL (it refuses two ranks on one)
+        assert gpus == 1 and cfg.learner.num_workers == 1 and 0 < cfg.learner.num_gpus < 1
+        assert cfg.sync.backend in ("object_store", "gloo")
+        return
+    assert cfg.learner.num_gpus == 1 and cfg.learner.num_workers >= 4
+    assert cfg.sync.backend in ("auto", "nccl")
     assert gpus <= (8 if "1node" in path.name else 64)
     if "2node" in path.name:
         assert gpus > 8  # does not fit one 8-GPU node

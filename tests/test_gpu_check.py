@@ -14,6 +14,7 @@ EXPECTED = {
     "model",
     "config_gpu-1node-8gpu",
     "config_gpu-2node",
+    "config_gpu-1gpu-smollm2-grpo",
     "generate",
     "reward",
     "reference",
@@ -41,6 +42,10 @@ LORA = {
     "lora_reference",
 }
 
+# vLLM (rollout.engine=vllm): in-process engines on the GPU; on a CPU they SKIP, saying why (vllm
+# not installed, or no CUDA).
+VLLM = {"vllm_generate", "vllm_sync", "vllm_lora", "vllm_logprobs_bf16"}
+
 
 def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     proc = subprocess.run(
@@ -57,7 +62,10 @@ def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     assert not failed, "\n".join(failed) + "\n" + proc.stderr[-4000:]
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {n for n, s in status.items() if s == "PASS"} == EXPECTED | LORA
-    assert {n for n, s in status.items() if s == "SKIP"} == CUDA_ONLY
+    assert {n for n, s in status.items() if s == "SKIP"} == CUDA_ONLY | VLLM
+    for name in VLLM:
+        reason = re.search(rf"^SKIP {name}: (.*)$", out, re.MULTILINE).group(1)
+        assert reason == "vllm is not installed" or reason.startswith("needs CUDA"), reason
     # the table: one row per timed role, each with seconds and a rate
     assert "| role | what was timed | seconds | rate | peak memory GiB |" in out
     for role in (
@@ -95,3 +103,13 @@ def test_lora_checks_skip_with_the_reason_when_peft_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as on a machine without it
     reason = gpu_check.peft_unavailable()
     assert reason.startswith("peft not importable (ModuleNotFoundError") and "gpu_bundle" in reason
+
+
+def test_vllm_checks_skip_with_the_reason_when_vllm_is_missing(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on the GPU image, which lacks it
+    assert gpu_check.vllm_unavailable(cuda=True) == "vllm is not installed"
