@@ -46,7 +46,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhf_dist.tasks.tiny import SPECIAL, build_base_model, build_data_files
+from rlhf_dist.tasks.tiny import SPECIAL, build_word_task
 
 OPS = {"add": "+", "sub": "-"}
 MAX_OPERAND = 9
@@ -197,14 +197,18 @@ def build_assets(
     seed: int = 0,
 ) -> Path:
     """Build (once) the base model and tokenizer and the data files under ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shape = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=64)
-    build_base_model(out / FILES["model"], corpus_text, seed, **shape)
-    makers = {
-        "demonstrations": lambda: make_demonstrations(num_demonstrations, seed=seed),
-        "prompts": lambda: make_prompts(num_prompts, seed=seed + 2),
-        "eval_prompts": lambda: make_prompts(num_eval_prompts, seed=seed + 1000),
-    }
-    build_data_files(out, FILES, makers)
-    return out
+    return build_word_task(
+        out_dir,
+        FILES,
+        corpus_text,
+        make_demonstrations,
+        make_prompts,
+        seed,
+        num_demonstrations,
+        num_prompts,
+        num_eval_prompts,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=64,
+    )

@@ -158,6 +158,34 @@ def build_data_files(out: Path, files: dict[str, str], makers: dict) -> None:
             write_jsonl(path, make())
 
 
+def build_word_task(
+    out_dir: str | Path,
+    files: dict[str, str],
+    corpus,
+    make_demonstrations,
+    make_prompts,
+    seed: int,
+    num_demonstrations: int,
+    num_prompts: int,
+    num_eval_prompts: int,
+    **shape,
+) -> Path:
+    """A word-level task's assets under ``out_dir``, each built once: the base model
+    (``files["model"]``, ``build_base_model`` on ``corpus``, GPT-2 ``shape``) and the
+    demonstrations, prompts and held-out prompts (``files``' other kinds), each from its own
+    seed (``seed``, ``seed + 2``, ``seed + 1000``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_base_model(out / files["model"], corpus, seed, **shape)
+    makers = {
+        "demonstrations": lambda: make_demonstrations(num_demonstrations, seed=seed),
+        "prompts": lambda: make_prompts(num_prompts, seed=seed + 2),
+        "eval_prompts": lambda: make_prompts(num_eval_prompts, seed=seed + 1000),
+    }
+    build_data_files(out, files, makers)
+    return out
+
+
 def build_base_model(base: Path, corpus, seed: int, **shape) -> None:
     """A word-level tokenizer trained on ``corpus()`` and a fresh GPT-2 of ``shape`` (seeded),
     saved at ``base`` once (built beside it and renamed into place)."""
