@@ -111,7 +111,7 @@ def assets(name: str, workdir: Path, args) -> tuple[str, list[str], bool]:
     elif name == "30m":
         from vs_pure import build
 
-        path = build(workdir, "30m") / "policy"
+        path = build(workdir, "30m", Path(args.assets_dir)).policy
     elif name == "135m":
         from rlhf_dist import chat
         from rlhf_dist.models import load_tokenizer

@@ -45,7 +45,7 @@ def measure(config: str, variant: str, steps: int, overrides: list[str], workdir
             *overrides,
         ],
     )
-    init_ray(cfg, "local")
+    init_ray(cfg, "")  # a local cluster of our own, sized by ray.num_cpus where given
     rows = []
     try:
         orch = Orchestrator(cfg, resolve_inputs(cfg), run_dir)
