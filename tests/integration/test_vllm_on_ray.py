@@ -4,7 +4,9 @@ after every push (read back from the engines); the engine's log-probs agree with
 (``rollout/logprob_diff_max``); a vLLM generator SIGKILLed inside ``generate`` is replaced and
 its chunk redone, and the run trains exactly what the undisturbed run trained (chunk seeds,
 per-request seeds: samples do not depend on the engine that drew them); a run resumed from a
-checkpoint goes on as the straight run; async mode runs.
+checkpoint goes on as the straight run; async mode runs; a generator added by autoscaling after
+step 1 samples part of step 2 with the current weights, and the run trains what the straight
+run trained.
 """
 
 from __future__ import annotations
@@ -121,3 +123,16 @@ def test_async_mode_with_vllm_generators(ray_cluster, assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run", "mode=async", "async.max_staleness=1")
     rows = run_checked(cfg, tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_autoscaling_adds_a_vllm_generator_that_samples_with_the_current_weights(
+    ray_cluster, assets, straight, tmp_path
+):
+    rule = "rollout.autoscale={max_workers: 3, generate_frac: 0.01, cooldown_steps: 0}"
+    run_dir = tmp_path / "run"
+    rows = run_checked(make_cfg(assets, run_dir, rule), run_dir)  # every engine holds the last push
+    assert [r[K.NUM_GENERATORS] for r in rows] == [2, 3]
+    # 4 chunks dealt to 3 idle generators: the new engine sampled part of step 2's batch
+    assert rows[1][K.CHUNKS_PER_GENERATOR_MIN] >= 1 and rows[-1][K.RESTARTS] == 0
+    # what it sampled is what the run without it sampled: per-request seeds, its weights current
+    assert_same_runs(run_dir, straight[1])
