@@ -48,8 +48,10 @@ class Experience:
         return self.sequences.shape[0]
 
 
-# statistics the minibatch loop sums per micro-batch, reported as means over micro-batches
-MICRO_MEANS = {
+# statistics the minibatch loop sums per micro-batch weighed by its tokens, reported as token
+# means over everything the update trained (every pass, micro-batch and rank), so they do not
+# depend on the micro-batching or the world size
+TOKEN_MEANS = {
     "entropy": K.ENTROPY,
     "clipfrac": K.CLIPFRAC,
     "approx_kl": K.APPROX_KL,
@@ -70,9 +72,10 @@ def learner_metrics(t: dict[str, float], world_size: int, kl_coef: float, return
     rank. ``returns``: the estimator's returns are defined (``Estimator.has_returns``). The
     critic's metrics appear where the critic's statistics do (``ev_res_sq``), the decoupled
     PPO ones where its weights do (``is_weight_sum``)."""
-    micro_n, opt_n, tok = t["micro_steps"], max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
+    opt_n, tok = max(t["optimizer_steps"], 1.0), max(t["tokens"], 1)
     adv_mean = t["adv_sum"] / tok
-    metrics = {key: t[name] / micro_n for name, key in MICRO_MEANS.items() if name in t}
+    stat_tok = max(t["stat_tokens"], 1.0)
+    metrics = {key: t[name] / stat_tok for name, key in TOKEN_MEANS.items() if name in t}
     steps = opt_n / world_size  # minibatches trained (every rank steps each one)
     metrics.update({key: t[n] / steps for n, key in MINIBATCH_LOSSES.items() if n in t})
     metrics.update(

@@ -289,12 +289,13 @@ class Learner(DeepSpeedRank):
             loss_denominator=self.denominators[0],
         )
         entropy = algo.masked_mean(ent, m)  # reported: this micro-batch's token mean
+        tokens = float(m.sum())  # the statistics' weight: token means over the whole update
         # the bonus is aggregated like the loss, over the minibatch
         agg = (cfg.loss_agg, self.loss_norm, self.denominators[0])
         bonus = algo.aggregate_loss(ent, m, *agg)
         boundary = self.policy.is_gradient_accumulation_boundary()
         loss = pg_loss - cfg.entropy_coef * bonus
-        out = {"micro_steps": 1.0}
+        out = {"micro_steps": 1.0, "stat_tokens": tokens}
         if cfg.kl_loss_coef > 0:
             kl_loss = algo.reference_kl_loss(logp, exp.ref_logp[i], m, *agg)
             loss = loss + cfg.kl_loss_coef * kl_loss
@@ -306,10 +307,10 @@ class Learner(DeepSpeedRank):
             out.update(self._critic_step(exp, i, boundary))
         out.update(
             policy_loss=pg_loss.item(),
-            entropy=entropy.item(),
-            clipfrac=float(st["clipfrac"]),
-            approx_kl=float(st["approx_kl"]),
-            ratio_mean=float(st["ratio_mean"]),
+            entropy=entropy.item() * tokens,
+            clipfrac=float(st["clipfrac"]) * tokens,
+            approx_kl=float(st["approx_kl"]) * tokens,
+            ratio_mean=float(st["ratio_mean"]) * tokens,
             ratio_max=float(st["ratio_max"]),
         )
         return out
@@ -341,7 +342,8 @@ class Learner(DeepSpeedRank):
         )
         v_loss = v_loss * cfg.vf_coef
         out = {"nonfinite_losses": self._backward_and_step(self.critic, v_loss, values)}
-        out.update(value_loss=v_loss.item(), value_clipfrac=float(vst["value_clipfrac"]))
+        tokens = float(m.sum())  # weighed as the policy's statistics (TOKEN_MEANS)
+        out.update(value_loss=v_loss.item(), value_clipfrac=float(vst["value_clipfrac"]) * tokens)
         if boundary:
             out["critic_grad_norm"] = self.critic_grad_norm
         return out
