@@ -295,7 +295,7 @@ class Learner(DeepSpeedRank):
         bonus = algo.aggregate_loss(ent, m, *agg)
         boundary = self.policy.is_gradient_accumulation_boundary()
         loss = pg_loss - cfg.entropy_coef * bonus
-        out = {"micro_steps": 1.0, "stat_tokens": tokens}
+        out = {"stat_tokens": tokens}
         if cfg.kl_loss_coef > 0:
             kl_loss = algo.reference_kl_loss(logp, exp.ref_logp[i], m, *agg)
             loss = loss + cfg.kl_loss_coef * kl_loss
@@ -304,7 +304,7 @@ class Learner(DeepSpeedRank):
         if boundary:
             out.update(grad_norm=self.policy_grad_norm, optimizer_steps=1.0)
         if self.critic is not None:
-            out.update(self._critic_step(exp, i, boundary))
+            out.update(self._critic_step(exp, i, boundary, tokens))
         out.update(
             policy_loss=pg_loss.item(),
             entropy=entropy.item() * tokens,
@@ -332,7 +332,9 @@ class Learner(DeepSpeedRank):
             self.critic_grad_norm = norm
         return bad
 
-    def _critic_step(self, exp: Experience, i: torch.Tensor, boundary: bool) -> dict[str, float]:
+    def _critic_step(
+        self, exp: Experience, i: torch.Tensor, boundary: bool, tokens: float
+    ) -> dict[str, float]:
         cfg = self.cfg.ppo
         s, a, m = exp.sequences[i], exp.attention_mask[i], exp.mask[i]
         values = response_values(self.critic, s, a, exp.prompt_len)
@@ -342,7 +344,7 @@ class Learner(DeepSpeedRank):
         )
         v_loss = v_loss * cfg.vf_coef
         out = {"nonfinite_losses": self._backward_and_step(self.critic, v_loss, values)}
-        tokens = float(m.sum())  # weighed as the policy's statistics (TOKEN_MEANS)
+        # weighed by the micro-batch's tokens, as the policy's statistics (TOKEN_MEANS)
         out.update(value_loss=v_loss.item(), value_clipfrac=float(vst["value_clipfrac"]) * tokens)
         if boundary:
             out["critic_grad_norm"] = self.critic_grad_norm
