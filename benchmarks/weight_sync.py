@@ -378,7 +378,7 @@ def main() -> None:
     gens = sorted({int(g) for g in args.generators.split(",")})
     bucket_bytes = int(args.bucket_mb * (1 << 20))
 
-    from rlhf_dist.ray_env import WORKER_ENV
+    from rlhf_dist.ray_env import worker_env
 
     t_start = time.perf_counter()
     ray.init(
@@ -386,7 +386,7 @@ def main() -> None:
         num_cpus=2 + max(gens),
         object_store_memory=3 << 30,
         include_dashboard=False,
-        runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
+        runtime_env={"env_vars": {**worker_env(), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}},
     )
     rows = []
     try:

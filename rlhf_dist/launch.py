@@ -35,7 +35,7 @@ def init_ray(cfg: Config, address: str) -> bool:
 
     if ray.is_initialized():
         return False
-    env = ray_env.worker_runtime_env()
+    env = ray_env.worker_runtime_env(cfg.mode)
     if address:
         ray.init(address=address, runtime_env=env)
         return False

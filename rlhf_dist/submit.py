@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.ray_env import JOB_ENV, WORKER_ENV
+from rlhf_dist.ray_env import JOB_ENV, WORKER_KEYS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded: environments, outputs and caches (Ray also honours .gitignore files).
@@ -211,8 +211,10 @@ def job_env(pairs: list[str], environ: Mapping[str, str] = os.environ) -> dict[s
         name = name.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ConfigError(f"--env {item!r}: expected NAME or NAME=VALUE")
-        if name in WORKER_ENV:
-            raise ConfigError(f"--env {name}: launch.py sets it for every worker already")
+        if name in WORKER_KEYS:
+            raise ConfigError(
+                f"--env {name}: launch.py sets it for the workers already (rlhf_dist/ray_env.py)"
+            )
         if not sep:
             if name not in environ:
                 raise ConfigError(f"--env {name}: not set in this shell (use {name}=VALUE)")

@@ -35,7 +35,7 @@ import yaml
 from rlhf_dist import submit
 from rlhf_dist.algo.estimators import ESTIMATORS
 from rlhf_dist.config import ConfigError, load_config
-from rlhf_dist.ray_env import WORKER_ENV
+from rlhf_dist.ray_env import WORKER_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -444,7 +444,7 @@ def test_rayjob_runs_a_gpu_config_that_fits_its_worker_groups():
     assert cluster["rayVersion"] == ray.__version__
     assert cluster["authOptions"]["mode"] == "token"
     env_vars = yaml.safe_load(spec["runtimeEnvYAML"]).get("env_vars", {})
-    assert not set(env_vars) & set(WORKER_ENV)
+    assert not set(env_vars) & WORKER_KEYS
     images = {
         c["image"]
         for t in [cluster["headGroupSpec"], *groups.values()]
@@ -628,8 +628,13 @@ def test_submit_refuses_configs_outside_the_project_and_env_that_clashes(tmp_pat
     with pytest.raises(ConfigError, match="outside the project"):
         submit.config_in_project(tmp_path / "x.yaml")
     assert submit.job_env(["A=1", "B"], {"B": "2"}) == {**submit.JOB_ENV, "A": "1", "B": "2"}
-    assert not set(submit.JOB_ENV) & set(WORKER_ENV)  # Ray refuses to merge clashing keys
-    for bad, says in (("TOKENIZERS_PARALLELISM=1", "sets it"), ("C", "not set"), ("1x", "NAME")):
+    assert not set(submit.JOB_ENV) & WORKER_KEYS  # Ray refuses to merge clashing keys
+    for bad, says in (
+        ("TOKENIZERS_PARALLELISM=1", "sets it"),
+        ("OMP_WAIT_POLICY=PASSIVE", "sets it"),  # async mode sets it for the workers
+        ("C", "not set"),
+        ("1x", "NAME"),
+    ):
         with pytest.raises(ConfigError, match=says):
             submit.job_env([bad], {})
 
