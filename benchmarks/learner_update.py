@@ -77,14 +77,14 @@ def learner(cfg, policy: str, fused: bool):
     return out
 
 
-def updates(assets: Path, repeats: int) -> dict[str, list[float]]:
+def updates(assets: vs_pure.Assets, repeats: int) -> dict[str, list[float]]:
     import torch
 
     from rlhf_dist import weight_sync
     from rlhf_dist.config import load_config
     from rlhf_dist.roles import Generator
 
-    policy = str(assets / "policy")
+    policy = str(assets.policy)
     n, new = vs_pure.PROMPTS, vs_pure.NEW_TOKENS
     cfg = load_config(
         None,
@@ -94,13 +94,13 @@ def updates(assets: Path, repeats: int) -> dict[str, list[float]]:
             f"rollout.prompts_per_step={n}",
             "rollout.samples_per_prompt=1",
             f"rollout.max_new_tokens={new}",
-            "rollout.max_prompt_tokens=8",
+            f"rollout.max_prompt_tokens={assets.max_prompt_tokens}",
             "ppo.epochs=1",
             f"ppo.minibatch_size={vs_pure.MINIBATCH}",
             f"ppo.micro_batch_size={vs_pure.MINIBATCH}",
         ],
     )
-    lines = (assets / "prompts.jsonl").read_text().splitlines()[:n]
+    lines = assets.prompts.read_text().splitlines()[:n]
     prompts = [json.loads(line)["prompt"] for line in lines]
     batch = Generator(policy, max_new_tokens=new).generate(prompts, list(range(n)), seed=0)
     batch.scores = torch.randn(n, generator=torch.Generator().manual_seed(0))
@@ -148,15 +148,15 @@ def table(title: str, unit: str, times: dict[str, list[float]], base: str) -> st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size", default="30m", choices=list(vs_pure.SIZES))
+    ap.add_argument("--size", default="30m", choices=list(vs_pure.GPT2_SIZES))
     ap.add_argument("--repeats", type=int, default=6, help="timed rounds (one more as warm-up)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as d:
-        assets = vs_pure.build(Path(d), args.size)
-        steps = optimizer_steps(str(assets / "policy"), args.repeats)
+        assets = vs_pure.build(Path(d), args.size, vs_pure.DEFAULT_ASSETS)
+        steps = optimizer_steps(str(assets.policy), args.repeats)
         ups = updates(assets, args.repeats)
     print(f"{args.size} policy, {THREADS} threads, median of {args.repeats}\n")
     print(table("optimizer step", "ms", steps, "fused"))
